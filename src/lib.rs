@@ -6,3 +6,15 @@
 
 pub mod config;
 pub mod request;
+pub mod hosts;
+pub mod keys;
+pub mod response;
+pub mod retry;
+pub mod rng;
+pub mod streaming;
+pub mod upstream;
+pub mod watch;
+pub mod proxy;
+pub mod state;
+pub mod routes;
+pub mod server;

@@ -78,6 +78,33 @@ pub enum RequestError {
     Unimplemented,
 }
 
+impl RequestError {
+    /// Status to answer with; `None` means close silently.
+    pub fn status(&self) -> Option<u16> {
+        None
+    }
+    /// Whether the connection must close after the answer.
+    pub fn must_close(&self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Display for RequestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
+impl Head {
+    /// First header value by name, case-insensitive, if UTF-8.
+    pub fn header_str(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(&h.value).ok())
+    }
+}
+
 /// A buffered reader over one connection.
 pub struct Reader<S: Source> {
     /// The connection.
@@ -99,5 +126,30 @@ impl<S: Source> Reader<S> {
     ) -> Result<Head, RequestError> {
         let _ = (limits, idle, head_time, Instant::now());
         Err(RequestError::Unimplemented)
+    }
+
+    /// Read a body.
+    pub fn read_body(
+        &mut self,
+        framing: Framing,
+        limits: &Limits,
+        read_timeout: Duration,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, RequestError> {
+        let _ = (framing, limits, read_timeout, deadline);
+        Err(RequestError::Unimplemented)
+    }
+}
+
+impl Source for std::net::TcpStream {
+    fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        std::net::TcpStream::set_read_timeout(self, timeout)
+    }
+}
+
+impl<S: Source> Reader<S> {
+    /// The source.
+    pub fn get_ref(&self) -> &S {
+        &self.source
     }
 }

@@ -1,0 +1,265 @@
+//! Writing HTTP/1.1 responses to a client socket.
+//!
+//! Guarantees: every header value we emit is checked for CR, LF and other
+//! control bytes (an upstream can never inject a header or split a response);
+//! bodies go out either with a Content-Length or as chunks, each chunk written
+//! in one `write` and sent at once (the socket has `TCP_NODELAY`, and nothing
+//! here buffers across chunks). Errors are OpenAI-shaped JSON.
+
+use std::io::{self, Write};
+
+/// One response header; values from upstreams must pass [`valid_value`].
+pub type HeaderPair<'a> = (&'a str, &'a str);
+
+/// True when `value` may be sent as a header value: visible ASCII, space, tab.
+pub fn valid_value(value: &[u8]) -> bool {
+    value.iter().all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
+}
+
+/// Reason phrase for the statuses we send ourselves.
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        201 => "Created",
+        204 => "No Content",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        417 => "Expectation Failed",
+        422 => "Unprocessable Content",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        _ => "",
+    }
+}
+
+/// OpenAI `error.type` for a status we produce.
+fn error_type(status: u16) -> &'static str {
+    match status {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        408 | 504 => "timeout_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        400 | 405 | 414 | 417 | 422 | 431 | 501 | 505 => "invalid_request_error",
+        _ => "upstream_error",
+    }
+}
+
+/// The OpenAI-shaped JSON body for an error we produce.
+pub fn error_body(status: u16, code: &str, message: &str) -> Vec<u8> {
+    let body = serde_json::json!({
+        "error": { "message": message, "type": error_type(status), "code": code }
+    });
+    let mut out = body.to_string().into_bytes();
+    out.push(b'\n');
+    out
+}
+
+/// Response writer for one request on one connection.
+pub struct Responder<'a, W: Write> {
+    out: &'a mut W,
+    /// Whether the connection stays open after this response.
+    keep_alive: bool,
+    /// HEAD request: send the head only.
+    head_only: bool,
+    /// HTTP/1.0 client: no chunked coding; the body ends at close.
+    http10: bool,
+    state: State,
+    /// Scratch buffer reused for heads and chunk framing.
+    buf: Vec<u8>,
+    /// Headers added to every response (e.g. X-Request-Id).
+    extra: Vec<(String, String)>,
+    status: u16,
+    bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Fresh,
+    Chunked,
+    UntilClose,
+    Done,
+}
+
+impl<'a, W: Write> Responder<'a, W> {
+    /// A writer for one response.
+    pub fn new(out: &'a mut W, keep_alive: bool, head_only: bool, http10: bool) -> Self {
+        Responder {
+            out,
+            keep_alive,
+            head_only,
+            http10,
+            state: State::Fresh,
+            buf: Vec::with_capacity(512),
+            extra: Vec::new(),
+            status: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Add a header to whatever response is sent (values are checked).
+    pub fn add_header(&mut self, name: &str, value: &str) {
+        if valid_value(value.as_bytes()) {
+            self.extra.push((name.to_string(), value.to_string()));
+        }
+    }
+
+    /// Make the connection close after this response.
+    pub fn close_after(&mut self) {
+        self.keep_alive = false;
+    }
+
+    /// Whether the connection can be reused after this response.
+    pub fn keep_alive(&self) -> bool {
+        self.keep_alive && self.state == State::Done
+    }
+
+    /// True once a status line has been written.
+    pub fn started(&self) -> bool {
+        self.state != State::Fresh
+    }
+
+    /// The status sent, 0 before any.
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    /// Body bytes written so far.
+    pub fn body_bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    fn head(&mut self, status: u16, headers: &[HeaderPair<'_>], length: Option<usize>) {
+        self.status = status;
+        self.buf.clear();
+        let _ = write!(self.buf, "HTTP/1.1 {} {}\r\n", status, reason(status));
+        for (name, value) in headers
+            .iter()
+            .copied()
+            .chain(self.extra.iter().map(|(n, v)| (n.as_str(), v.as_str())))
+        {
+            if valid_value(value.as_bytes()) && valid_value(name.as_bytes()) {
+                self.buf.extend_from_slice(name.as_bytes());
+                self.buf.extend_from_slice(b": ");
+                self.buf.extend_from_slice(value.as_bytes());
+                self.buf.extend_from_slice(b"\r\n");
+            }
+        }
+        match length {
+            Some(n) => {
+                let _ = write!(self.buf, "Content-Length: {n}\r\n");
+            }
+            None if !self.http10 => self.buf.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+            None => self.keep_alive = false,
+        }
+        if !self.keep_alive {
+            self.buf.extend_from_slice(b"Connection: close\r\n");
+        } else if self.http10 {
+            self.buf.extend_from_slice(b"Connection: keep-alive\r\n");
+        }
+        self.buf.extend_from_slice(b"\r\n");
+    }
+
+    /// Tell a client that sent `Expect: 100-continue` to go on with its body.
+    pub fn continue_100(&mut self) -> io::Result<()> {
+        self.out.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+        self.out.flush()
+    }
+
+    /// Send a whole response with a Content-Length body, in one write.
+    pub fn send(&mut self, status: u16, headers: &[HeaderPair<'_>], body: &[u8]) -> io::Result<()> {
+        if self.state != State::Fresh {
+            return Err(io::Error::other("response already started"));
+        }
+        self.head(status, headers, Some(body.len()));
+        if !self.head_only {
+            self.buf.extend_from_slice(body);
+            self.bytes += body.len() as u64;
+        }
+        self.state = State::Done;
+        self.out.write_all(&self.buf)?;
+        self.out.flush()
+    }
+
+    /// Send an OpenAI-shaped error.
+    pub fn send_error(&mut self, status: u16, code: &str, message: &str) -> io::Result<()> {
+        let body = error_body(status, code, message);
+        self.send(status, &[("Content-Type", "application/json")], &body)
+    }
+
+    /// Send the head of a response whose body follows in [`Self::chunk`] calls.
+    pub fn start_stream(&mut self, status: u16, headers: &[HeaderPair<'_>]) -> io::Result<()> {
+        if self.state != State::Fresh {
+            return Err(io::Error::other("response already started"));
+        }
+        self.head(status, headers, None);
+        self.state = if self.head_only {
+            State::Done
+        } else if self.http10 {
+            State::UntilClose
+        } else {
+            State::Chunked
+        };
+        self.out.write_all(&self.buf)?;
+        self.out.flush()
+    }
+
+    /// Write one body chunk and send it at once.
+    pub fn chunk(&mut self, data: &[u8]) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        match self.state {
+            State::Chunked => {
+                self.buf.clear();
+                let _ = write!(self.buf, "{:x}\r\n", data.len());
+                self.buf.extend_from_slice(data);
+                self.buf.extend_from_slice(b"\r\n");
+                self.out.write_all(&self.buf)?;
+            }
+            State::UntilClose => self.out.write_all(data)?,
+            State::Done => return Ok(()),
+            State::Fresh => return Err(io::Error::other("stream not started")),
+        }
+        self.bytes += data.len() as u64;
+        self.out.flush()
+    }
+
+    /// End a streamed body cleanly.
+    pub fn finish(&mut self) -> io::Result<()> {
+        let was = self.state;
+        self.state = State::Done;
+        match was {
+            State::Chunked => {
+                self.out.write_all(b"0\r\n\r\n")?;
+                self.out.flush()
+            }
+            State::UntilClose => {
+                self.keep_alive = false;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Abandon a streamed body: the connection must close without the final chunk,
+    /// so the client sees a truncated transfer rather than a complete one.
+    pub fn abort(&mut self) {
+        self.keep_alive = false;
+        self.state = State::Done;
+    }
+}

@@ -1,0 +1,49 @@
+//! Cheap, non-cryptographic randomness for backoff jitter, tie-breaks and
+//! request ids. Each thread has its own xorshift state seeded from the clock
+//! and the thread, so no lock is taken and no crate is needed. Never used for
+//! anything secret.
+
+use std::cell::Cell;
+use std::hash::{BuildHasher, Hasher};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+thread_local! {
+    static STATE: Cell<u64> = Cell::new(seed());
+}
+
+fn seed() -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    // RandomState mixes in per-process randomness from the OS.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(nanos);
+    h.write(format!("{:?}", std::thread::current().id()).as_bytes());
+    h.finish() | 1
+}
+
+/// A uniformly distributed `u64`.
+pub fn next_u64() -> u64 {
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        x
+    })
+}
+
+/// A value in `0..n` (0 when `n` is 0).
+pub fn below(n: u64) -> u64 {
+    if n == 0 {
+        0
+    } else {
+        next_u64() % n
+    }
+}
+
+/// A fresh request id: 16 lowercase hex digits.
+pub fn request_id() -> String {
+    format!("{:016x}", next_u64())
+}

@@ -1,0 +1,445 @@
+//! The HTTP/1.1 server: one acceptor thread, a bounded queue, a fixed pool of
+//! worker threads, and the keep-alive loop of one connection.
+//!
+//! Guarantees: the acceptor never exits on an accept error (EMFILE included:
+//! it backs off 5 ms doubling to 1 s and goes on); a full queue, a connection
+//! that waited too long for a worker, or a client over its connection limit
+//! gets an immediate 503 with `Retry-After` instead of silence; every socket
+//! has `TCP_NODELAY` and read/write timeouts; a panic while serving a request
+//! ends that request and its connection, never the worker.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use serde::Deserialize;
+
+use crate::config::Config;
+use crate::proxy::{self, Proxied};
+use crate::request::{Framing, Head, Limits, Reader};
+use crate::response::{valid_value, Responder};
+use crate::routes::{self, Route};
+use crate::state::{Balancer, Shared};
+use crate::upstream::Outgoing;
+use crate::rng;
+
+/// Longest request line or header line.
+pub const MAX_LINE: usize = 8 * 1024;
+/// Largest request head.
+pub const MAX_HEAD: usize = 32 * 1024;
+/// Most request header fields.
+pub const MAX_HEADERS: usize = 100;
+/// Longest time to receive a whole request body.
+pub const BODY_DEADLINE: Duration = Duration::from_secs(120);
+/// Longest time one response write may block on a client that does not read.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Stack of each worker thread; requests are shallow, so small stacks keep RSS low.
+const WORKER_STACK: usize = 256 * 1024;
+
+/// A running server.
+pub struct Server {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    acceptor: Option<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+/// One accepted connection waiting for a worker.
+struct Conn {
+    stream: TcpStream,
+    peer: SocketAddr,
+    accepted: Instant,
+    _slot: Option<Slot>,
+}
+
+/// Start serving `config` on its bind address and port.
+pub fn start(config: Config) -> io::Result<Server> {
+    let settings = config.settings.clone();
+    let listener = TcpListener::bind((settings.bind, settings.port))?;
+    let addr = listener.local_addr()?;
+    let shared = Arc::new(Shared::new(Balancer::new(config)));
+    let (tx, rx) = crossbeam_channel::bounded::<Conn>(settings.queue_size.max(1));
+    let mut workers = Vec::with_capacity(settings.workers);
+    for i in 0..settings.workers.max(1) {
+        let rx = rx.clone();
+        let shared = shared.clone();
+        let handle = thread::Builder::new()
+            .name(format!("worker-{i}"))
+            .stack_size(WORKER_STACK)
+            .spawn(move || worker(&shared, &rx))?;
+        workers.push(handle);
+    }
+    let limiter = Arc::new(Limiter::new(settings.max_connections_per_client));
+    let acceptor = {
+        let shared = shared.clone();
+        thread::Builder::new()
+            .name("acceptor".into())
+            .spawn(move || accept_loop(&listener, &shared, &tx, &limiter))?
+    };
+    log::info!("listening on http://{addr} with {} workers", workers.len());
+    Ok(Server {
+        addr,
+        shared,
+        acceptor: Some(acceptor),
+        workers,
+    })
+}
+
+impl Server {
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The shared state (for reloads and tests).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Stop accepting, let requests in flight finish for up to `grace`.
+    /// Returns true when every worker finished in time.
+    pub fn shutdown(mut self, grace: Duration) -> bool {
+        self.shared.start_draining();
+        // Wake the acceptor out of accept() with a connection of our own.
+        let wake = match self.addr.ip() {
+            ip if ip.is_unspecified() => SocketAddr::new(
+                if ip.is_ipv4() {
+                    IpAddr::from([127, 0, 0, 1])
+                } else {
+                    IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1])
+                },
+                self.addr.port(),
+            ),
+            _ => self.addr,
+        };
+        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+        if let Some(a) = self.acceptor.take() {
+            let _ = a.join();
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline && self.workers.iter().any(|w| !w.is_finished()) {
+            thread::sleep(Duration::from_millis(20));
+        }
+        let all = self.workers.iter().all(|w| w.is_finished());
+        for w in self.workers.drain(..).filter(|w| w.is_finished()) {
+            let _ = w.join();
+        }
+        all
+    }
+}
+
+fn accept_loop(listener: &TcpListener, shared: &Shared, tx: &Sender<Conn>, limiter: &Arc<Limiter>) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = listener.accept();
+        if shared.draining() {
+            return; // dropping tx lets idle workers finish
+        }
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(5);
+                let _ = stream.set_nodelay(true);
+                let slot = if routes::is_loopback(peer.ip()) {
+                    None
+                } else {
+                    match limiter.admit(peer.ip()) {
+                        Some(slot) => Some(slot),
+                        None => {
+                            shed(stream, "too many connections from your address");
+                            continue;
+                        }
+                    }
+                };
+                let conn = Conn {
+                    stream,
+                    peer,
+                    accepted: Instant::now(),
+                    _slot: slot,
+                };
+                match tx.try_send(conn) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(c)) => shed(c.stream, "every worker is busy"),
+                    Err(TrySendError::Disconnected(_)) => return,
+                }
+            }
+            Err(e) => {
+                // EMFILE and friends: the pending connection stays in the
+                // backlog; wait for descriptors to free up, then go on.
+                log::warn!("accept failed: {e}; retrying in {backoff:?}");
+                thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Refuse a connection at once with 503 and `Retry-After`.
+fn shed(mut stream: TcpStream, why: &str) {
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+    let mut out = Responder::new(&mut stream, false, false, false);
+    out.add_header("Retry-After", "1");
+    let _ = out.send_error(503, "overloaded", &format!("gaia-balancer is overloaded ({why}); retry shortly"));
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+}
+
+fn worker(shared: &Shared, rx: &Receiver<Conn>) {
+    while let Ok(conn) = rx.recv() {
+        let b = shared.current();
+        if conn.accepted.elapsed() > b.config.settings.queue_wait {
+            shed(conn.stream, "waited too long for a worker");
+            continue;
+        }
+        serve_connection(shared, conn);
+    }
+}
+
+fn serve_connection(shared: &Shared, conn: Conn) {
+    let Conn { stream, peer, .. } = conn;
+    let Ok(read_half) = stream.try_clone() else {
+        return;
+    };
+    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    let mut writer = stream;
+    let mut reader = Reader::new(read_half);
+    let mut first = true;
+    loop {
+        let b = shared.current();
+        let settings = &b.config.settings;
+        let limits = Limits {
+            max_line: MAX_LINE,
+            max_head: MAX_HEAD,
+            max_headers: MAX_HEADERS,
+            max_body: settings.max_body_bytes,
+        };
+        let idle = if first { settings.head_timeout } else { settings.keep_alive };
+        first = false;
+        let head = match reader.read_head(&limits, idle, settings.head_timeout) {
+            Ok(head) => head,
+            Err(e) => {
+                if let Some(status) = e.status() {
+                    let mut out = Responder::new(&mut writer, false, false, false);
+                    let _ = out.send_error(status, "bad_request", &e.to_string());
+                    log::debug!("{peer}: refused request: {e}");
+                }
+                return;
+            }
+        };
+        let started = Instant::now();
+        let id = head
+            .header_str("x-request-id")
+            .map(str::trim)
+            .filter(|v| !v.is_empty() && v.len() <= 128 && valid_value(v.as_bytes()))
+            .map_or_else(rng::request_id, str::to_string);
+        let keep_alive = head.keep_alive && !shared.draining();
+        let mut out = Responder::new(
+            &mut writer,
+            keep_alive,
+            head.method == "HEAD",
+            head.minor_version == 0,
+        );
+        out.add_header("X-Request-Id", &id);
+        let ctx = Ctx {
+            shared,
+            b: &b,
+            head: &head,
+            peer,
+            id: &id,
+            started,
+            limits: &limits,
+        };
+        let result = catch_unwind(AssertUnwindSafe(|| handle(&ctx, &mut reader, &mut out)));
+        let served = match result {
+            Ok(served) => served,
+            Err(_) => {
+                log::error!("{id}: panic while serving {} {}", head.method, head.target);
+                if !out.started() {
+                    let _ = out.send_error(500, "internal_error", "internal error while serving this request");
+                }
+                out.close_after();
+                proxy::Served::default()
+            }
+        };
+        let status = if served.client_gone { 499 } else { out.status() };
+        log::info!(
+            "{id} {} {} {status} host={} attempts={} {}ms",
+            head.method,
+            routes::path_of(&head.target),
+            served.host.as_deref().unwrap_or("-"),
+            served.attempts,
+            started.elapsed().as_millis()
+        );
+        if !out.keep_alive() || served.client_gone {
+            return;
+        }
+    }
+}
+
+/// Everything one request's handler needs besides its I/O.
+struct Ctx<'a> {
+    shared: &'a Shared,
+    b: &'a Balancer,
+    head: &'a Head,
+    peer: SocketAddr,
+    id: &'a str,
+    started: Instant,
+    limits: &'a Limits,
+}
+
+/// The fields of a JSON request body the balancer reads; the rest is skipped.
+#[derive(Deserialize)]
+struct Probe {
+    #[serde(default)]
+    #[allow(dead_code)] // read only for validation until model routing lands
+    model: Option<serde_json::Value>,
+}
+
+fn handle(
+    ctx: &Ctx<'_>,
+    reader: &mut Reader<TcpStream>,
+    out: &mut Responder<'_, TcpStream>,
+) -> proxy::Served {
+    let head = ctx.head;
+    let route = match routes::route(ctx.b, head, ctx.peer.ip()) {
+        Ok(route) => route,
+        Err(rej) => {
+            if head.framing != Framing::None {
+                out.close_after(); // the unread body must not be parsed as a request
+            }
+            if let Some(allow) = rej.allow {
+                out.add_header("Allow", allow);
+            }
+            let _ = out.send_error(rej.status, rej.code, &rej.message);
+            return proxy::Served::default();
+        }
+    };
+    let text = [("Content-Type", "text/plain; charset=utf-8")];
+    let json = [("Content-Type", "application/json")];
+    match route {
+        Route::Healthz => {
+            let _ = out.send(200, &text, b"ok\n");
+        }
+        Route::Readyz => {
+            let (status, body) = routes::readiness(ctx.shared, ctx.b);
+            let _ = out.send(status, &text, body.as_bytes());
+        }
+        Route::Status => {
+            let _ = out.send(200, &json, &routes::status_json(ctx.shared, ctx.b));
+        }
+        Route::Proxy => return proxy_request(ctx, reader, out),
+    }
+    proxy::Served::default()
+}
+
+fn proxy_request(
+    ctx: &Ctx<'_>,
+    reader: &mut Reader<TcpStream>,
+    out: &mut Responder<'_, TcpStream>,
+) -> proxy::Served {
+    let head = ctx.head;
+    let settings = &ctx.b.config.settings;
+    if head.expect_continue && head.framing != Framing::None && out.continue_100().is_err() {
+        out.close_after();
+        return proxy::Served::default();
+    }
+    let deadline = Instant::now() + BODY_DEADLINE;
+    let body = match reader.read_body(head.framing, ctx.limits, settings.body_timeout, deadline) {
+        Ok(body) => body,
+        Err(e) => {
+            out.close_after();
+            if let Some(status) = e.status() {
+                let _ = out.send_error(status, "bad_request", &e.to_string());
+            }
+            return proxy::Served::default();
+        }
+    };
+    let is_json = head
+        .header_str("content-type")
+        .is_none_or(|ct| ct.to_ascii_lowercase().contains("json"));
+    if is_json && !body.is_empty() {
+        if let Err(e) = serde_json::from_slice::<Probe>(&body) {
+            let _ = out.send_error(400, "invalid_json", &format!("request body is not a JSON object: {e}"));
+            return proxy::Served::default();
+        }
+    }
+    let req = Proxied {
+        outgoing: Outgoing {
+            method: &head.method,
+            path: &head.target,
+            headers: &head.headers,
+            body: &body,
+            request_id: ctx.id,
+        },
+        client: reader.get_ref(),
+        started: ctx.started,
+    };
+    proxy::serve(ctx.b, &req, out)
+}
+
+/// Counts open connections per client address.
+struct Limiter {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One admitted connection; releases its place when dropped.
+struct Slot {
+    limiter: Arc<Limiter>,
+    ip: IpAddr,
+}
+
+impl Limiter {
+    fn new(max: usize) -> Self {
+        Limiter {
+            max: max.max(1),
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(Slot {
+            limiter: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.limiter.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limiter_caps_and_releases_per_address() {
+        let limiter = Arc::new(Limiter::new(2));
+        let ip: IpAddr = [192, 0, 2, 1].into();
+        let other: IpAddr = [192, 0, 2, 2].into();
+        let a = limiter.admit(ip).unwrap();
+        let _b = limiter.admit(ip).unwrap();
+        assert!(limiter.admit(ip).is_none());
+        assert!(limiter.admit(other).is_some());
+        drop(a);
+        assert!(limiter.admit(ip).is_some());
+    }
+}

@@ -1,0 +1,221 @@
+//! Server-sent events: the commit point of a stream, and its forwarding.
+//!
+//! Before a stream is committed to the client, upstream bytes are held back
+//! and split into SSE events; role-only, empty and comment events do not
+//! commit (a host that dies after its preamble can still be replaced
+//! invisibly). The first event carrying content, a tool call, a finish reason
+//! or `[DONE]` commits; an `error` event before that is an upstream failure.
+//! The hold-back is bounded in bytes ([`HOLD_LIMIT`]); time is bounded by the
+//! caller's first-byte deadline. After the commit every upstream chunk is
+//! written and flushed to the client as it arrives, never re-buffered.
+
+use serde_json::Value;
+
+/// Most bytes held back before a stream commits regardless.
+pub const HOLD_LIMIT: usize = 64 * 1024;
+
+/// What the events seen so far mean for the commit point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Only preamble so far: keep holding back.
+    Hold,
+    /// Real output has arrived: send everything held back and pass the rest through.
+    Commit,
+    /// The upstream reported an error before any output: fail over.
+    Error(String),
+}
+
+/// Bytes of a stream not yet committed.
+#[derive(Debug, Default)]
+pub struct Preamble {
+    buf: Vec<u8>,
+    /// Bytes of `buf` already split into complete events.
+    scanned: usize,
+}
+
+impl Preamble {
+    /// Add upstream bytes and judge the complete events among them.
+    pub fn push(&mut self, data: &[u8]) -> Verdict {
+        self.buf.extend_from_slice(data);
+        while let Some((end, next)) = event_end(&self.buf[self.scanned..]) {
+            let event = &self.buf[self.scanned..self.scanned + end];
+            self.scanned += next;
+            match judge(event) {
+                Verdict::Hold => {}
+                other => return other,
+            }
+        }
+        if self.buf.len() > HOLD_LIMIT {
+            return Verdict::Commit;
+        }
+        Verdict::Hold
+    }
+
+    /// Everything held back, to be sent at the commit.
+    pub fn take(&mut self) -> Vec<u8> {
+        self.scanned = 0;
+        std::mem::take(&mut self.buf)
+    }
+
+    /// Bytes held back.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// True when nothing is held back.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+}
+
+/// Find the end of the first complete event: (event length, length including
+/// the blank line that ends it). Lines end in CRLF, LF or CR.
+fn event_end(buf: &[u8]) -> Option<(usize, usize)> {
+    let mut i = 0;
+    let mut line_start = 0;
+    while i < buf.len() {
+        let eol = match buf[i] {
+            b'\n' => 1,
+            b'\r' if buf.get(i + 1) == Some(&b'\n') => 2,
+            // A CR at the very end may be the first half of a CRLF: wait.
+            b'\r' if i + 1 == buf.len() => return None,
+            b'\r' => 1,
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        if i == line_start {
+            return Some((line_start, i + eol));
+        }
+        i += eol;
+        line_start = i;
+    }
+    None
+}
+
+/// Judge one complete event.
+fn judge(event: &[u8]) -> Verdict {
+    let mut data: Vec<u8> = Vec::new();
+    let mut has_data = false;
+    for line in event.split(|&b| b == b'\n' || b == b'\r') {
+        if let Some(rest) = line.strip_prefix(b"data:") {
+            let rest = rest.strip_prefix(b" ").unwrap_or(rest);
+            if has_data {
+                data.push(b'\n');
+            }
+            data.extend_from_slice(rest);
+            has_data = true;
+        }
+    }
+    if !has_data {
+        return Verdict::Hold; // comment, `event:` or `id:` only
+    }
+    let trimmed = data.trim_ascii();
+    if trimmed.is_empty() {
+        return Verdict::Hold;
+    }
+    if trimmed == b"[DONE]" {
+        return Verdict::Commit;
+    }
+    let Ok(value) = serde_json::from_slice::<Value>(trimmed) else {
+        // Not JSON we understand: it is output, not preamble.
+        return Verdict::Commit;
+    };
+    if let Some(err) = value.get("error") {
+        let message = err
+            .get("message")
+            .and_then(Value::as_str)
+            .map_or_else(|| err.to_string(), str::to_string);
+        return Verdict::Error(message);
+    }
+    let Some(choices) = value.get("choices").and_then(Value::as_array) else {
+        return Verdict::Hold; // e.g. a usage-only or metadata event
+    };
+    if choices.iter().any(carries_output) {
+        Verdict::Commit
+    } else {
+        Verdict::Hold
+    }
+}
+
+/// A choice carries output when it has text, a tool call or a finish reason.
+fn carries_output(choice: &Value) -> bool {
+    let non_empty = |v: Option<&Value>| match v {
+        Some(Value::String(s)) => !s.is_empty(),
+        Some(Value::Null) | None => false,
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(_) => true,
+    };
+    if non_empty(choice.get("finish_reason")) || non_empty(choice.get("text")) {
+        return true;
+    }
+    let Some(delta) = choice.get("delta").or_else(|| choice.get("message")) else {
+        return false;
+    };
+    ["content", "tool_calls", "function_call", "reasoning_content", "refusal"]
+        .iter()
+        .any(|k| non_empty(delta.get(*k)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROLE: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\"},\"finish_reason\":null}]}\n\n";
+    const EMPTY: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\"},\"finish_reason\":null}]}\n\n";
+    const HELLO: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"},\"finish_reason\":null}]}\n\n";
+
+    #[test]
+    fn preamble_is_held_and_content_commits() {
+        let mut p = Preamble::default();
+        assert_eq!(p.push(ROLE.as_bytes()), Verdict::Hold);
+        assert_eq!(p.push(b": keep-alive\n\n"), Verdict::Hold);
+        assert_eq!(p.push(EMPTY.as_bytes()), Verdict::Hold);
+        assert_eq!(p.push(HELLO.as_bytes()), Verdict::Commit);
+        let held = p.take();
+        assert_eq!(held, [ROLE, ": keep-alive\n\n", EMPTY, HELLO].concat().as_bytes());
+    }
+
+    #[test]
+    fn events_split_across_chunks_and_crlf() {
+        let mut p = Preamble::default();
+        let crlf = HELLO.replace('\n', "\r\n");
+        let (a, b) = crlf.as_bytes().split_at(crlf.len() - 3);
+        assert_eq!(p.push(a), Verdict::Hold);
+        assert_eq!(p.push(b), Verdict::Commit);
+    }
+
+    #[test]
+    fn tool_calls_finish_reason_and_done_commit() {
+        for ev in [
+            "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":0}]}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+            "data: [DONE]\n\n",
+            "data: {\"choices\":[{\"text\":\"hi\"}]}\n\n",
+            "data: not json\n\n",
+        ] {
+            assert_eq!(Preamble::default().push(ev.as_bytes()), Verdict::Commit, "{ev}");
+        }
+    }
+
+    #[test]
+    fn error_event_before_content_is_a_failure() {
+        let v = Preamble::default().push(b"data: {\"error\":{\"message\":\"overloaded\"}}\n\n");
+        assert_eq!(v, Verdict::Error("overloaded".into()));
+    }
+
+    #[test]
+    fn hold_back_is_bounded() {
+        let mut p = Preamble::default();
+        let mut v = Verdict::Hold;
+        for _ in 0..(HOLD_LIMIT / ROLE.len() + 2) {
+            v = p.push(ROLE.as_bytes());
+            if v != Verdict::Hold {
+                break;
+            }
+        }
+        assert_eq!(v, Verdict::Commit);
+        assert!(p.len() <= HOLD_LIMIT + ROLE.len());
+    }
+}

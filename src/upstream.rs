@@ -1,0 +1,199 @@
+//! One attempt against one upstream host: the shared ureq agent, the
+//! outgoing request, and the translation of ureq's errors into the
+//! [`Outcome`](crate::retry::Outcome)s the retry policy understands.
+//!
+//! Guarantees: one agent (one connection pool) for all workers; status codes
+//! come back as responses, never as errors; no proxy is taken from the
+//! environment (keys would leak through it), no redirect is followed, no body
+//! is decompressed; every wait is bounded (connect here, everything else by
+//! the thread's [`watch`](crate::watch) deadline); the client's own
+//! `Authorization` never reaches an upstream.
+
+use std::time::Duration;
+
+use ureq::config::AutoHeaderValue;
+use ureq::http::{self, Response};
+use ureq::unversioned::resolver::DefaultResolver;
+use ureq::unversioned::transport::{Connector, DefaultConnector};
+use ureq::{Agent, Body};
+
+use crate::config::Settings;
+use crate::hosts::Host;
+use crate::keys::Key;
+use crate::request::Header;
+use crate::retry::Outcome;
+use crate::watch::{self, Abort};
+
+/// Upstream I/O buffer size each way; larger than any response head we accept.
+pub const BUFFER_SIZE: usize = 32 * 1024;
+
+/// Request headers never forwarded: hop-by-hop, framing, and the client's credentials.
+const DROPPED: &[&str] = &[
+    "host",
+    "authorization",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "expect",
+    "accept-encoding",
+    "x-request-id",
+    "cookie",
+];
+
+/// The shared agent, configured as NOTES section 1 says.
+pub fn agent(settings: &Settings) -> Agent {
+    let per_host = (settings.workers / 2).clamp(4, 256);
+    let config = Agent::config_builder()
+        .http_status_as_error(false)
+        .proxy(None)
+        .max_redirects(0)
+        .no_delay(true)
+        .user_agent(AutoHeaderValue::Provided(std::sync::Arc::new(format!(
+            "gaia-balancer/{}",
+            env!("CARGO_PKG_VERSION")
+        ))))
+        .accept(AutoHeaderValue::None)
+        .accept_encoding(AutoHeaderValue::None)
+        .input_buffer_size(BUFFER_SIZE)
+        .output_buffer_size(BUFFER_SIZE)
+        .max_response_header_size(BUFFER_SIZE)
+        .max_idle_connections(per_host * 16)
+        .max_idle_connections_per_host(per_host)
+        .max_idle_age(Duration::from_secs(15))
+        .timeout_connect(Some(settings.timeouts.connect))
+        .timeout_resolve(Some(settings.timeouts.connect))
+        // Sending is bounded by these; waiting for output by the watch deadline.
+        .timeout_send_request(Some(Duration::from_secs(30)))
+        .timeout_send_body(Some(Duration::from_secs(120)))
+        .timeout_recv_response(Some(settings.timeouts.first_byte))
+        .build();
+    let connector = DefaultConnector::new().chain(watch::WatchConnector);
+    Agent::with_parts(config, connector, DefaultResolver::default())
+}
+
+/// What is sent upstream, the same for every attempt of one request.
+pub struct Outgoing<'a> {
+    /// Request method.
+    pub method: &'a str,
+    /// Path and query, starting with `/v1/`.
+    pub path: &'a str,
+    /// The client's headers (filtered here).
+    pub headers: &'a [Header],
+    /// The body, byte for byte.
+    pub body: &'a [u8],
+    /// Our request id, sent as `X-Request-Id`.
+    pub request_id: &'a str,
+}
+
+/// A failed attempt: the outcome for the retry policy plus words for the log.
+#[derive(Debug)]
+pub struct Failed {
+    /// How it failed.
+    pub outcome: Outcome,
+    /// What happened, for logs and the final error message (no secrets).
+    pub detail: String,
+}
+
+/// Why an attempt produced nothing.
+#[derive(Debug)]
+pub enum AttemptError {
+    /// The host failed; maybe try another.
+    Failed(Failed),
+    /// The client went away; stop everything.
+    ClientGone,
+    /// The request cannot be sent to any host (e.g. an unsendable header).
+    Invalid(String),
+}
+
+/// Send one attempt and wait for the response head.
+pub fn send(
+    agent: &Agent,
+    host: &Host,
+    key: Option<&Key>,
+    out: &Outgoing<'_>,
+) -> Result<Response<Body>, AttemptError> {
+    let mut builder = http::Request::builder()
+        .method(out.method)
+        .uri(host.url(out.path));
+    for h in out.headers {
+        if !DROPPED.iter().any(|d| h.name.eq_ignore_ascii_case(d)) {
+            builder = builder.header(h.name.as_str(), h.value.as_slice());
+        }
+    }
+    builder = builder.header("x-request-id", out.request_id);
+    if let Some(key) = key {
+        builder = builder.header("authorization", format!("Bearer {}", key.secret()));
+    }
+    let result = if out.body.is_empty() && matches!(out.method, "GET" | "HEAD" | "DELETE") {
+        builder
+            .body(())
+            .map_err(invalid)
+            .and_then(|r| agent.run(r).map_err(|e| classify(e, host)))
+    } else {
+        builder
+            .body(out.body)
+            .map_err(invalid)
+            .and_then(|r| agent.run(r).map_err(|e| classify(e, host)))
+    };
+    result
+}
+
+fn invalid(e: http::Error) -> AttemptError {
+    AttemptError::Invalid(format!("request cannot be forwarded: {e}"))
+}
+
+/// Translate a ureq error into what the retry policy needs.
+pub fn classify(e: ureq::Error, host: &Host) -> AttemptError {
+    use ureq::Error as E;
+    if let Some(why) = watch::aborted() {
+        return match why {
+            Abort::ClientGone => AttemptError::ClientGone,
+            Abort::Deadline => failed(Outcome::Timeout, "no response before the deadline", host),
+        };
+    }
+    match e {
+        E::Timeout(t) => match t {
+            ureq::Timeout::Connect | ureq::Timeout::Resolve => {
+                failed(Outcome::Connect, "connect timed out", host)
+            }
+            other => failed(Outcome::Timeout, &format!("timed out ({other:?})"), host),
+        },
+        E::HostNotFound => failed(Outcome::Connect, "host name not found", host),
+        E::ConnectionFailed => failed(Outcome::Connect, "connection failed", host),
+        E::Io(io) => match io.kind() {
+            std::io::ErrorKind::ConnectionRefused => {
+                failed(Outcome::Connect, "connection refused", host)
+            }
+            _ => failed(Outcome::Broken, &format!("i/o error: {io}"), host),
+        },
+        E::Tls(_) | E::Rustls(_) | E::Pem(_) => {
+            failed(Outcome::Connect, &format!("TLS failed: {e}"), host)
+        }
+        E::BadUri(_) | E::Http(_) => AttemptError::Invalid(format!("request cannot be forwarded: {e}")),
+        other => failed(Outcome::Broken, &format!("{other}"), host),
+    }
+}
+
+fn failed(outcome: Outcome, what: &str, host: &Host) -> AttemptError {
+    AttemptError::Failed(Failed {
+        outcome,
+        detail: format!("{}: {what}", host.spec.name),
+    })
+}
+
+/// Translate an error while reading a response body.
+pub fn classify_read(e: std::io::Error, host: &Host) -> AttemptError {
+    if let Some(why) = watch::aborted() {
+        return match why {
+            Abort::ClientGone => AttemptError::ClientGone,
+            Abort::Deadline => failed(Outcome::Timeout, "upstream went silent", host),
+        };
+    }
+    failed(Outcome::Broken, &format!("response broke off: {e}"), host)
+}

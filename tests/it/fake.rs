@@ -1,0 +1,325 @@
+//! A scriptable fake upstream on plain `std::net`, for fault injection at the
+//! byte level: any status and headers, SSE streams with delays, cuts in the
+//! middle of a chunked body, hangs, closes without an answer, and a record of
+//! every request and of when the balancer closed each connection.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// A request as the fake upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One step of a scripted streamed body.
+#[derive(Debug, Clone)]
+pub enum Step {
+    /// Send these bytes as one chunk, flushed.
+    Send(Vec<u8>),
+    /// Stay silent this long (while watching for the peer closing).
+    Sleep(Duration),
+    /// Close the connection here, without the final chunk.
+    Cut,
+}
+
+/// What the fake upstream does with one request.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// A whole response with Content-Length.
+    Full {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
+    /// A chunked response (SSE when the content type says so), step by step.
+    Chunked {
+        status: u16,
+        content_type: String,
+        steps: Vec<Step>,
+    },
+    /// Read the request, then say nothing for this long, then close.
+    Hang(Duration),
+    /// Close the connection without answering.
+    Close,
+}
+
+impl Reply {
+    pub fn json(status: u16, body: &str) -> Reply {
+        Reply::Full {
+            status,
+            headers: vec![("Content-Type".into(), "application/json".into())],
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    pub fn with_header(mut self, name: &str, value: &str) -> Reply {
+        if let Reply::Full { headers, .. } = &mut self {
+            headers.push((name.into(), value.into()));
+        }
+        self
+    }
+
+    pub fn sse(steps: Vec<Step>) -> Reply {
+        Reply::Chunked {
+            status: 200,
+            content_type: "text/event-stream".into(),
+            steps,
+        }
+    }
+}
+
+/// An SSE event with content `text`.
+pub fn content_event(text: &str) -> Vec<u8> {
+    format!(
+        "data: {{\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":{}}},\"finish_reason\":null}}]}}\n\n",
+        serde_json::to_string(text).unwrap()
+    )
+    .into_bytes()
+}
+
+/// The role-only preamble event most servers send first.
+pub fn role_event() -> Vec<u8> {
+    b"data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\"},\"finish_reason\":null}]}\n\n".to_vec()
+}
+
+/// A final event with a finish reason, then `[DONE]`.
+pub fn finish_events() -> Vec<u8> {
+    b"data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n".to_vec()
+}
+
+type Handler = dyn Fn(&Seen, usize) -> Reply + Send + Sync;
+
+struct Inner {
+    seen: Mutex<Vec<Seen>>,
+    /// When the peer closed a connection in the middle of a reply.
+    peer_closed: Mutex<Vec<Instant>>,
+    /// When each `Step::Send` was written, in order.
+    sent: Mutex<Vec<Instant>>,
+    count: AtomicUsize,
+    stop: AtomicBool,
+    handler: Box<Handler>,
+}
+
+/// A running fake upstream; stops when dropped.
+pub struct Upstream {
+    addr: std::net::SocketAddr,
+    inner: Arc<Inner>,
+}
+
+impl Upstream {
+    /// Start a fake upstream; `handler` gets each request and its 0-based number.
+    pub fn start(handler: impl Fn(&Seen, usize) -> Reply + Send + Sync + 'static) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let inner = Arc::new(Inner {
+            seen: Mutex::new(Vec::new()),
+            peer_closed: Mutex::new(Vec::new()),
+            sent: Mutex::new(Vec::new()),
+            count: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            handler: Box::new(handler),
+        });
+        let acc = inner.clone();
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                if acc.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(stream) = stream else { continue };
+                let inner = acc.clone();
+                thread::spawn(move || serve(stream, &inner));
+            }
+        });
+        Upstream { addr, inner }
+    }
+
+    /// Always answer with this reply.
+    pub fn always(reply: Reply) -> Upstream {
+        Upstream::start(move |_, _| reply.clone())
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<Seen> {
+        self.inner.seen.lock().unwrap().clone()
+    }
+
+    pub fn hits(&self) -> usize {
+        self.inner.count.load(Ordering::SeqCst)
+    }
+
+    pub fn peer_closed(&self) -> Vec<Instant> {
+        self.inner.peer_closed.lock().unwrap().clone()
+    }
+
+    pub fn sent(&self) -> Vec<Instant> {
+        self.inner.sent.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+    }
+}
+
+/// A URL on which nothing listens: connections are refused.
+pub fn refused_url() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    format!("http://{addr}")
+}
+
+fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Seen> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?.to_string();
+    let path = parts.next()?.to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).ok()? == 0 {
+            return None;
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (n, v) = h.split_once(':')?;
+        headers.push((n.trim().to_string(), v.trim().to_string()));
+    }
+    let len: usize = headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body).ok()?;
+    Some(Seen {
+        method,
+        path,
+        headers,
+        body,
+    })
+}
+
+/// Sleep `d` while watching `stream` for the peer closing; true if it closed.
+fn watch_sleep(stream: &TcpStream, d: Duration) -> bool {
+    let end = Instant::now() + d;
+    let mut byte = [0u8; 1];
+    while Instant::now() < end {
+        let left = end - Instant::now();
+        let _ = stream.set_read_timeout(Some(left.min(Duration::from_millis(10)).max(Duration::from_millis(1))));
+        match (&*stream).peek(&mut byte) {
+            Ok(0) => return true,
+            Ok(_) => thread::sleep(Duration::from_millis(5)),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+fn serve(stream: TcpStream, inner: &Inner) {
+    let _ = stream.set_nodelay(true);
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut out = stream;
+    loop {
+        let Some(seen) = read_request(&mut reader) else {
+            return;
+        };
+        let n = inner.count.fetch_add(1, Ordering::SeqCst);
+        inner.seen.lock().unwrap().push(seen.clone());
+        match (inner.handler)(&seen, n) {
+            Reply::Full {
+                status,
+                headers,
+                body,
+            } => {
+                let mut head = format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\n", body.len());
+                for (k, v) in headers {
+                    head.push_str(&format!("{k}: {v}\r\n"));
+                }
+                head.push_str("\r\n");
+                let mut all = head.into_bytes();
+                all.extend_from_slice(&body);
+                if out.write_all(&all).is_err() {
+                    return;
+                }
+            }
+            Reply::Chunked {
+                status,
+                content_type,
+                steps,
+            } => {
+                let head = format!(
+                    "HTTP/1.1 {status} X\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n"
+                );
+                if out.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                for step in steps {
+                    match step {
+                        Step::Send(bytes) => {
+                            let mut chunk = format!("{:x}\r\n", bytes.len()).into_bytes();
+                            chunk.extend_from_slice(&bytes);
+                            chunk.extend_from_slice(b"\r\n");
+                            inner.sent.lock().unwrap().push(Instant::now());
+                            if out.write_all(&chunk).is_err() {
+                                inner.peer_closed.lock().unwrap().push(Instant::now());
+                                return;
+                            }
+                        }
+                        Step::Sleep(d) => {
+                            if watch_sleep(&out, d) {
+                                inner.peer_closed.lock().unwrap().push(Instant::now());
+                                return;
+                            }
+                        }
+                        Step::Cut => {
+                            let _ = out.shutdown(Shutdown::Both);
+                            return;
+                        }
+                    }
+                }
+                if out.write_all(b"0\r\n\r\n").is_err() {
+                    return;
+                }
+            }
+            Reply::Hang(d) => {
+                if watch_sleep(&out, d) {
+                    inner.peer_closed.lock().unwrap().push(Instant::now());
+                }
+                return;
+            }
+            Reply::Close => {
+                let _ = out.shutdown(Shutdown::Both);
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! Hostile and malformed input over raw sockets against the running server.
+
+use std::io::{BufReader, Read, Write};
+use std::time::{Duration, Instant};
+
+use crate::fake::{Reply, Step, Upstream};
+use crate::util::{chat, connect, post, raw, read_response, request, start};
+
+fn status_of(resp: &str) -> u16 {
+    resp.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn huge_content_length_is_413_and_the_process_keeps_serving() {
+    let up = Upstream::always(Reply::json(200, "{}"));
+    let bal = start(&[up.url()], &[], |_| {});
+    let resp = raw(
+        bal.addr,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000000000\r\n\r\n{",
+    );
+    assert_eq!(status_of(&resp), 413, "{resp}");
+    assert!(resp.contains("Connection: close"));
+    let max = raw(
+        bal.addr,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 18446744073709551615\r\n\r\n",
+    );
+    assert_eq!(status_of(&max), 413, "{max}");
+    assert_eq!(post(bal.addr, "/v1/embeddings", "{}").status, 200);
+    assert_eq!(up.hits(), 1);
+}
+
+#[test]
+fn ten_thousand_headers_is_431() {
+    let bal = start(&[crate::fake::refused_url()], &[], |_| {});
+    let mut req = b"GET /healthz HTTP/1.1\r\nHost: t\r\n".to_vec();
+    for i in 0..10_000 {
+        req.extend_from_slice(format!("X-H{i}: v\r\n").as_bytes());
+    }
+    req.extend_from_slice(b"\r\n");
+    let resp = raw(bal.addr, &req);
+    assert_eq!(status_of(&resp), 431, "{resp}");
+    assert_eq!(request(bal.addr, "GET", "/healthz", &[], b"").status, 200);
+}
+
+#[test]
+fn slow_head_gets_408_while_others_are_served() {
+    let up = Upstream::always(Reply::json(200, "{}"));
+    let bal = start(&[up.url()], &[], |c| c.settings.head_timeout = Duration::from_millis(800));
+    let mut slow = connect(bal.addr);
+    slow.write_all(b"POST /v1/embeddings HTTP/1.1\r\nHo").unwrap();
+    let began = Instant::now();
+    // Others are served meanwhile.
+    for _ in 0..5 {
+        assert_eq!(post(bal.addr, "/v1/embeddings", "{}").status, 200);
+    }
+    let mut out = String::new();
+    let _ = slow.read_to_string(&mut out);
+    assert_eq!(status_of(&out), 408, "{out}");
+    assert!(began.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn ambiguous_framing_is_refused_and_nothing_is_smuggled() {
+    let up = Upstream::always(Reply::json(200, "{}"));
+    let bal = start(&[up.url()], &[], |_| {});
+    let smuggle = "POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nPOST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}";
+    let resp = raw(bal.addr, smuggle.as_bytes());
+    assert_eq!(status_of(&resp), 400, "{resp}");
+    assert_eq!(resp.matches("HTTP/1.1").count(), 1, "one answer, then close: {resp}");
+    let dup = raw(bal.addr, b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}");
+    assert_eq!(status_of(&dup), 400, "{dup}");
+    let list = raw(bal.addr, b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Length: 2, 2\r\n\r\n{}");
+    assert_eq!(status_of(&list), 400, "{list}");
+    let te = raw(bal.addr, b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n{}");
+    assert_eq!(status_of(&te), 501, "{te}");
+    assert_eq!(up.hits(), 0);
+}
+
+#[test]
+fn truncated_body_is_never_forwarded() {
+    let up = Upstream::always(Reply::json(200, "{}"));
+    let bal = start(&[up.url()], &[], |_| {});
+    let mut s = connect(bal.addr);
+    s.write_all(b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{\"input\":").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.is_empty() || status_of(&out) == 400, "{out}");
+    assert_eq!(up.hits(), 0);
+}
+
+#[test]
+fn chunked_request_body_and_expect_continue_are_forwarded() {
+    let up = Upstream::always(Reply::json(200, "{}"));
+    let bal = start(&[up.url()], &[], |_| {});
+    let resp = raw(
+        bal.addr,
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"a\"\r\n4\r\n:12}\r\n0\r\n\r\n",
+    );
+    assert_eq!(status_of(&resp), 200, "{resp}");
+    assert_eq!(up.requests()[0].body, b"{\"a\":12}");
+
+    let s = connect(bal.addr);
+    let mut w = s.try_clone().unwrap();
+    let mut reader = BufReader::new(s);
+    w.write_all(b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n").unwrap();
+    let cont = read_response(&mut reader).unwrap();
+    assert_eq!(cont.status, 100);
+    w.write_all(b"{}").unwrap();
+    assert_eq!(read_response(&mut reader).unwrap().status, 200);
+}
+
+#[test]
+fn full_queue_sheds_with_503_and_retry_after() {
+    let up = Upstream::always(Reply::sse(vec![Step::Sleep(Duration::from_secs(3))]));
+    let bal = start(&[up.url()], &[], |c| {
+        c.settings.workers = 1;
+        c.settings.queue_size = 1;
+    });
+    // Occupy the only worker with a stream that stays silent.
+    let mut busy = connect(bal.addr);
+    let body = chat(true);
+    write!(busy, "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    assert!(crate::util::wait_for(Duration::from_secs(3), || up.hits() == 1));
+    let _queued = connect(bal.addr); // fills the queue
+    std::thread::sleep(Duration::from_millis(50)); // let the acceptor queue it
+    let shed = raw(bal.addr, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(status_of(&shed), 503, "{shed}");
+    assert!(shed.contains("Retry-After: 1"), "{shed}");
+}

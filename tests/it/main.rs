@@ -1,0 +1,8 @@
+//! Integration tests: the real balancer in-process, real upstreams on loopback.
+
+mod fake;
+mod util;
+
+mod proxy;
+mod streaming;
+mod hostile;

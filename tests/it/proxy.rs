@@ -1,0 +1,224 @@
+//! The proxy path: pass-through, failover, keys, client keys.
+
+use std::time::Duration;
+
+use crate::fake::{refused_url, Reply, Upstream};
+use crate::util::{chat, post, request, start};
+
+const OK: &str = r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#;
+
+#[test]
+fn body_reaches_upstream_byte_for_byte_and_answer_comes_back() {
+    let up = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[up.url()], &["pool-key-000000000001"], |_| {});
+    // Odd spacing and key order must survive untouched.
+    let body = "{ \"model\" : \"m\",\"messages\":[{\"role\":\"user\",\"content\":\"h\\u00e9\"}] ,\"x\":1 }";
+    let r = request(
+        bal.addr,
+        "POST",
+        "/v1/chat/completions?trace=1",
+        &[("Content-Type", "application/json"), ("Authorization", "Bearer client-secret"), ("X-Request-Id", "req-123")],
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), OK);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(r.header("x-request-id"), Some("req-123"));
+    assert_eq!(r.header("x-gaia-upstream"), Some("h0"));
+    let seen = up.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body, body.as_bytes());
+    assert_eq!(seen[0].path, "/v1/chat/completions?trace=1");
+    assert_eq!(seen[0].header("authorization"), Some("Bearer pool-key-000000000001"));
+    assert_eq!(seen[0].header("x-request-id"), Some("req-123"));
+}
+
+#[test]
+fn no_pool_key_means_no_authorization_upstream() {
+    let up = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[up.url()], &[], |_| {});
+    let r = request(bal.addr, "POST", "/v1/embeddings", &[("Authorization", "Bearer client"), ("Content-Type", "application/json")], b"{\"input\":\"a\"}");
+    assert_eq!(r.status, 200);
+    assert_eq!(up.requests()[0].header("authorization"), None);
+    // A request id is generated when the client sends none.
+    assert!(r.header("x-request-id").is_some_and(|v| v.len() == 16));
+    assert_eq!(up.requests()[0].header("x-request-id"), r.header("x-request-id"));
+}
+
+#[test]
+fn base_url_with_v1_is_not_doubled() {
+    let up = Upstream::always(Reply::json(200, "{}"));
+    let bal = start(&[format!("{}/v1", up.url())], &[], |c| {
+        // The loader strips /v1; this checks the proxy appends the path once.
+        c.hosts[0].base_url = c.hosts[0].base_url.trim_end_matches("/v1").to_string();
+    });
+    post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(up.requests()[0].path, "/v1/chat/completions");
+}
+
+#[test]
+fn retryable_statuses_fail_over_to_the_next_host() {
+    for status in [429u16, 404, 500, 502, 503, 504, 401, 403] {
+        let bad = Upstream::always(Reply::json(status, r#"{"error":{"message":"no"}}"#));
+        let good = Upstream::always(Reply::json(200, OK));
+        let bal = start(&[bad.url(), good.url()], &[], |_| {});
+        // Two requests: whichever host round-robin picks first, both succeed.
+        for _ in 0..2 {
+            let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+            assert_eq!(r.status, 200, "status {status}: {}", r.text());
+            assert_eq!(r.text(), OK);
+            assert_eq!(r.header("x-gaia-upstream"), Some("h1"));
+        }
+        assert!(bad.hits() >= 1, "status {status}: bad host never tried");
+        let trail = post(bal.addr, "/v1/chat/completions", &chat(false));
+        let attempts = trail.header("x-gaia-attempts").unwrap().to_string();
+        assert!(attempts.ends_with("h1:200"), "{attempts}");
+    }
+}
+
+#[test]
+fn refused_and_hanging_hosts_fail_over() {
+    let good = Upstream::always(Reply::json(200, OK));
+    let hang = Upstream::always(Reply::Hang(Duration::from_secs(10)));
+    let close = Upstream::always(Reply::Close);
+    let bal = start(&[refused_url(), hang.url(), close.url(), good.url()], &[], |c| {
+        c.settings.timeouts.first_byte = Duration::from_millis(500);
+    });
+    for _ in 0..4 {
+        let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-gaia-upstream"), Some("h3"));
+    }
+    assert!(hang.hits() >= 1);
+    assert!(close.hits() >= 1);
+}
+
+#[test]
+fn client_errors_pass_through_with_one_upstream_hit() {
+    let body = r#"{"error":{"message":"bad request","type":"invalid_request_error"}}"#;
+    let up = Upstream::always(Reply::json(400, body));
+    let other = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[up.url(), other.url()], &[], |c| c.hosts.truncate(1));
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 400);
+    assert_eq!(r.text(), body);
+    assert_eq!(up.hits(), 1);
+    assert_eq!(other.hits(), 0);
+}
+
+#[test]
+fn every_attempt_failing_gives_502_within_max_attempts() {
+    let a = Upstream::always(Reply::json(500, "{}"));
+    let b = Upstream::always(Reply::json(503, "{}"));
+    let bal = start(&[a.url(), b.url()], &[], |c| c.settings.max_attempts = 3);
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "upstream_failed");
+    assert_eq!(r.header("x-should-retry"), Some("false"));
+    assert_eq!(a.hits() + b.hits(), 3);
+}
+
+#[test]
+fn total_timeout_gives_504() {
+    let hang = Upstream::always(Reply::Hang(Duration::from_secs(10)));
+    let bal = start(&[hang.url()], &[], |c| {
+        c.settings.timeouts.total = Duration::from_millis(600);
+        c.settings.timeouts.first_byte = Duration::from_secs(5);
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 504, "{}", r.text());
+}
+
+#[test]
+fn keys_rotate_round_robin() {
+    let up = Upstream::always(Reply::json(200, OK));
+    let keys = ["key-aaaaaaaaaaaa-0001", "key-bbbbbbbbbbbb-0002", "key-cccccccccccc-0003"];
+    let bal = start(&[up.url()], &keys, |_| {});
+    for _ in 0..6 {
+        assert_eq!(post(bal.addr, "/v1/embeddings", "{}").status, 200);
+    }
+    let used: Vec<String> = up.requests().iter().map(|s| s.header("authorization").unwrap().to_string()).collect();
+    let expected: Vec<String> = keys.iter().cycle().take(6).map(|k| format!("Bearer {k}")).collect();
+    assert_eq!(used, expected);
+}
+
+#[test]
+fn a_rejected_key_is_not_reused_within_the_request() {
+    let up = Upstream::start(|seen, _| {
+        if seen.header("authorization") == Some("Bearer key-bad-xxxxxxxxxxxx") {
+            Reply::json(401, r#"{"error":{"message":"bad key"}}"#)
+        } else {
+            Reply::json(200, OK)
+        }
+    });
+    let bal = start(&[up.url()], &["key-bad-xxxxxxxxxxxx", "key-good-xxxxxxxxxxx"], |_| {});
+    for _ in 0..4 {
+        let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // The trail names keys by their last 4 characters only.
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    let trail = r.header("x-gaia-attempts").unwrap();
+    assert!(!trail.contains("key-"), "{trail}");
+}
+
+#[test]
+fn client_keys_are_required_when_configured() {
+    let up = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[up.url()], &[], |c| c.settings.client_keys = vec!["client-key-1".into()]);
+    let none = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(none.status, 401);
+    assert_eq!(none.json()["error"]["code"], "invalid_api_key");
+    let wrong = request(bal.addr, "POST", "/v1/chat/completions", &[("Authorization", "Bearer nope")], chat(false).as_bytes());
+    assert_eq!(wrong.status, 401);
+    let right = request(bal.addr, "POST", "/v1/chat/completions", &[("Authorization", "Bearer client-key-1")], chat(false).as_bytes());
+    assert_eq!(right.status, 200);
+    assert_eq!(up.hits(), 1);
+    // The client's key never reaches the upstream.
+    assert_eq!(up.requests()[0].header("authorization"), None);
+}
+
+#[test]
+fn errors_are_openai_shaped() {
+    let up = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[up.url()], &[], |_| {});
+    let cases: [(&str, &str, &[u8], u16); 4] = [
+        ("GET", "/nope", b"", 404),
+        ("POST", "/v1/models", b"", 405),
+        ("POST", "/v1/chat/completions", b"{not json", 400),
+        ("DELETE", "/healthz", b"", 405),
+    ];
+    for (method, path, body, status) in cases {
+        let r = request(bal.addr, method, path, &[("Content-Type", "application/json")], body);
+        assert_eq!(r.status, status, "{method} {path}");
+        let v = r.json();
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(v["error"]["type"].is_string());
+        assert!(v["error"]["code"].is_string());
+    }
+    assert_eq!(up.hits(), 0);
+}
+
+#[test]
+fn models_and_other_v1_paths_are_forwarded() {
+    let up = Upstream::always(Reply::json(200, r#"{"object":"list","data":[]}"#));
+    let bal = start(&[up.url()], &[], |_| {});
+    let r = request(bal.addr, "GET", "/v1/models", &[], b"");
+    assert_eq!(r.status, 200);
+    let r = post(bal.addr, "/v1/completions", r#"{"prompt":"x"}"#);
+    assert_eq!(r.status, 200);
+    let paths: Vec<String> = up.requests().iter().map(|s| format!("{} {}", s.method, s.path)).collect();
+    assert_eq!(paths, ["GET /v1/models", "POST /v1/completions"]);
+}
+
+#[test]
+fn health_endpoints_answer() {
+    let up = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[up.url()], &["pool-key-secret-0000-wxyz"], |_| {});
+    assert_eq!(request(bal.addr, "GET", "/healthz", &[], b"").status, 200);
+    assert_eq!(request(bal.addr, "GET", "/readyz", &[], b"").status, 200);
+    let status = request(bal.addr, "GET", "/status", &[], b"");
+    assert_eq!(status.status, 200);
+    assert!(!status.text().contains("pool-key-secret"), "{}", status.text());
+    assert!(status.text().contains("wxyz"));
+}
