@@ -18,3 +18,4 @@ pub mod proxy;
 pub mod state;
 pub mod routes;
 pub mod server;
+pub mod logging;

@@ -1,0 +1,161 @@
+//! A stand-in for a Gaia node, for trying gaia-balancer with no internet and
+//! for benchmarks: an OpenAI-compatible server on loopback that answers
+//! `/v1/chat/completions` (JSON, or SSE when `"stream": true`),
+//! `/v1/completions`, `/v1/embeddings` and `/v1/models`.
+//!
+//! Usage: `cargo run --release --example fake_upstream -- [PORT ...] [--chunks N] [--delay-ms MS]`
+//! (default port 8080; one listener per port, each named after its port).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::thread;
+use std::time::Duration;
+
+#[derive(Clone, Copy)]
+struct Opts {
+    chunks: usize,
+    delay: Duration,
+}
+
+fn main() {
+    let mut ports = Vec::new();
+    let mut opts = Opts {
+        chunks: 8,
+        delay: Duration::from_millis(50),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--chunks" => opts.chunks = args.next().and_then(|v| v.parse().ok()).unwrap_or(8),
+            "--delay-ms" => {
+                opts.delay = Duration::from_millis(args.next().and_then(|v| v.parse().ok()).unwrap_or(50))
+            }
+            p => match p.parse::<u16>() {
+                Ok(port) => ports.push(port),
+                Err(_) => {
+                    eprintln!("usage: fake_upstream [PORT ...] [--chunks N] [--delay-ms MS]");
+                    std::process::exit(2);
+                }
+            },
+        }
+    }
+    if ports.is_empty() {
+        ports.push(8080);
+    }
+    let mut handles = Vec::new();
+    for port in ports {
+        let listener = match TcpListener::bind(("127.0.0.1", port)) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("cannot listen on 127.0.0.1:{port}: {e}");
+                std::process::exit(1);
+            }
+        };
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or(port);
+        eprintln!("fake upstream listening on http://127.0.0.1:{port}");
+        handles.push(thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                thread::spawn(move || {
+                    let _ = serve(stream, port, opts);
+                });
+            }
+        }));
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+}
+
+struct Req {
+    path: String,
+    body: Vec<u8>,
+    close: bool,
+}
+
+fn read_req(r: &mut BufReader<TcpStream>) -> std::io::Result<Option<Req>> {
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let (mut len, mut close) = (0usize, false);
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h)? == 0 {
+            return Ok(None);
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((n, v)) = h.split_once(':') {
+            let n = n.trim().to_ascii_lowercase();
+            if n == "content-length" {
+                len = v.trim().parse().unwrap_or(0);
+            } else if n == "connection" && v.trim().eq_ignore_ascii_case("close") {
+                close = true;
+            }
+        }
+    }
+    let mut body = vec![0; len];
+    r.read_exact(&mut body)?;
+    Ok(Some(Req { path, body, close }))
+}
+
+fn serve(stream: TcpStream, port: u16, opts: Opts) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut out = stream;
+    while let Some(req) = read_req(&mut reader)? {
+        let streaming = req.body.windows(13).any(|w| w == b"\"stream\":true")
+            || req.body.windows(14).any(|w| w == b"\"stream\": true");
+        let path = req.path.split('?').next().unwrap_or("");
+        if path.ends_with("/chat/completions") && streaming {
+            stream_chat(&mut out, port, opts)?;
+        } else {
+            let body = match path {
+                p if p.ends_with("/chat/completions") => format!(
+                    r#"{{"id":"chatcmpl-{port}","object":"chat.completion","model":"fake","choices":[{{"index":0,"message":{{"role":"assistant","content":"Hello from fake node {port}."}},"finish_reason":"stop"}}],"usage":{{"prompt_tokens":5,"completion_tokens":5,"total_tokens":10}}}}"#
+                ),
+                p if p.ends_with("/completions") => format!(
+                    r#"{{"id":"cmpl-{port}","object":"text_completion","model":"fake","choices":[{{"index":0,"text":"Hello from fake node {port}.","finish_reason":"stop"}}]}}"#
+                ),
+                p if p.ends_with("/embeddings") => {
+                    r#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.1,0.2,0.3]}],"model":"fake"}"#.to_string()
+                }
+                p if p.ends_with("/models") => {
+                    r#"{"object":"list","data":[{"id":"fake","object":"model","owned_by":"fake"}]}"#.to_string()
+                }
+                _ => {
+                    let body = r#"{"error":{"message":"not found","type":"invalid_request_error"}}"#;
+                    write!(out, "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
+                    continue;
+                }
+            };
+            write!(out, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
+        }
+        if req.close {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+fn chunk(out: &mut TcpStream, data: &str) -> std::io::Result<()> {
+    write!(out, "{:x}\r\n{data}\r\n", data.len())?;
+    out.flush()
+}
+
+fn stream_chat(out: &mut TcpStream, port: u16, opts: Opts) -> std::io::Result<()> {
+    out.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")?;
+    chunk(out, &format!("data: {{\"id\":\"chatcmpl-{port}\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"role\":\"assistant\"}},\"finish_reason\":null}}]}}\n\n"))?;
+    for i in 0..opts.chunks {
+        if !opts.delay.is_zero() {
+            thread::sleep(opts.delay);
+        }
+        chunk(out, &format!("data: {{\"id\":\"chatcmpl-{port}\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"word{i} \"}},\"finish_reason\":null}}]}}\n\n"))?;
+    }
+    chunk(out, &format!("data: {{\"id\":\"chatcmpl-{port}\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"stop\"}}]}}\n\ndata: [DONE]\n\n"))?;
+    out.write_all(b"0\r\n\r\n")?;
+    out.flush()
+}
