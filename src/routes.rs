@@ -176,3 +176,99 @@ pub fn status_json(shared: &Shared, b: &Balancer) -> Vec<u8> {
     out.push(b'\n');
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, HostSpec, Settings};
+    use crate::request::{Framing, Header};
+
+    fn balancer(tweak: impl FnOnce(&mut Settings)) -> Balancer {
+        let mut settings = Settings::default();
+        tweak(&mut settings);
+        Balancer::new(Config {
+            dir: "t".into(),
+            hosts: vec![HostSpec {
+                name: "a".into(),
+                base_url: "http://127.0.0.1:9".into(),
+                weight: 1,
+                backup: false,
+                api_keys: None,
+                models: Default::default(),
+            }],
+            api_keys: vec![],
+            settings,
+        })
+    }
+
+    fn head(method: &str, target: &str, auth: Option<&str>) -> Head {
+        Head {
+            method: method.into(),
+            target: target.into(),
+            minor_version: 1,
+            headers: auth
+                .map(|a| Header {
+                    name: "Authorization".into(),
+                    value: a.as_bytes().to_vec(),
+                })
+                .into_iter()
+                .collect(),
+            framing: Framing::None,
+            keep_alive: true,
+            expect_continue: false,
+        }
+    }
+
+    const REMOTE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(203, 0, 113, 7));
+    const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    #[test]
+    fn protected_mode_refuses_remote_clients_without_client_keys() {
+        let b = balancer(|_| {});
+        let h = head("POST", "/v1/chat/completions", None);
+        let rej = route(&b, &h, REMOTE).unwrap_err();
+        assert_eq!(rej.status, 403);
+        assert!(rej.message.contains("clientKeys"), "{}", rej.message);
+        assert_eq!(route(&b, &h, LOCAL), Ok(Route::Proxy));
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert_eq!(route(&b, &h, mapped), Ok(Route::Proxy));
+        // Health probes are not protected.
+        assert_eq!(route(&b, &head("GET", "/healthz", None), REMOTE), Ok(Route::Healthz));
+    }
+
+    #[test]
+    fn open_mode_and_client_keys_let_remote_clients_in() {
+        let open = balancer(|s| s.open = true);
+        let h = head("POST", "/v1/embeddings", None);
+        assert_eq!(route(&open, &h, REMOTE), Ok(Route::Proxy));
+        let keyed = balancer(|s| s.client_keys = vec!["ck-1".into()]);
+        assert_eq!(route(&keyed, &h, REMOTE).unwrap_err().status, 401);
+        assert_eq!(route(&keyed, &h, LOCAL).unwrap_err().status, 401, "keys apply to loopback too");
+        let with = head("POST", "/v1/embeddings", Some("Bearer ck-1"));
+        assert_eq!(route(&keyed, &with, REMOTE), Ok(Route::Proxy));
+        let wrong = head("POST", "/v1/embeddings", Some("Bearer ck-2"));
+        assert_eq!(route(&keyed, &wrong, REMOTE).unwrap_err().status, 401);
+    }
+
+    #[test]
+    fn admin_endpoints_need_the_admin_key_or_loopback() {
+        let b = balancer(|_| {});
+        assert_eq!(route(&b, &head("GET", "/status", None), LOCAL), Ok(Route::Status));
+        assert_eq!(route(&b, &head("GET", "/status", None), REMOTE).unwrap_err().status, 403);
+        let keyed = balancer(|s| s.admin_key = Some("admin-secret".into()));
+        assert_eq!(route(&keyed, &head("GET", "/status", None), LOCAL).unwrap_err().status, 401);
+        let ok = head("GET", "/status", Some("Bearer admin-secret"));
+        assert_eq!(route(&keyed, &ok, REMOTE), Ok(Route::Status));
+    }
+
+    #[test]
+    fn paths_and_methods() {
+        let b = balancer(|_| {});
+        assert_eq!(route(&b, &head("GET", "/", None), LOCAL).unwrap_err().status, 404);
+        assert_eq!(route(&b, &head("GET", "/v2/x", None), LOCAL).unwrap_err().status, 404);
+        assert_eq!(route(&b, &head("POST", "/v1/models", None), LOCAL).unwrap_err().status, 405);
+        assert_eq!(route(&b, &head("GET", "/v1/models?x=1", None), LOCAL), Ok(Route::Proxy));
+        assert_eq!(route(&b, &head("POST", "/v1/../admin", None), LOCAL).unwrap_err().status, 400);
+        assert_eq!(route(&b, &head("PUT", "/healthz", None), LOCAL).unwrap_err().allow, Some("GET, HEAD"));
+    }
+}

@@ -304,6 +304,11 @@ fn handle(
     out: &mut Responder<'_, TcpStream>,
 ) -> proxy::Served {
     let head = ctx.head;
+    // Fault injection for the test suite: debug builds only, never in release.
+    #[cfg(debug_assertions)]
+    if head.header("x-gaia-debug-panic").is_some() {
+        panic!("panic requested by x-gaia-debug-panic");
+    }
     let route = match routes::route(ctx.b, head, ctx.peer.ip()) {
         Ok(route) => route,
         Err(rej) => {

@@ -128,3 +128,16 @@ fn full_queue_sheds_with_503_and_retry_after() {
     assert_eq!(status_of(&shed), 503, "{shed}");
     assert!(shed.contains("Retry-After: 1"), "{shed}");
 }
+
+#[test]
+fn a_panic_ends_the_request_not_the_worker() {
+    let up = Upstream::always(Reply::json(200, "{}"));
+    let bal = start(&[up.url()], &[], |c| c.settings.workers = 1);
+    for _ in 0..3 {
+        let r = request(bal.addr, "GET", "/healthz", &[("x-gaia-debug-panic", "1")], b"");
+        assert_eq!(r.status, 500);
+        assert_eq!(r.json()["error"]["code"], "internal_error");
+        // The only worker is still there.
+        assert_eq!(post(bal.addr, "/v1/embeddings", "{}").status, 200);
+    }
+}
