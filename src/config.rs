@@ -4,12 +4,22 @@
 //! Every default lives in [`Settings::default`], each with its doc. Loading
 //! never panics: any problem becomes a [`ConfigError`] that names the file,
 //! the field and, for JSON, the line and column, in words a user can act on.
+//!
+//! Validation happens inside the JSON parse (hand-written serde visitors)
+//! rather than on a parsed tree, because only then does serde_json know where
+//! in the file it is: a weight of 0, a duplicate host or an unknown field is
+//! reported at its own line and column, not just by name. No secret is ever
+//! echoed in an error or in [`render`]; [`mask_secret`] is the one way to show one.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::fmt::Write as _;
+use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 
 /// How the next host is picked among the routable ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +32,37 @@ pub enum Strategy {
     Latency,
     /// Weighted random.
     Random,
+}
+
+impl Strategy {
+    /// Every strategy, in the order the docs list them.
+    pub const ALL: [Strategy; 4] = [
+        Strategy::RoundRobin,
+        Strategy::LeastLoaded,
+        Strategy::Latency,
+        Strategy::Random,
+    ];
+
+    /// The name used in `balancer.json`, e.g. `"round-robin"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::RoundRobin => "round-robin",
+            Strategy::LeastLoaded => "least-loaded",
+            Strategy::Latency => "latency",
+            Strategy::Random => "random",
+        }
+    }
+
+    /// The strategy named `name` as in `balancer.json`, if any.
+    pub fn from_name(name: &str) -> Option<Strategy> {
+        Strategy::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// One upstream node from `hosts.json`, validated and normalised.
@@ -178,13 +219,2432 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+impl Overrides {
+    /// Write every value that is set over `settings` (flags and environment beat the file).
+    pub fn apply(&self, settings: &mut Settings) {
+        let Overrides {
+            port,
+            bind,
+            workers,
+        } = self;
+        if let Some(port) = port {
+            settings.port = *port;
+        }
+        if let Some(bind) = bind {
+            settings.bind = *bind;
+        }
+        if let Some(workers) = workers {
+            settings.workers = *workers;
+        }
+    }
+}
+
+/// File name of the required host list inside the config directory.
+pub const HOSTS_FILE: &str = "hosts.json";
+/// File name of the optional global key pool.
+pub const API_KEYS_FILE: &str = "api-keys.json";
+/// File name of the optional settings file.
+pub const BALANCER_FILE: &str = "balancer.json";
+
+/// Largest `*Ms` value accepted (24 h): far beyond any sane deadline, and
+/// small enough that `Instant::now() + d` can never overflow and panic.
+pub const MAX_MS: u64 = 86_400_000;
+/// Largest `workers` value accepted (flag or file).
+pub const MAX_WORKERS: usize = 4096;
+/// Largest `maxAttempts` value accepted.
+pub const MAX_ATTEMPTS: u32 = 20;
+/// Largest host `weight` accepted; keeps weighted sums far from overflow.
+pub const MAX_WEIGHT: u32 = 1_000_000;
+/// Largest `maxBodyBytes` accepted (1 GiB).
+pub const MAX_BODY_BYTES: u64 = 1 << 30;
+
+/// Every field `balancer.json` accepts at its top level, in documentation order.
+pub const BALANCER_FIELDS: [&str; 17] = [
+    "bind",
+    "port",
+    "workers",
+    "clientKeys",
+    "open",
+    "adminKey",
+    "strategy",
+    "maxAttempts",
+    "timeouts",
+    "hedge",
+    "maxBodyBytes",
+    "headTimeoutMs",
+    "keepAliveMs",
+    "bodyTimeoutMs",
+    "maxConnectionsPerClient",
+    "queueSize",
+    "queueWaitMs",
+];
+const TIMEOUT_FIELDS: [&str; 4] = ["connectMs", "firstByteMs", "idleMs", "totalMs"];
+const HEDGE_FIELDS: [&str; 1] = ["afterMs"];
+const HOST_FIELDS: [&str; 6] = ["url", "weight", "name", "backup", "apiKeys", "models"];
+const KEY_FILE_FIELDS: [&str; 1] = ["apiKeys"];
+const KEY_FIELDS: [&str; 3] = ["key", "description", "isActive"];
+const HOSTS_FILE_FIELDS: [&str; 1] = ["hosts"];
+
 /// Load and validate the config directory, applying `overrides` on top.
+///
+/// `hosts.json` is required; `api-keys.json` and `balancer.json` are optional.
+/// Precedence: `overrides` > `balancer.json` > [`Settings::default`].
 pub fn load(dir: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
-    let _ = overrides;
-    Err(ConfigError {
-        file: dir.join("hosts.json"),
-        field: None,
-        position: None,
-        message: "not implemented yet".into(),
+    // Errors name files by absolute path, so a message stays clear whatever the
+    // working directory of whoever reads it (`absolute` does not touch the disk).
+    let files = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let hosts_path = files.join(HOSTS_FILE);
+    let hosts = match read_text(&hosts_path)? {
+        Some(text) => parse_file(&hosts_path, &text, HostsFile)?,
+        None => {
+            let mut message = String::from(
+                "file not found; it is required and lists the upstream hosts, \
+                 e.g. {\"hosts\": [\"asia\", \"http://127.0.0.1:8080\"]}",
+            );
+            if !dir.is_dir() {
+                message.push_str(&format!(
+                    " (the config directory {} does not exist: pass --config DIR or set GAIA_CONFIG_DIR)",
+                    dir.display()
+                ));
+            }
+            return Err(ConfigError {
+                file: hosts_path,
+                field: None,
+                position: None,
+                message,
+            });
+        }
+    };
+    let keys_path = files.join(API_KEYS_FILE);
+    let api_keys = match read_text(&keys_path)? {
+        Some(text) => parse_file(&keys_path, &text, ApiKeysFile)?,
+        None => Vec::new(),
+    };
+    let balancer_path = files.join(BALANCER_FILE);
+    let mut settings = match read_text(&balancer_path)? {
+        Some(text) => parse_file(&balancer_path, &text, BalancerFile)?,
+        None => Settings::default(),
+    };
+    overrides.apply(&mut settings);
+    Ok(Config {
+        dir: dir.to_path_buf(),
+        hosts,
+        api_keys,
+        settings,
     })
+}
+
+/// Show a secret without revealing it: `...` and its last 4 characters when it
+/// has at least 12, else `****` (a short secret's tail would give too much away).
+pub fn mask_secret(s: &str) -> String {
+    let n = s.chars().count();
+    if n >= 12 {
+        let tail: String = s.chars().skip(n - 4).collect();
+        format!("...{tail}")
+    } else {
+        "****".to_string()
+    }
+}
+
+/// The resolved configuration as `gaia-balancer check` prints it: every
+/// setting under its `balancer.json` name, every key masked.
+pub fn render(config: &Config) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = render_into(config, &mut out);
+    out
+}
+
+fn render_into(config: &Config, out: &mut String) -> fmt::Result {
+    let Config {
+        dir,
+        hosts,
+        api_keys,
+        settings,
+    } = config;
+    writeln!(out, "config directory: {}", dir.display())?;
+    writeln!(out, "hosts ({}):", hosts.len())?;
+    let width = hosts
+        .iter()
+        .map(|h| h.name.chars().count())
+        .max()
+        .unwrap_or(0);
+    for host in hosts {
+        let HostSpec {
+            name,
+            base_url,
+            weight,
+            backup,
+            api_keys,
+            models,
+        } = host;
+        write!(out, "  {name:<width$}  {base_url}  weight={weight}")?;
+        if *backup {
+            write!(out, "  backup")?;
+        }
+        if let Some(keys) = api_keys {
+            write!(out, "  apiKeys=[{}]", mask_list(keys))?;
+        }
+        if !models.is_empty() {
+            let pairs: Vec<String> = models.iter().map(|(a, b)| format!("{a} -> {b}")).collect();
+            write!(out, "  models={{{}}}", pairs.join(", "))?;
+        }
+        writeln!(out)?;
+    }
+    if api_keys.is_empty() {
+        writeln!(
+            out,
+            "api keys: none active (requests go upstream without Authorization)"
+        )?;
+    } else {
+        writeln!(
+            out,
+            "api keys ({} active): {}",
+            api_keys.len(),
+            mask_list(api_keys)
+        )?;
+    }
+    let Settings {
+        bind,
+        port,
+        workers,
+        client_keys,
+        open,
+        admin_key,
+        strategy,
+        max_attempts,
+        timeouts,
+        hedge_after,
+        max_body_bytes,
+        head_timeout,
+        keep_alive,
+        body_timeout,
+        max_connections_per_client,
+        queue_size,
+        queue_wait,
+    } = settings;
+    let Timeouts {
+        connect,
+        first_byte,
+        idle,
+        total,
+    } = timeouts;
+    let ms = |d: &Duration| d.as_millis().to_string();
+    let admin = match admin_key {
+        Some(key) => mask_secret(key),
+        None => "none (admin endpoints from loopback only)".to_string(),
+    };
+    let hedge = match hedge_after {
+        Some(d) => ms(d),
+        None => "0 (off)".to_string(),
+    };
+    let rows: [(&str, String); 20] = [
+        ("bind", bind.to_string()),
+        ("port", port.to_string()),
+        ("workers", workers.to_string()),
+        ("clientKeys", format!("[{}]", mask_list(client_keys))),
+        ("open", open.to_string()),
+        ("adminKey", admin),
+        ("strategy", strategy.to_string()),
+        ("maxAttempts", max_attempts.to_string()),
+        ("timeouts.connectMs", ms(connect)),
+        ("timeouts.firstByteMs", ms(first_byte)),
+        ("timeouts.idleMs", ms(idle)),
+        ("timeouts.totalMs", ms(total)),
+        ("hedge.afterMs", hedge),
+        ("maxBodyBytes", max_body_bytes.to_string()),
+        ("headTimeoutMs", ms(head_timeout)),
+        ("keepAliveMs", ms(keep_alive)),
+        ("bodyTimeoutMs", ms(body_timeout)),
+        (
+            "maxConnectionsPerClient",
+            max_connections_per_client.to_string(),
+        ),
+        ("queueSize", queue_size.to_string()),
+        ("queueWaitMs", ms(queue_wait)),
+    ];
+    writeln!(out, "settings:")?;
+    for (name, value) in rows {
+        writeln!(out, "  {name:<24} {value}")?;
+    }
+    Ok(())
+}
+
+fn mask_list(keys: &[String]) -> String {
+    let masked: Vec<String> = keys.iter().map(|k| mask_secret(k)).collect();
+    masked.join(", ")
+}
+
+/// The file's text; `None` when it does not exist. A UTF-8 byte order mark is
+/// dropped (Windows editors write one; JSON forbids it).
+fn read_text(path: &Path) -> Result<Option<String>, ConfigError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(ConfigError {
+                file: path.to_path_buf(),
+                field: None,
+                position: None,
+                message: format!("cannot read the file: {e}"),
+            })
+        }
+    };
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+    match std::str::from_utf8(bytes) {
+        Ok(text) => Ok(Some(text.to_string())),
+        Err(e) => {
+            let valid = &bytes[..e.valid_up_to()];
+            let line = 1 + valid.iter().filter(|&&b| b == b'\n').count();
+            let line_start = valid.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            let column = 1 + String::from_utf8_lossy(&valid[line_start..])
+                .chars()
+                .count();
+            Err(ConfigError {
+                file: path.to_path_buf(),
+                field: None,
+                position: Some((line, column)),
+                message: "the file is not valid UTF-8; save it as UTF-8".to_string(),
+            })
+        }
+    }
+}
+
+fn parse_file<S: Shape>(path: &Path, text: &str, shape: S) -> Result<S::Out, ConfigError> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    Via(shape)
+        .deserialize(&mut de)
+        .and_then(|out| de.end().map(|()| out))
+        .map_err(|e| json_error(path, &e))
+}
+
+/// Separates the field path from the message inside a serde error text: the
+/// only channel from a visitor to here is `de::Error::custom(String)`.
+const MARK: char = '\u{1}';
+
+fn json_error(path: &Path, e: &serde_json::Error) -> ConfigError {
+    let (line, column) = (e.line(), e.column());
+    let mut text = e.to_string();
+    let suffix = format!(" at line {line} column {column}");
+    if line != 0 && text.ends_with(&suffix) {
+        text.truncate(text.len() - suffix.len());
+    }
+    let (field, message) = match text.strip_prefix(MARK).and_then(|t| t.split_once(MARK)) {
+        Some((field, message)) => (
+            (!field.is_empty()).then(|| field.to_string()),
+            message.to_string(),
+        ),
+        None => match e.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+                (None, format!("invalid JSON: {text}"))
+            }
+            _ => (None, text),
+        },
+    };
+    ConfigError {
+        file: path.to_path_buf(),
+        field,
+        // serde_json counts a position before a line's first character as column 0.
+        position: (line != 0).then_some((line, column.max(1))),
+        message,
+    }
+}
+
+/// An error at `path` carrying `message`; serde_json adds the position.
+fn fail<E: de::Error>(path: &str, message: impl fmt::Display) -> E {
+    E::custom(format_args!("{MARK}{path}{MARK}{message}"))
+}
+
+/// The last segment of a field path, to start a message with (`weight` for
+/// `hosts[2].weight`). Paths holding user-chosen names stay whole.
+fn leaf(path: &str) -> &str {
+    if path.is_empty() {
+        return "the file";
+    }
+    if path.contains('"') {
+        return path;
+    }
+    path.rsplit('.').next().unwrap_or(path)
+}
+
+fn join(path: &str, key: &str) -> String {
+    let plain = !key.is_empty()
+        && key.len() <= 60
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    match (plain, path.is_empty()) {
+        (true, true) => key.to_string(),
+        (true, false) => format!("{path}.{key}"),
+        // Quoted and escaped: a user's key must not break the path (or the
+        // MARK framing of the error text), nor spread over lines.
+        (false, _) => format!("{path}[{}]", quote(key)),
+    }
+}
+
+/// A user-supplied, non-secret string for an error message: quoted, escaped, shortened.
+fn quote(s: &str) -> String {
+    const MAX: usize = 60;
+    if s.chars().count() > MAX {
+        let head: String = s.chars().take(MAX).collect();
+        format!("{:?}...", head)
+    } else {
+        format!("{s:?}")
+    }
+}
+
+/// A JSON value that is not an array or object.
+enum Scalar {
+    Null,
+    Bool(bool),
+    UInt(u64),
+    Int(i64),
+    Float(f64),
+    Str(String),
+}
+
+impl Scalar {
+    /// For "got ..." in messages; strings are not echoed, they may be secrets.
+    fn describe(&self) -> String {
+        match self {
+            Scalar::Null => "null".to_string(),
+            Scalar::Bool(b) => b.to_string(),
+            Scalar::UInt(n) => n.to_string(),
+            Scalar::Int(n) => n.to_string(),
+            Scalar::Float(x) => format!("{x:?}"),
+            Scalar::Str(_) => "a string".to_string(),
+        }
+    }
+}
+
+/// What one JSON value at a known field path must look like, and what it
+/// becomes. Each method rejects by default, naming the path and what was expected.
+trait Shape: Sized {
+    type Out;
+    fn path(&self) -> &str;
+    fn expected(&self) -> String;
+    fn scalar<E: de::Error>(self, got: Scalar) -> Result<Self::Out, E> {
+        Err(wrong_type(&self, &got.describe()))
+    }
+    fn seq<'de, A: SeqAccess<'de>>(self, _seq: A) -> Result<Self::Out, A::Error> {
+        Err(wrong_type(&self, "an array"))
+    }
+    fn map<'de, A: MapAccess<'de>>(self, _map: A) -> Result<Self::Out, A::Error> {
+        Err(wrong_type(&self, "an object"))
+    }
+}
+
+fn wrong_type<S: Shape, E: de::Error>(shape: &S, got: &str) -> E {
+    let path = shape.path();
+    fail(
+        path,
+        format!("{} must be {}, got {got}", leaf(path), shape.expected()),
+    )
+}
+
+/// Adapts a [`Shape`] to serde: always `deserialize_any`, so every JSON type
+/// reaches the shape and a wrong one is reported with the field path.
+struct Via<S>(S);
+
+impl<'de, S: Shape> DeserializeSeed<'de> for Via<S> {
+    type Value = S::Out;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<S::Out, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, S: Shape> Visitor<'de> for Via<S> {
+    type Value = S::Out;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.expected())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<S::Out, E> {
+        self.0.scalar(Scalar::Null)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<S::Out, E> {
+        self.0.scalar(Scalar::Null)
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<S::Out, E> {
+        self.0.scalar(Scalar::Bool(v))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<S::Out, E> {
+        self.0.scalar(Scalar::UInt(v))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<S::Out, E> {
+        self.0.scalar(Scalar::Int(v))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<S::Out, E> {
+        self.0.scalar(Scalar::Float(v))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<S::Out, E> {
+        self.0.scalar(Scalar::Str(v.to_string()))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<S::Out, A::Error> {
+        self.0.seq(seq)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<S::Out, A::Error> {
+        self.0.map(map)
+    }
+}
+
+/// Walk an object's fields: unknown and repeated fields are errors (with a
+/// spelling hint); `each` gets the map, the field name and its path and must
+/// consume the value.
+fn fields<'de, A, F>(map: &mut A, path: &str, known: &[&str], mut each: F) -> Result<(), A::Error>
+where
+    A: MapAccess<'de>,
+    F: FnMut(&mut A, &str, &str) -> Result<(), A::Error>,
+{
+    let mut seen: Vec<String> = Vec::new();
+    while let Some(key) = map.next_key::<String>()? {
+        let child = join(path, &key);
+        if !known.contains(&key.as_str()) {
+            let mut message = format!("unknown field {}", quote(&key));
+            if let Some(hint) = suggest(&key, known) {
+                message.push_str(&format!("; did you mean \"{hint}\"?"));
+            }
+            message.push_str(&format!("; expected one of: {}", known.join(", ")));
+            return Err(fail(&child, message));
+        }
+        if seen.contains(&key) {
+            return Err(fail(
+                &child,
+                format!("field \"{key}\" appears twice; keep one"),
+            ));
+        }
+        each(map, &key, &child)?;
+        seen.push(key);
+    }
+    Ok(())
+}
+
+/// The known name `word` was probably meant to be: the same apart from case,
+/// `_` and `-`, or within two typos (one for short names). Shared with the CLI.
+pub(crate) fn suggest<'k>(word: &str, known: &[&'k str]) -> Option<&'k str> {
+    let norm = |s: &str| -> Vec<char> {
+        s.chars()
+            .filter(|c| *c != '_' && *c != '-')
+            .flat_map(char::to_lowercase)
+            .collect()
+    };
+    let want = norm(word);
+    // Long words are not typos of field names; bounding them bounds the work.
+    if want.is_empty() || want.len() > 64 {
+        return None;
+    }
+    let budget = if want.len() <= 4 { 1 } else { 2 };
+    known
+        .iter()
+        .map(|k| (typos(&want, &norm(k)), *k))
+        .filter(|(d, _)| *d <= budget)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// Edit distance counting an adjacent swap as one typo (optimal string alignment).
+fn typos(a: &[char], b: &[char]) -> usize {
+    let mut rows = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in rows.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in rows[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut d = (rows[i - 1][j] + 1)
+                .min(rows[i][j - 1] + 1)
+                .min(rows[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d = d.min(rows[i - 2][j - 2] + 1);
+            }
+            rows[i][j] = d;
+        }
+    }
+    rows[a.len()][b.len()]
+}
+
+/// An integer in `min..=max`.
+struct Int<'p> {
+    path: &'p str,
+    min: u64,
+    max: u64,
+}
+
+impl Shape for Int<'_> {
+    type Out = u64;
+    fn path(&self) -> &str {
+        self.path
+    }
+    fn expected(&self) -> String {
+        if self.max == u64::MAX {
+            format!("an integer >= {}", self.min)
+        } else {
+            format!("an integer from {} to {}", self.min, self.max)
+        }
+    }
+    fn scalar<E: de::Error>(self, got: Scalar) -> Result<u64, E> {
+        let name = leaf(self.path);
+        match got {
+            Scalar::UInt(n) if (self.min..=self.max).contains(&n) => Ok(n),
+            Scalar::UInt(n) if n > self.max => Err(fail(
+                self.path,
+                format!("{name} must be an integer <= {}, got {n}", self.max),
+            )),
+            Scalar::UInt(_) | Scalar::Int(_) => Err(fail(
+                self.path,
+                format!(
+                    "{name} must be an integer >= {}, got {}",
+                    self.min,
+                    got.describe()
+                ),
+            )),
+            other => Err(wrong_type(&self, &other.describe())),
+        }
+    }
+}
+
+fn int<'de, A: MapAccess<'de>>(
+    map: &mut A,
+    path: &str,
+    min: u64,
+    max: u64,
+) -> Result<u64, A::Error> {
+    map.next_value_seed(Via(Int { path, min, max }))
+}
+
+/// A duration in whole milliseconds, `min..=MAX_MS`.
+fn millis<'de, A: MapAccess<'de>>(map: &mut A, path: &str, min: u64) -> Result<Duration, A::Error> {
+    int(map, path, min, MAX_MS).map(Duration::from_millis)
+}
+
+/// Saturating narrowing for values already range-checked by [`Int`].
+fn narrow<T: TryFrom<u64> + Copy>(n: u64, max: T) -> T {
+    T::try_from(n).unwrap_or(max)
+}
+
+struct Bool<'p>(&'p str);
+
+impl Shape for Bool<'_> {
+    type Out = bool;
+    fn path(&self) -> &str {
+        self.0
+    }
+    fn expected(&self) -> String {
+        "true or false".to_string()
+    }
+    fn scalar<E: de::Error>(self, got: Scalar) -> Result<bool, E> {
+        match got {
+            Scalar::Bool(b) => Ok(b),
+            other => Err(wrong_type(&self, &other.describe())),
+        }
+    }
+}
+
+/// A string; `nonempty` also refuses blank ones and control characters.
+struct Text<'p> {
+    path: &'p str,
+    nonempty: bool,
+}
+
+impl Shape for Text<'_> {
+    type Out = String;
+    fn path(&self) -> &str {
+        self.path
+    }
+    fn expected(&self) -> String {
+        if self.nonempty {
+            "a non-empty string".to_string()
+        } else {
+            "a string".to_string()
+        }
+    }
+    fn scalar<E: de::Error>(self, got: Scalar) -> Result<String, E> {
+        match got {
+            Scalar::Str(s) if !self.nonempty => Ok(s),
+            Scalar::Str(s) if s.trim().is_empty() => Err(fail(
+                self.path,
+                format!("{} must not be empty", leaf(self.path)),
+            )),
+            Scalar::Str(s) if s.chars().any(char::is_control) => Err(fail(
+                self.path,
+                format!("{} must not contain control characters", leaf(self.path)),
+            )),
+            Scalar::Str(s) => Ok(s),
+            other => Err(wrong_type(&self, &other.describe())),
+        }
+    }
+}
+
+/// Why `s` cannot be a key; keys go into `Authorization` headers, so only
+/// visible ASCII is allowed. The message never contains the key.
+fn check_secret(path: &str, s: &str) -> Result<(), String> {
+    let name = leaf(path);
+    if s.is_empty() {
+        return Err(format!("{name} must not be an empty string"));
+    }
+    if !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "{name} must contain only printable ASCII characters without spaces \
+             (it goes into an Authorization header)"
+        ));
+    }
+    Ok(())
+}
+
+/// A key (pool, host or client key); `nullable` lets `null` mean "none".
+struct Secret<'p> {
+    path: &'p str,
+    nullable: bool,
+}
+
+impl Shape for Secret<'_> {
+    type Out = Option<String>;
+    fn path(&self) -> &str {
+        self.path
+    }
+    fn expected(&self) -> String {
+        if self.nullable {
+            "a key string or null".to_string()
+        } else {
+            "a key string".to_string()
+        }
+    }
+    fn scalar<E: de::Error>(self, got: Scalar) -> Result<Option<String>, E> {
+        match got {
+            Scalar::Null if self.nullable => Ok(None),
+            Scalar::Str(s) => match check_secret(self.path, &s) {
+                Ok(()) => Ok(Some(s)),
+                Err(message) => Err(fail(self.path, message)),
+            },
+            other => Err(wrong_type(&self, &other.describe())),
+        }
+    }
+}
+
+fn secret<'de, A: MapAccess<'de>>(map: &mut A, path: &str) -> Result<String, A::Error> {
+    match map.next_value_seed(Via(Secret {
+        path,
+        nullable: false,
+    }))? {
+        Some(key) => Ok(key),
+        None => Err(fail(path, format!("{} must be a key string", leaf(path)))),
+    }
+}
+
+/// An array of distinct keys; `allow_empty` for `clientKeys`, not for a host's `apiKeys`.
+struct SecretList<'p> {
+    path: &'p str,
+    allow_empty: bool,
+}
+
+impl Shape for SecretList<'_> {
+    type Out = Vec<String>;
+    fn path(&self) -> &str {
+        self.path
+    }
+    fn expected(&self) -> String {
+        "an array of key strings".to_string()
+    }
+    fn seq<'de, A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+        let mut keys: Vec<String> = Vec::new();
+        loop {
+            let child = format!("{}[{}]", self.path, keys.len());
+            let shape = ListedSecret {
+                path: &child,
+                list: self.path,
+                seen: &keys,
+            };
+            let Some(key) = seq.next_element_seed(Via(shape))? else {
+                break;
+            };
+            keys.push(key);
+        }
+        if keys.is_empty() && !self.allow_empty {
+            return Err(fail(
+                self.path,
+                format!(
+                    "{} must list at least one key (leave the field out to use the global pool)",
+                    leaf(self.path)
+                ),
+            ));
+        }
+        Ok(keys)
+    }
+}
+
+/// One key of a [`SecretList`]; checked against the keys before it here, so
+/// that a duplicate is reported at its own position.
+struct ListedSecret<'p> {
+    path: &'p str,
+    list: &'p str,
+    seen: &'p [String],
+}
+
+impl Shape for ListedSecret<'_> {
+    type Out = String;
+    fn path(&self) -> &str {
+        self.path
+    }
+    fn expected(&self) -> String {
+        "a key string".to_string()
+    }
+    fn scalar<E: de::Error>(self, got: Scalar) -> Result<String, E> {
+        let Scalar::Str(key) = got else {
+            return Err(wrong_type(&self, &got.describe()));
+        };
+        check_secret(self.path, &key).map_err(|m| fail(self.path, m))?;
+        if let Some(first) = self.seen.iter().position(|k| *k == key) {
+            return Err(fail(
+                self.path,
+                format!(
+                    "{} is the same key as {}[{first}]; list each key once",
+                    self.path, self.list
+                ),
+            ));
+        }
+        Ok(key)
+    }
+}
+
+/// A host's `models`: requested name -> the name this host uses.
+struct Models<'p>(&'p str);
+
+impl Shape for Models<'_> {
+    type Out = BTreeMap<String, String>;
+    fn path(&self) -> &str {
+        self.0
+    }
+    fn expected(&self) -> String {
+        "an object mapping requested model names to this host's names, \
+         e.g. {\"llama\": \"meta-llama/llama-3.1-8b-instruct\"}"
+            .to_string()
+    }
+    fn map<'de, A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Out, A::Error> {
+        let mut models = BTreeMap::new();
+        while let Some(name) = map.next_key::<String>()? {
+            let child = format!("{}[{}]", self.0, quote(&name));
+            if name.trim().is_empty() {
+                return Err(fail(&child, "model names must not be empty"));
+            }
+            if name.chars().any(char::is_control) {
+                return Err(fail(
+                    &child,
+                    "model names must not contain control characters",
+                ));
+            }
+            if models.contains_key(&name) {
+                return Err(fail(
+                    &child,
+                    format!("model {} appears twice; keep one", quote(&name)),
+                ));
+            }
+            let target = map.next_value_seed(Via(Text {
+                path: &child,
+                nonempty: true,
+            }))?;
+            models.insert(name, target);
+        }
+        Ok(models)
+    }
+}
+
+/// A host string: a Gaia subdomain or a base URL.
+struct HostUrl<'p>(&'p str);
+
+impl Shape for HostUrl<'_> {
+    type Out = (String, String);
+    fn path(&self) -> &str {
+        self.0
+    }
+    fn expected(&self) -> String {
+        "a Gaia subdomain such as \"asia\" or a base URL such as \"https://node.example\""
+            .to_string()
+    }
+    fn scalar<E: de::Error>(self, got: Scalar) -> Result<Self::Out, E> {
+        match got {
+            Scalar::Str(s) => {
+                parse_host(&s).map_err(|m| fail(self.0, format!("{} {m}", leaf(self.0))))
+            }
+            other => Err(wrong_type(&self, &other.describe())),
+        }
+    }
+}
+
+/// The normalised base URL and default name of a `hosts.json` entry string.
+/// The error completes a sentence that starts with the field name.
+fn parse_host(s: &str) -> Result<(String, String), String> {
+    match s.split_once("://") {
+        None => parse_subdomain(s),
+        Some((scheme, rest)) => parse_url(scheme, rest),
+    }
+}
+
+fn parse_subdomain(s: &str) -> Result<(String, String), String> {
+    let label = s.to_ascii_lowercase();
+    let valid = !label.is_empty()
+        && label.len() <= 63
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !label.starts_with('-')
+        && !label.ends_with('-');
+    if valid {
+        return Ok((format!("https://{label}.gaia.domains"), label));
+    }
+    let mut message = format!(
+        "must be a Gaia subdomain such as \"asia\" (letters, digits and '-', at most 63) \
+         or a base URL starting with http:// or https://, got {}",
+        quote(s)
+    );
+    if s.contains('.') && !s.contains(char::is_whitespace) {
+        message.push_str(&format!(
+            "; for a full host name write a URL: \"https://{s}\""
+        ));
+    }
+    Err(message)
+}
+
+fn parse_url(scheme: &str, rest: &str) -> Result<(String, String), String> {
+    let scheme = scheme.to_ascii_lowercase();
+    if scheme != "http" && scheme != "https" {
+        return Err(format!(
+            "must start with http:// or https://, got {}",
+            quote(&format!("{scheme}://"))
+        ));
+    }
+    if rest.contains(['?', '#']) {
+        return Err(
+            "must not contain a query (?) or fragment (#); give the base URL only, \
+                    e.g. \"https://node.example/v1\""
+                .to_string(),
+        );
+    }
+    if rest.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("must not contain spaces or control characters".to_string());
+    }
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    if authority.contains('@') {
+        return Err(
+            "must not contain a user name or password (user@host); put keys in \"apiKeys\""
+                .to_string(),
+        );
+    }
+    let (host, port) = split_host_port(authority)?;
+    let host = host.to_ascii_lowercase();
+    let host_port = match port {
+        Some(port) => format!("{host}:{port}"),
+        None => host,
+    };
+    let mut path = path.trim_end_matches('/');
+    if let Some(stripped) = path.strip_suffix("/v1") {
+        path = stripped.trim_end_matches('/');
+    }
+    Ok((format!("{scheme}://{host_port}{path}"), host_port))
+}
+
+fn split_host_port(authority: &str) -> Result<(&str, Option<u16>), String> {
+    let (host, port) = if let Some(inner) = authority.strip_prefix('[') {
+        let Some((addr, after)) = inner.split_once(']') else {
+            return Err("has an IPv6 address without its closing ']'".to_string());
+        };
+        if addr.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!(
+                "has an invalid IPv6 address {}",
+                quote(&format!("[{addr}]"))
+            ));
+        }
+        let port = match after {
+            "" => None,
+            p => match p.strip_prefix(':') {
+                Some(port) => Some(port),
+                None => return Err("has text after the IPv6 address; expected :PORT".into()),
+            },
+        };
+        (&authority[..addr.len() + 2], port)
+    } else {
+        match authority.split_once(':') {
+            Some((_, p)) if p.contains(':') => {
+                return Err("has an IPv6 address that is not in brackets, e.g. \
+                            \"http://[::1]:8080\""
+                    .to_string())
+            }
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
+        return Err("has no host name, e.g. \"http://127.0.0.1:8080\"".to_string());
+    }
+    if !host.starts_with('[') {
+        let valid = host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+            && !host.starts_with(['.', '-'])
+            && !host.contains("..");
+        if !valid {
+            return Err(format!(
+                "has an invalid host name {} (letters, digits, '-', '.' and '_' only)",
+                quote(host)
+            ));
+        }
+    }
+    let port = match port {
+        None => None,
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n >= 1 && p.bytes().all(|b| b.is_ascii_digit()) => Some(n),
+            _ => {
+                return Err(format!(
+                    "has an invalid port {}; expected a number from 1 to 65535",
+                    quote(p)
+                ))
+            }
+        },
+    };
+    Ok((host, port))
+}
+
+/// One `hosts.json` entry: a string or an object with `url`, checked against
+/// the entries before it (`seen`) so a duplicate is reported at its position.
+struct HostEntry<'p> {
+    path: &'p str,
+    list: &'p str,
+    seen: &'p [HostSpec],
+}
+
+impl HostEntry<'_> {
+    fn unique<E: de::Error>(&self, host: HostSpec) -> Result<HostSpec, E> {
+        let path = self.path;
+        if let Some(first) = self.seen.iter().position(|h| h.base_url == host.base_url) {
+            return Err(fail(
+                path,
+                format!(
+                    "{path} has the same URL as {}[{first}] ({}); list each host once",
+                    self.list, host.base_url
+                ),
+            ));
+        }
+        if let Some(first) = self.seen.iter().position(|h| h.name == host.name) {
+            return Err(fail(
+                path,
+                format!(
+                    "{path} has the same name as {}[{first}] ({}); give one of them \
+                     a different \"name\"",
+                    self.list,
+                    quote(&host.name)
+                ),
+            ));
+        }
+        Ok(host)
+    }
+}
+
+impl Shape for HostEntry<'_> {
+    type Out = HostSpec;
+    fn path(&self) -> &str {
+        self.path
+    }
+    fn expected(&self) -> String {
+        "a Gaia subdomain such as \"asia\", a base URL such as \"https://node.example\", \
+         or an object such as {\"url\": \"https://node.example\", \"weight\": 2}"
+            .to_string()
+    }
+    fn scalar<E: de::Error>(self, got: Scalar) -> Result<HostSpec, E> {
+        let (base_url, name) = HostUrl(self.path).scalar(got)?;
+        self.unique(HostSpec {
+            name,
+            base_url,
+            weight: 1,
+            backup: false,
+            api_keys: None,
+            models: BTreeMap::new(),
+        })
+    }
+    fn map<'de, A: MapAccess<'de>>(self, mut map: A) -> Result<HostSpec, A::Error> {
+        let mut url = None;
+        let mut name = None;
+        let mut weight = 1;
+        let mut backup = false;
+        let mut api_keys = None;
+        let mut models = BTreeMap::new();
+        fields(&mut map, self.path, &HOST_FIELDS, |map, key, path| {
+            match key {
+                "url" => url = Some(map.next_value_seed(Via(HostUrl(path)))?),
+                "name" => {
+                    name = Some(map.next_value_seed(Via(Text {
+                        path,
+                        nonempty: true,
+                    }))?)
+                }
+                "weight" => weight = narrow(int(map, path, 1, u64::from(MAX_WEIGHT))?, MAX_WEIGHT),
+                "backup" => backup = map.next_value_seed(Via(Bool(path)))?,
+                "apiKeys" => {
+                    api_keys = Some(map.next_value_seed(Via(SecretList {
+                        path,
+                        allow_empty: false,
+                    }))?)
+                }
+                _ => models = map.next_value_seed(Via(Models(path)))?,
+            }
+            Ok(())
+        })?;
+        let Some((base_url, default_name)) = url else {
+            return Err(fail(
+                self.path,
+                format!(
+                    "{} needs a \"url\", e.g. {{\"url\": \"https://node.example\", \"weight\": 2}}",
+                    self.path
+                ),
+            ));
+        };
+        self.unique(HostSpec {
+            name: name.unwrap_or(default_name),
+            base_url,
+            weight,
+            backup,
+            api_keys,
+            models,
+        })
+    }
+}
+
+/// The `hosts` array: non-empty, no two entries with the same URL or name.
+struct HostList<'p>(&'p str);
+
+impl Shape for HostList<'_> {
+    type Out = Vec<HostSpec>;
+    fn path(&self) -> &str {
+        self.0
+    }
+    fn expected(&self) -> String {
+        "an array of hosts, e.g. [\"asia\", \"http://127.0.0.1:8080\"]".to_string()
+    }
+    fn seq<'de, A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<HostSpec>, A::Error> {
+        let mut hosts: Vec<HostSpec> = Vec::new();
+        loop {
+            let child = format!("{}[{}]", self.0, hosts.len());
+            let entry = HostEntry {
+                path: &child,
+                list: self.0,
+                seen: &hosts,
+            };
+            let Some(host) = seq.next_element_seed(Via(entry))? else {
+                break;
+            };
+            hosts.push(host);
+        }
+        if hosts.is_empty() {
+            return Err(fail(
+                self.0,
+                format!(
+                    "{} is empty; list at least one host, e.g. [\"asia\"]",
+                    self.0
+                ),
+            ));
+        }
+        Ok(hosts)
+    }
+}
+
+/// The whole of `hosts.json`.
+struct HostsFile;
+
+impl Shape for HostsFile {
+    type Out = Vec<HostSpec>;
+    fn path(&self) -> &str {
+        ""
+    }
+    fn expected(&self) -> String {
+        "an object such as {\"hosts\": [\"asia\"]}".to_string()
+    }
+    fn map<'de, A: MapAccess<'de>>(self, mut map: A) -> Result<Vec<HostSpec>, A::Error> {
+        let mut hosts = None;
+        fields(&mut map, "", &HOSTS_FILE_FIELDS, |map, _, path| {
+            hosts = Some(map.next_value_seed(Via(HostList(path)))?);
+            Ok(())
+        })?;
+        hosts.ok_or_else(|| {
+            fail(
+                "hosts",
+                "the file needs a \"hosts\" array, e.g. {\"hosts\": [\"asia\"]}",
+            )
+        })
+    }
+}
+
+/// One `api-keys.json` entry: its key and whether it is active. An active key
+/// is checked against the active keys before it (`seen`, with their indexes).
+struct KeyEntry<'p> {
+    path: &'p str,
+    list: &'p str,
+    seen: &'p [(String, usize)],
+}
+
+impl Shape for KeyEntry<'_> {
+    type Out = (String, bool);
+    fn path(&self) -> &str {
+        self.path
+    }
+    fn expected(&self) -> String {
+        "an object such as {\"key\": \"gaia-...\", \"description\": \"main\", \"isActive\": true}"
+            .to_string()
+    }
+    fn map<'de, A: MapAccess<'de>>(self, mut map: A) -> Result<(String, bool), A::Error> {
+        let mut key = None;
+        let mut active = true;
+        fields(&mut map, self.path, &KEY_FIELDS, |map, field, path| {
+            match field {
+                "key" => key = Some(secret(map, path)?),
+                "description" => {
+                    map.next_value_seed(Via(Text {
+                        path,
+                        nonempty: false,
+                    }))?;
+                }
+                _ => active = map.next_value_seed(Via(Bool(path)))?,
+            }
+            Ok(())
+        })?;
+        let Some(key) = key else {
+            return Err(fail(
+                self.path,
+                format!(
+                    "{} needs a \"key\", e.g. {{\"key\": \"gaia-...\"}}",
+                    self.path
+                ),
+            ));
+        };
+        if active {
+            if let Some((_, first)) = self.seen.iter().find(|(k, _)| *k == key) {
+                let path = format!("{}.key", self.path);
+                return Err(fail(
+                    &path,
+                    format!(
+                        "{path} is the same key as {}[{first}].key; list each key once \
+                         (or set \"isActive\": false on one)",
+                        self.list
+                    ),
+                ));
+            }
+        }
+        Ok((key, active))
+    }
+}
+
+/// The `apiKeys` array of `api-keys.json`: the active keys, no duplicates.
+struct KeyList<'p>(&'p str);
+
+impl Shape for KeyList<'_> {
+    type Out = Vec<String>;
+    fn path(&self) -> &str {
+        self.0
+    }
+    fn expected(&self) -> String {
+        "an array of key objects".to_string()
+    }
+    fn seq<'de, A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+        let mut active: Vec<(String, usize)> = Vec::new();
+        for index in 0.. {
+            let child = format!("{}[{index}]", self.0);
+            let entry = KeyEntry {
+                path: &child,
+                list: self.0,
+                seen: &active,
+            };
+            let Some((key, is_active)) = seq.next_element_seed(Via(entry))? else {
+                break;
+            };
+            if is_active {
+                active.push((key, index));
+            }
+        }
+        Ok(active.into_iter().map(|(key, _)| key).collect())
+    }
+}
+
+/// The whole of `api-keys.json`: the active keys of the global pool.
+struct ApiKeysFile;
+
+impl Shape for ApiKeysFile {
+    type Out = Vec<String>;
+    fn path(&self) -> &str {
+        ""
+    }
+    fn expected(&self) -> String {
+        "an object such as {\"apiKeys\": [{\"key\": \"gaia-...\"}]}".to_string()
+    }
+    fn map<'de, A: MapAccess<'de>>(self, mut map: A) -> Result<Vec<String>, A::Error> {
+        let mut keys = Vec::new();
+        fields(&mut map, "", &KEY_FILE_FIELDS, |map, _, path| {
+            keys = map.next_value_seed(Via(KeyList(path)))?;
+            Ok(())
+        })?;
+        Ok(keys)
+    }
+}
+
+struct StrategyName<'p>(&'p str);
+
+impl Shape for StrategyName<'_> {
+    type Out = Strategy;
+    fn path(&self) -> &str {
+        self.0
+    }
+    fn expected(&self) -> String {
+        let names: Vec<String> = Strategy::ALL
+            .iter()
+            .map(|s| format!("\"{}\"", s.as_str()))
+            .collect();
+        format!("one of {}", names.join(", "))
+    }
+    fn scalar<E: de::Error>(self, got: Scalar) -> Result<Strategy, E> {
+        let described = match &got {
+            Scalar::Str(s) => match Strategy::from_name(s) {
+                Some(strategy) => return Ok(strategy),
+                None => quote(s),
+            },
+            other => other.describe(),
+        };
+        Err(wrong_type(&self, &described))
+    }
+}
+
+struct IpAddress<'p>(&'p str);
+
+impl Shape for IpAddress<'_> {
+    type Out = IpAddr;
+    fn path(&self) -> &str {
+        self.0
+    }
+    fn expected(&self) -> String {
+        "an IP address such as \"127.0.0.1\", \"0.0.0.0\" or \"::\" (host names are not resolved)"
+            .to_string()
+    }
+    fn scalar<E: de::Error>(self, got: Scalar) -> Result<IpAddr, E> {
+        let described = match &got {
+            Scalar::Str(s) => match s.parse() {
+                Ok(ip) => return Ok(ip),
+                Err(_) => quote(s),
+            },
+            other => other.describe(),
+        };
+        Err(wrong_type(&self, &described))
+    }
+}
+
+/// `timeouts` in `balancer.json`; fields left out keep their defaults.
+struct TimeoutsShape<'p>(&'p str);
+
+impl Shape for TimeoutsShape<'_> {
+    type Out = Timeouts;
+    fn path(&self) -> &str {
+        self.0
+    }
+    fn expected(&self) -> String {
+        "an object such as {\"connectMs\": 5000}".to_string()
+    }
+    fn map<'de, A: MapAccess<'de>>(self, mut map: A) -> Result<Timeouts, A::Error> {
+        let mut t = Settings::default().timeouts;
+        fields(&mut map, self.0, &TIMEOUT_FIELDS, |map, key, path| {
+            let value = millis(map, path, 1)?;
+            match key {
+                "connectMs" => t.connect = value,
+                "firstByteMs" => t.first_byte = value,
+                "idleMs" => t.idle = value,
+                _ => t.total = value,
+            }
+            Ok(())
+        })?;
+        Ok(t)
+    }
+}
+
+/// `hedge` in `balancer.json`; `afterMs: 0` turns hedging off.
+struct HedgeShape<'p>(&'p str);
+
+impl Shape for HedgeShape<'_> {
+    type Out = Option<Duration>;
+    fn path(&self) -> &str {
+        self.0
+    }
+    fn expected(&self) -> String {
+        "an object such as {\"afterMs\": 0}".to_string()
+    }
+    fn map<'de, A: MapAccess<'de>>(self, mut map: A) -> Result<Option<Duration>, A::Error> {
+        let mut after = Settings::default().hedge_after;
+        fields(&mut map, self.0, &HEDGE_FIELDS, |map, _, path| {
+            let d = millis(map, path, 0)?;
+            after = (!d.is_zero()).then_some(d);
+            Ok(())
+        })?;
+        Ok(after)
+    }
+}
+
+/// The whole of `balancer.json`, over [`Settings::default`].
+struct BalancerFile;
+
+impl Shape for BalancerFile {
+    type Out = Settings;
+    fn path(&self) -> &str {
+        ""
+    }
+    fn expected(&self) -> String {
+        "an object such as {\"strategy\": \"round-robin\"}".to_string()
+    }
+    fn map<'de, A: MapAccess<'de>>(self, mut map: A) -> Result<Settings, A::Error> {
+        let mut s = Settings::default();
+        fields(&mut map, "", &BALANCER_FIELDS, |map, key, path| {
+            match key {
+                "bind" => s.bind = map.next_value_seed(Via(IpAddress(path)))?,
+                "port" => s.port = narrow(int(map, path, 0, u64::from(u16::MAX))?, u16::MAX),
+                "workers" => {
+                    s.workers = narrow(int(map, path, 1, MAX_WORKERS as u64)?, MAX_WORKERS)
+                }
+                "clientKeys" => {
+                    s.client_keys = map.next_value_seed(Via(SecretList {
+                        path,
+                        allow_empty: true,
+                    }))?
+                }
+                "open" => s.open = map.next_value_seed(Via(Bool(path)))?,
+                "adminKey" => {
+                    s.admin_key = map.next_value_seed(Via(Secret {
+                        path,
+                        nullable: true,
+                    }))?
+                }
+                "strategy" => s.strategy = map.next_value_seed(Via(StrategyName(path)))?,
+                "maxAttempts" => {
+                    s.max_attempts =
+                        narrow(int(map, path, 1, u64::from(MAX_ATTEMPTS))?, MAX_ATTEMPTS)
+                }
+                "timeouts" => s.timeouts = map.next_value_seed(Via(TimeoutsShape(path)))?,
+                "hedge" => s.hedge_after = map.next_value_seed(Via(HedgeShape(path)))?,
+                "maxBodyBytes" => s.max_body_bytes = int(map, path, 1, MAX_BODY_BYTES)?,
+                "headTimeoutMs" => s.head_timeout = millis(map, path, 1)?,
+                "keepAliveMs" => s.keep_alive = millis(map, path, 1)?,
+                "bodyTimeoutMs" => s.body_timeout = millis(map, path, 1)?,
+                "maxConnectionsPerClient" => {
+                    s.max_connections_per_client =
+                        narrow(int(map, path, 1, MAX_CONNECTIONS as u64)?, MAX_CONNECTIONS)
+                }
+                "queueSize" => {
+                    s.queue_size = narrow(int(map, path, 1, MAX_QUEUE as u64)?, MAX_QUEUE)
+                }
+                _ => s.queue_wait = millis(map, path, 1)?,
+            }
+            Ok(())
+        })?;
+        Ok(s)
+    }
+}
+
+/// Largest `maxConnectionsPerClient` accepted.
+pub const MAX_CONNECTIONS: usize = 1_000_000;
+/// Largest `queueSize` accepted.
+pub const MAX_QUEUE: usize = 1_000_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A scratch config directory, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> TempDir {
+            static COUNTER: AtomicUsize = AtomicUsize::new(0);
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let dir = std::env::temp_dir().join(format!(
+                "gaia-balancer-config-test-{}-{n}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+
+        fn with(files: &[(&str, &str)]) -> TempDir {
+            let dir = TempDir::new();
+            for (name, text) in files {
+                std::fs::write(dir.0.join(name), text).unwrap();
+            }
+            dir
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn load_files(files: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = TempDir::with(files);
+        load(&dir.0, &Overrides::default())
+    }
+
+    fn hosts(text: &str) -> Result<Vec<HostSpec>, ConfigError> {
+        load_files(&[("hosts.json", text)]).map(|c| c.hosts)
+    }
+
+    fn settings(text: &str) -> Result<Settings, ConfigError> {
+        load_files(&[
+            ("hosts.json", r#"{"hosts": ["asia"]}"#),
+            ("balancer.json", text),
+        ])
+        .map(|c| c.settings)
+    }
+
+    fn keys(text: &str) -> Result<Vec<String>, ConfigError> {
+        load_files(&[
+            ("hosts.json", r#"{"hosts": ["asia"]}"#),
+            ("api-keys.json", text),
+        ])
+        .map(|c| c.api_keys)
+    }
+
+    /// Assert the error names `file`, `field` and `position`, in the struct and
+    /// in the Display text, and that the text contains `says`.
+    #[track_caller]
+    fn assert_err<T: fmt::Debug>(
+        result: Result<T, ConfigError>,
+        file: &str,
+        field: Option<&str>,
+        position: Option<(usize, usize)>,
+        says: &str,
+    ) -> String {
+        let e = result.unwrap_err();
+        let text = e.to_string();
+        assert_eq!(
+            e.file.file_name().and_then(|f| f.to_str()),
+            Some(file),
+            "{text}"
+        );
+        assert!(e.file.is_absolute(), "{text}");
+        assert_eq!(e.field.as_deref(), field, "{text}");
+        assert_eq!(e.position, position, "{text}");
+        let shown_file = format!("{}", e.file.display());
+        assert!(text.starts_with(&shown_file), "{text}");
+        if let Some((line, col)) = position {
+            assert!(text.contains(&format!("{file}:{line}:{col}: ")), "{text}");
+        }
+        if let Some(field) = field {
+            assert!(text.contains(&format!("field `{field}`")), "{text}");
+        }
+        assert!(text.contains(says), "expected {says:?} in: {text}");
+        assert!(!text.contains(MARK), "{text}");
+        text
+    }
+
+    fn repo_config() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config")
+    }
+
+    #[test]
+    fn shipped_config_loads_with_every_default() {
+        let config = load(&repo_config(), &Overrides::default()).unwrap();
+        let names: Vec<&str> = config.hosts.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "asia",
+                "hyperliquid",
+                "ukraine",
+                "llama3b",
+                "scroll",
+                "nillion",
+                "optimism",
+                "sakura"
+            ]
+        );
+        assert_eq!(config.hosts[3].base_url, "https://llama3b.gaia.domains");
+        assert!(config.hosts.iter().all(|h| h.weight == 1 && !h.backup));
+        // The placeholder key is inactive, so it is never sent.
+        assert!(config.api_keys.is_empty());
+        assert_eq!(config.settings, Settings::default());
+    }
+
+    #[test]
+    fn shipped_balancer_json_spells_out_every_field() {
+        let text = std::fs::read_to_string(repo_config().join("balancer.json")).unwrap();
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let keys = |v: &serde_json::Value| -> Vec<String> {
+            let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+            k.sort();
+            k
+        };
+        let sorted = |fields: &[&str]| -> Vec<String> {
+            let mut k: Vec<String> = fields.iter().map(|s| s.to_string()).collect();
+            k.sort();
+            k
+        };
+        assert_eq!(keys(&value), sorted(&BALANCER_FIELDS));
+        assert_eq!(keys(&value["timeouts"]), sorted(&TIMEOUT_FIELDS));
+        assert_eq!(keys(&value["hedge"]), sorted(&HEDGE_FIELDS));
+    }
+
+    #[test]
+    fn non_default_balancer_json_changes_every_setting() {
+        let s = settings(
+            r#"{
+              "bind": "0.0.0.0", "port": 8080, "workers": 32,
+              "clientKeys": ["client-key-aaaaaaaa", "client-key-bbbbbbbb"],
+              "open": true, "adminKey": "admin-key-cccccccc", "strategy": "least-loaded",
+              "maxAttempts": 3,
+              "timeouts": {"connectMs": 1, "firstByteMs": 2, "idleMs": 3, "totalMs": 4},
+              "hedge": {"afterMs": 250}, "maxBodyBytes": 1024,
+              "headTimeoutMs": 11, "keepAliveMs": 12, "bodyTimeoutMs": 13,
+              "maxConnectionsPerClient": 7, "queueSize": 8, "queueWaitMs": 14
+            }"#,
+        )
+        .unwrap();
+        let ms = Duration::from_millis;
+        let expected = Settings {
+            bind: IpAddr::from([0, 0, 0, 0]),
+            port: 8080,
+            workers: 32,
+            client_keys: vec!["client-key-aaaaaaaa".into(), "client-key-bbbbbbbb".into()],
+            open: true,
+            admin_key: Some("admin-key-cccccccc".into()),
+            strategy: Strategy::LeastLoaded,
+            max_attempts: 3,
+            timeouts: Timeouts {
+                connect: ms(1),
+                first_byte: ms(2),
+                idle: ms(3),
+                total: ms(4),
+            },
+            hedge_after: Some(ms(250)),
+            max_body_bytes: 1024,
+            head_timeout: ms(11),
+            keep_alive: ms(12),
+            body_timeout: ms(13),
+            max_connections_per_client: 7,
+            queue_size: 8,
+            queue_wait: ms(14),
+        };
+        assert_eq!(s, expected);
+    }
+
+    #[test]
+    fn partial_objects_keep_the_other_defaults() {
+        let s = settings(r#"{"timeouts": {"idleMs": 42}, "strategy": "random"}"#).unwrap();
+        let d = Settings::default();
+        assert_eq!(s.timeouts.idle, Duration::from_millis(42));
+        assert_eq!(s.timeouts.connect, d.timeouts.connect);
+        assert_eq!(s.timeouts.total, d.timeouts.total);
+        assert_eq!(s.strategy, Strategy::Random);
+        assert_eq!(s.port, d.port);
+        assert_eq!(settings("{}").unwrap(), d);
+    }
+
+    #[test]
+    fn every_strategy_name_round_trips() {
+        for strategy in Strategy::ALL {
+            let s = settings(&format!(r#"{{"strategy": "{strategy}"}}"#)).unwrap();
+            assert_eq!(s.strategy, strategy);
+        }
+        assert_eq!(Strategy::from_name("fastest"), None);
+    }
+
+    #[test]
+    fn hedge_zero_is_off() {
+        assert_eq!(
+            settings(r#"{"hedge": {"afterMs": 0}}"#)
+                .unwrap()
+                .hedge_after,
+            None
+        );
+        assert_eq!(settings(r#"{"hedge": {}}"#).unwrap().hedge_after, None);
+    }
+
+    #[test]
+    fn admin_key_null_means_none() {
+        assert_eq!(settings(r#"{"adminKey": null}"#).unwrap().admin_key, None);
+    }
+
+    #[test]
+    fn gaia_subdomains_expand() {
+        let h = hosts(r#"{"hosts": ["asia", "Llama3B", "node-1"]}"#).unwrap();
+        assert_eq!(h[0].base_url, "https://asia.gaia.domains");
+        assert_eq!(h[0].name, "asia");
+        assert_eq!(h[1].base_url, "https://llama3b.gaia.domains");
+        assert_eq!(h[1].name, "llama3b");
+        assert_eq!(h[2].base_url, "https://node-1.gaia.domains");
+        assert_eq!(h[0].weight, 1);
+        assert!(!h[0].backup);
+        assert_eq!(h[0].api_keys, None);
+        assert!(h[0].models.is_empty());
+    }
+
+    #[test]
+    fn urls_are_normalised_and_named_by_host() {
+        let cases = [
+            (
+                "http://127.0.0.1:8080",
+                "http://127.0.0.1:8080",
+                "127.0.0.1:8080",
+            ),
+            (
+                "https://node.example/",
+                "https://node.example",
+                "node.example",
+            ),
+            (
+                "https://node.example/v1",
+                "https://node.example",
+                "node.example",
+            ),
+            (
+                "https://node.example/v1/",
+                "https://node.example",
+                "node.example",
+            ),
+            (
+                "https://openrouter.ai/api/v1",
+                "https://openrouter.ai/api",
+                "openrouter.ai",
+            ),
+            (
+                "https://x.example/v1/v1",
+                "https://x.example/v1",
+                "x.example",
+            ),
+            (
+                "https://x.example/v10",
+                "https://x.example/v10",
+                "x.example",
+            ),
+            (
+                "HTTPS://Node.Example:8443/V1",
+                "https://node.example:8443/V1",
+                "node.example:8443",
+            ),
+            ("http://[::1]:8080/v1", "http://[::1]:8080", "[::1]:8080"),
+            ("http://[::1]", "http://[::1]", "[::1]"),
+            (
+                "http://my_service:80",
+                "http://my_service:80",
+                "my_service:80",
+            ),
+        ];
+        for (input, base, name) in cases {
+            let (b, n) = parse_host(input).unwrap();
+            assert_eq!((b.as_str(), n.as_str()), (base, name), "{input}");
+        }
+    }
+
+    #[test]
+    fn bad_host_strings_are_refused() {
+        let cases = [
+            ("ftp://node.example", "must start with http:// or https://"),
+            ("https://node.example/v1?key=1", "must not contain a query"),
+            ("https://node.example/#frag", "fragment"),
+            ("https://user:pw@node.example", "user name or password"),
+            ("https://node.example:0", "invalid port \"0\""),
+            ("https://node.example:99999", "invalid port"),
+            ("https://node.example:", "invalid port \"\""),
+            ("https://node.example:80a", "invalid port"),
+            ("https:///v1", "has no host name"),
+            ("https://", "has no host name"),
+            ("http://::1:8080", "not in brackets"),
+            ("http://[::1", "closing ']'"),
+            ("http://[zz]:80", "invalid IPv6"),
+            ("http://node..example", "invalid host name"),
+            ("http://node example", "spaces"),
+            ("as ia", "Gaia subdomain"),
+            ("", "Gaia subdomain"),
+            ("-asia", "Gaia subdomain"),
+            ("asia.gaia.domains", "\"https://asia.gaia.domains\""),
+        ];
+        for (input, says) in cases {
+            let e = parse_host(input).unwrap_err();
+            assert!(e.contains(says), "{input}: {e}");
+        }
+        let long = "a".repeat(64);
+        assert!(parse_host(&long).is_err());
+        assert!(parse_host(&"a".repeat(63)).is_ok());
+    }
+
+    #[test]
+    fn host_objects_take_every_field() {
+        let h = hosts(
+            r#"{"hosts": [
+                "asia",
+                {"url": "https://openrouter.ai/api/v1", "weight": 3, "name": "openrouter",
+                 "backup": true, "apiKeys": ["sk-or-123456789012"],
+                 "models": {"llama": "meta-llama/llama-3.1-8b-instruct"}},
+                {"url": "llama3b"}
+            ]}"#,
+        )
+        .unwrap();
+        assert_eq!(h.len(), 3);
+        let or = &h[1];
+        assert_eq!(or.name, "openrouter");
+        assert_eq!(or.base_url, "https://openrouter.ai/api");
+        assert_eq!(or.weight, 3);
+        assert!(or.backup);
+        assert_eq!(or.api_keys, Some(vec!["sk-or-123456789012".to_string()]));
+        assert_eq!(
+            or.models.get("llama").map(String::as_str),
+            Some("meta-llama/llama-3.1-8b-instruct")
+        );
+        assert_eq!(h[2].name, "llama3b");
+        assert_eq!(h[2].base_url, "https://llama3b.gaia.domains");
+        assert_eq!(h[2].weight, 1);
+    }
+
+    #[test]
+    fn weight_zero_is_refused_with_position() {
+        let r = hosts("{\"hosts\": [\n  \"asia\",\n  {\"url\": \"llama3b\", \"weight\": 0}\n]}");
+        assert_err(
+            r,
+            "hosts.json",
+            Some("hosts[1].weight"),
+            Some((3, 32)),
+            "weight must be an integer >= 1, got 0",
+        );
+    }
+
+    #[test]
+    fn weight_must_be_a_positive_integer() {
+        let cases = [
+            ("-2", "weight must be an integer >= 1, got -2"),
+            (
+                "1.5",
+                "weight must be an integer from 1 to 1000000, got 1.5",
+            ),
+            ("2.0", "got 2.0"),
+            ("\"2\"", "got a string"),
+            (
+                "1000001",
+                "weight must be an integer <= 1000000, got 1000001",
+            ),
+            ("null", "got null"),
+            ("[1]", "got an array"),
+        ];
+        for (value, says) in cases {
+            let text = format!("{{\"hosts\": [{{\"url\": \"asia\", \"weight\": {value}}}]}}");
+            // The value starts at column 38; the position is its last
+            // character, or its first for an array (refused unread).
+            let col = if value.starts_with('[') {
+                38
+            } else {
+                37 + value.len()
+            };
+            assert_err(
+                hosts(&text),
+                "hosts.json",
+                Some("hosts[0].weight"),
+                Some((1, col)),
+                says,
+            );
+        }
+    }
+
+    #[test]
+    fn duplicate_hosts_are_refused() {
+        let r =
+            hosts("{\"hosts\": [\n\"asia\",\n\"llama3b\",\n\"https://asia.gaia.domains/v1/\"\n]}");
+        assert_err(
+            r,
+            "hosts.json",
+            Some("hosts[2]"),
+            Some((4, 31)),
+            "hosts[2] has the same URL as hosts[0] (https://asia.gaia.domains)",
+        );
+        let r = hosts(
+            "{\"hosts\": [\n\"https://openrouter.ai/api\",\n\"https://openrouter.ai/other\"]}",
+        );
+        assert_err(
+            r,
+            "hosts.json",
+            Some("hosts[1]"),
+            Some((3, 29)),
+            "hosts[1] has the same name as hosts[0] (\"openrouter.ai\")",
+        );
+        let r = hosts(r#"{"hosts": ["asia", {"url": "llama3b", "name": "asia"}]}"#);
+        assert_err(
+            r,
+            "hosts.json",
+            Some("hosts[1]"),
+            Some((1, 53)),
+            "same name",
+        );
+        // Same host, different names and paths: fine.
+        let ok = hosts(
+            r#"{"hosts": [{"url": "https://openrouter.ai/api", "name": "a"},
+                          {"url": "https://openrouter.ai/other", "name": "b"}]}"#,
+        );
+        assert_eq!(ok.unwrap().len(), 2);
+    }
+
+    #[test]
+    fn empty_host_list_is_refused() {
+        assert_err(
+            hosts("{\"hosts\": [\n]}"),
+            "hosts.json",
+            Some("hosts"),
+            Some((2, 1)),
+            "hosts is empty; list at least one host",
+        );
+        assert_err(
+            hosts("{}"),
+            "hosts.json",
+            Some("hosts"),
+            Some((1, 2)),
+            "needs a \"hosts\" array",
+        );
+    }
+
+    #[test]
+    fn bad_urls_are_reported_at_their_position() {
+        assert_err(
+            hosts("{\"hosts\": [\n  \"ftp://x.example\"\n]}"),
+            "hosts.json",
+            Some("hosts[0]"),
+            Some((2, 19)),
+            "hosts[0] must start with http:// or https://, got \"ftp://\"",
+        );
+        assert_err(
+            hosts("{\"hosts\": [{\"url\": \"http://x.example?a=1\"}]}"),
+            "hosts.json",
+            Some("hosts[0].url"),
+            Some((1, 41)),
+            "url must not contain a query",
+        );
+        assert_err(
+            hosts("{\"hosts\": [{\"weight\": 2}]}"),
+            "hosts.json",
+            Some("hosts[0]"),
+            Some((1, 24)),
+            "hosts[0] needs a \"url\"",
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_in_every_file() {
+        assert_err(
+            hosts("{\"hosts\": [\"asia\"], \"extra\": 1}"),
+            "hosts.json",
+            Some("extra"),
+            Some((1, 27)),
+            "unknown field \"extra\"; expected one of: hosts",
+        );
+        assert_err(
+            hosts("{\"hosts\": [\n{\"url\": \"asia\",\n \"wieght\": 2}]}"),
+            "hosts.json",
+            Some("hosts[0].wieght"),
+            Some((3, 9)),
+            "unknown field \"wieght\"; did you mean \"weight\"?",
+        );
+        assert_err(
+            hosts("{\"hosts\": [{\"url\": \"asia\", \"apikeys\": [\"k\"]}]}"),
+            "hosts.json",
+            Some("hosts[0].apikeys"),
+            Some((1, 36)),
+            "did you mean \"apiKeys\"?",
+        );
+        assert_err(
+            keys("{\"apiKeys\": [], \"more\": []}"),
+            "api-keys.json",
+            Some("more"),
+            Some((1, 22)),
+            "unknown field \"more\"",
+        );
+        assert_err(
+            keys("{\"apiKeys\": [{\"key\": \"k\", \"active\": true}]}"),
+            "api-keys.json",
+            Some("apiKeys[0].active"),
+            Some((1, 34)),
+            "unknown field \"active\"",
+        );
+        assert_err(
+            settings("{\n  \"max_attempts\": 3\n}"),
+            "balancer.json",
+            Some("max_attempts"),
+            Some((2, 16)),
+            "did you mean \"maxAttempts\"?",
+        );
+        assert_err(
+            settings("{\"timeouts\": {\"connect\": 5}}"),
+            "balancer.json",
+            Some("timeouts.connect"),
+            Some((1, 23)),
+            "expected one of: connectMs, firstByteMs, idleMs, totalMs",
+        );
+        assert_err(
+            settings("{\"hedge\": {\"after\": 5}}"),
+            "balancer.json",
+            Some("hedge.after"),
+            Some((1, 18)),
+            "unknown field \"after\"",
+        );
+    }
+
+    #[test]
+    fn suggestions_catch_case_separators_and_typos() {
+        assert_eq!(suggest("apikeys", &HOST_FIELDS), Some("apiKeys"));
+        assert_eq!(suggest("api_keys", &HOST_FIELDS), Some("apiKeys"));
+        assert_eq!(suggest("wieght", &HOST_FIELDS), Some("weight"));
+        assert_eq!(suggest("wight", &HOST_FIELDS), Some("weight"));
+        assert_eq!(
+            suggest("max_atempts", &BALANCER_FIELDS),
+            Some("maxAttempts")
+        );
+        assert_eq!(suggest("colour", &HOST_FIELDS), None);
+        assert_eq!(suggest("", &HOST_FIELDS), None);
+        // Short names get one typo, not two.
+        assert_eq!(suggest("prt", &["port"]), Some("port"));
+        assert_eq!(suggest("pt", &["port"]), None);
+    }
+
+    #[test]
+    fn odd_keys_cannot_garble_the_message() {
+        let text = assert_err(
+            settings("{\"a\\u0001b\\nc\": 1}"),
+            "balancer.json",
+            Some("[\"a\\u{1}b\\nc\"]"),
+            Some((1, 14)),
+            "unknown field \"a\\u{1}b\\nc\"",
+        );
+        assert!(!text.contains('\n'), "{text}");
+        let long = "x".repeat(100_000);
+        let text = assert_err(
+            settings(&format!("{{\"{long}\": 1}}")),
+            "balancer.json",
+            Some(&format!("[\"{}\"...]", "x".repeat(60))),
+            Some((1, 100_003)),
+            "unknown field",
+        );
+        assert!(text.len() < 1000, "{}", text.len());
+        assert_err(
+            hosts("{\"hosts\": [{\"url\": \"asia\", \"models\": {\"a\\tb\": \"c\"}}]}"),
+            "hosts.json",
+            Some("hosts[0].models[\"a\\tb\"]"),
+            Some((1, 44)),
+            "must not contain control characters",
+        );
+    }
+
+    #[test]
+    fn repeated_fields_are_refused() {
+        assert_err(
+            settings("{\"port\": 1, \"port\": 2}"),
+            "balancer.json",
+            Some("port"),
+            Some((1, 18)),
+            "field \"port\" appears twice",
+        );
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        assert_err(
+            hosts("{\"hosts\": \"asia\"}"),
+            "hosts.json",
+            Some("hosts"),
+            Some((1, 16)),
+            "hosts must be an array of hosts",
+        );
+        assert_err(
+            hosts("[\"asia\"]"),
+            "hosts.json",
+            None,
+            Some((1, 1)),
+            "the file must be an object such as {\"hosts\": [\"asia\"]}, got an array",
+        );
+        assert_err(
+            hosts("{\"hosts\": [{\"url\": \"asia\", \"backup\": \"yes\"}]}"),
+            "hosts.json",
+            Some("hosts[0].backup"),
+            Some((1, 42)),
+            "backup must be true or false, got a string",
+        );
+        assert_err(
+            hosts("{\"hosts\": [{\"url\": \"asia\", \"models\": {\"a\": 1}}]}"),
+            "hosts.json",
+            Some("hosts[0].models[\"a\"]"),
+            Some((1, 44)),
+            "must be a non-empty string, got 1",
+        );
+        assert_err(
+            hosts("{\"hosts\": [7]}"),
+            "hosts.json",
+            Some("hosts[0]"),
+            Some((1, 12)),
+            "hosts[0] must be a Gaia subdomain",
+        );
+        assert_err(
+            settings("{\"open\": 1}"),
+            "balancer.json",
+            Some("open"),
+            Some((1, 10)),
+            "open must be true or false, got 1",
+        );
+        assert_err(
+            settings("{\"clientKeys\": \"secret-client-key\"}"),
+            "balancer.json",
+            Some("clientKeys"),
+            Some((1, 34)),
+            "clientKeys must be an array of key strings, got a string",
+        );
+        assert_err(
+            settings("{\"timeouts\": 5}"),
+            "balancer.json",
+            Some("timeouts"),
+            Some((1, 14)),
+            "timeouts must be an object",
+        );
+    }
+
+    #[test]
+    fn balancer_values_are_range_checked() {
+        let cases = [
+            ("{\"maxAttempts\": 0}", "maxAttempts", (1, 17), "maxAttempts must be an integer >= 1, got 0"),
+            ("{\"maxAttempts\": 21}", "maxAttempts", (1, 18), "maxAttempts must be an integer <= 20, got 21"),
+            ("{\"workers\": 0}", "workers", (1, 13), "workers must be an integer >= 1, got 0"),
+            ("{\"workers\": 5000}", "workers", (1, 16), "workers must be an integer <= 4096, got 5000"),
+            ("{\"port\": 65536}", "port", (1, 14), "port must be an integer <= 65535"),
+            ("{\"maxBodyBytes\": 0}", "maxBodyBytes", (1, 18), "maxBodyBytes must be an integer >= 1"),
+            ("{\"timeouts\": {\"connectMs\": 0}}", "timeouts.connectMs", (1, 28), "connectMs must be an integer >= 1, got 0"),
+            ("{\"timeouts\": {\"totalMs\": 86400001}}", "timeouts.totalMs", (1, 33), "totalMs must be an integer <= 86400000"),
+            ("{\"hedge\": {\"afterMs\": -1}}", "hedge.afterMs", (1, 24), "afterMs must be an integer >= 0, got -1"),
+            ("{\"queueWaitMs\": 0}", "queueWaitMs", (1, 17), "queueWaitMs must be an integer >= 1"),
+            ("{\"queueSize\": 0}", "queueSize", (1, 15), "queueSize must be an integer >= 1"),
+            ("{\"maxConnectionsPerClient\": 0}", "maxConnectionsPerClient", (1, 29), ">= 1, got 0"),
+            ("{\"headTimeoutMs\": 0}", "headTimeoutMs", (1, 19), ">= 1, got 0"),
+            ("{\"keepAliveMs\": 0}", "keepAliveMs", (1, 17), ">= 1, got 0"),
+            ("{\"bodyTimeoutMs\": 0}", "bodyTimeoutMs", (1, 19), ">= 1, got 0"),
+            ("{\"strategy\": \"fastest\"}", "strategy", (1, 22), "strategy must be one of \"round-robin\", \"least-loaded\", \"latency\", \"random\", got \"fastest\""),
+            ("{\"bind\": \"localhost\"}", "bind", (1, 20), "bind must be an IP address"),
+            ("{\"adminKey\": \"\"}", "adminKey", (1, 15), "adminKey must not be an empty string"),
+            ("{\"clientKeys\": [\"\"]}", "clientKeys[0]", (1, 18), "clientKeys[0] must not be an empty string"),
+        ];
+        for (text, field, position, says) in cases {
+            assert_err(
+                settings(text),
+                "balancer.json",
+                Some(field),
+                Some(position),
+                says,
+            );
+        }
+    }
+
+    #[test]
+    fn api_keys_file_rules() {
+        let k = keys(
+            r#"{"apiKeys": [
+                {"key": "gaia-aaaaaaaaaaaa", "description": "main"},
+                {"key": "gaia-bbbbbbbbbbbb", "isActive": false},
+                {"key": "gaia-cccccccccccc", "isActive": true},
+                {"key": "gaia-aaaaaaaaaaaa", "isActive": false}
+            ]}"#,
+        )
+        .unwrap();
+        assert_eq!(k, ["gaia-aaaaaaaaaaaa", "gaia-cccccccccccc"]);
+        assert_eq!(keys("{}").unwrap(), Vec::<String>::new());
+        assert_eq!(keys("{\"apiKeys\": []}").unwrap(), Vec::<String>::new());
+        // No file at all: no keys, not an error.
+        let c = load_files(&[("hosts.json", r#"{"hosts": ["asia"]}"#)]).unwrap();
+        assert!(c.api_keys.is_empty());
+        assert_eq!(c.settings, Settings::default());
+    }
+
+    #[test]
+    fn api_key_errors() {
+        assert_err(
+            keys("{\"apiKeys\": [\n{\"key\": \"\", \"isActive\": false}]}"),
+            "api-keys.json",
+            Some("apiKeys[0].key"),
+            Some((2, 10)),
+            "key must not be an empty string",
+        );
+        let text = assert_err(
+            keys("{\"apiKeys\": [\n{\"key\": \"gaia-duplicate-1234\"},\n{\"key\": \"gaia-duplicate-1234\"}\n]}"),
+            "api-keys.json",
+            Some("apiKeys[1].key"),
+            Some((3, 30)),
+            "apiKeys[1].key is the same key as apiKeys[0].key",
+        );
+        assert!(!text.contains("gaia-duplicate-1234"), "{text}");
+        assert_err(
+            keys("{\"apiKeys\": [{\"description\": \"x\"}]}"),
+            "api-keys.json",
+            Some("apiKeys[0]"),
+            Some((1, 33)),
+            "apiKeys[0] needs a \"key\"",
+        );
+        let text = assert_err(
+            keys("{\"apiKeys\": [{\"key\": \"gaia secret with spaces\"}]}"),
+            "api-keys.json",
+            Some("apiKeys[0].key"),
+            Some((1, 46)),
+            "printable ASCII characters without spaces",
+        );
+        assert!(!text.contains("secret"), "{text}");
+        assert_err(
+            keys("{\"apiKeys\": [\"gaia-key\"]}"),
+            "api-keys.json",
+            Some("apiKeys[0]"),
+            Some((1, 23)),
+            "apiKeys[0] must be an object",
+        );
+    }
+
+    #[test]
+    fn host_api_keys_rules() {
+        assert_err(
+            hosts("{\"hosts\": [{\"url\": \"asia\", \"apiKeys\": []}]}"),
+            "hosts.json",
+            Some("hosts[0].apiKeys"),
+            Some((1, 40)),
+            "apiKeys must list at least one key",
+        );
+        assert_err(
+            hosts("{\"hosts\": [{\"url\": \"asia\", \"apiKeys\": [\"a\", \"\"]}]}"),
+            "hosts.json",
+            Some("hosts[0].apiKeys[1]"),
+            Some((1, 46)),
+            "apiKeys[1] must not be an empty string",
+        );
+        let text = assert_err(
+            hosts("{\"hosts\": [{\"url\": \"asia\", \"apiKeys\": [\"sk-same-key-1\", \"sk-same-key-1\"]}]}"),
+            "hosts.json",
+            Some("hosts[0].apiKeys[1]"),
+            Some((1, 71)),
+            "is the same key as hosts[0].apiKeys[0]",
+        );
+        assert!(!text.contains("sk-same-key-1"), "{text}");
+    }
+
+    #[test]
+    fn invalid_json_has_line_and_column() {
+        assert_err(
+            hosts("{\"hosts\": [\n  \"asia\",\n]}"),
+            "hosts.json",
+            None,
+            Some((3, 1)),
+            "invalid JSON: trailing comma",
+        );
+        assert_err(
+            settings("{\"port\": 3000"),
+            "balancer.json",
+            None,
+            Some((1, 13)),
+            "invalid JSON: EOF while parsing an object",
+        );
+        assert_err(
+            hosts(""),
+            "hosts.json",
+            None,
+            Some((1, 1)),
+            "invalid JSON: EOF",
+        );
+        assert_err(
+            keys("{\"apiKeys\": []} x"),
+            "api-keys.json",
+            None,
+            Some((1, 17)),
+            "invalid JSON: trailing characters",
+        );
+    }
+
+    #[test]
+    fn file_problems() {
+        let dir = TempDir::new();
+        assert_err(
+            load(&dir.0, &Overrides::default()),
+            "hosts.json",
+            None,
+            None,
+            "file not found; it is required",
+        );
+        let missing = dir.0.join("nope");
+        let text = assert_err(
+            load(&missing, &Overrides::default()),
+            "hosts.json",
+            None,
+            None,
+            "does not exist",
+        );
+        assert!(text.contains("GAIA_CONFIG_DIR"), "{text}");
+        // A directory where a file should be: unreadable.
+        std::fs::write(dir.0.join("hosts.json"), r#"{"hosts": ["asia"]}"#).unwrap();
+        std::fs::create_dir(dir.0.join("balancer.json")).unwrap();
+        assert_err(
+            load(&dir.0, &Overrides::default()),
+            "balancer.json",
+            None,
+            None,
+            "cannot read the file",
+        );
+    }
+
+    #[test]
+    fn relative_directories_are_named_in_full() {
+        let e = load(Path::new("no-such-config-dir"), &Overrides::default()).unwrap_err();
+        assert!(e.file.is_absolute(), "{e}");
+        assert!(e.file.ends_with("no-such-config-dir/hosts.json"), "{e}");
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        // Config::dir keeps the directory as given.
+        let c = load(Path::new("config"), &Overrides::default()).unwrap();
+        assert_eq!(c.dir, PathBuf::from("config"));
+    }
+
+    #[test]
+    fn encoding_problems() {
+        let dir = TempDir::new();
+        std::fs::write(dir.0.join("hosts.json"), b"{\"hosts\":\n [\"as\xffia\"]}").unwrap();
+        assert_err(
+            load(&dir.0, &Overrides::default()),
+            "hosts.json",
+            None,
+            Some((2, 6)),
+            "not valid UTF-8",
+        );
+        std::fs::write(
+            dir.0.join("hosts.json"),
+            b"\xEF\xBB\xBF{\"hosts\": [\"asia\"]}",
+        )
+        .unwrap();
+        assert_eq!(load(&dir.0, &Overrides::default()).unwrap().hosts.len(), 1);
+    }
+
+    #[test]
+    fn precedence_overrides_then_file_then_default() {
+        let files = [
+            ("hosts.json", r#"{"hosts": ["asia"]}"#),
+            (
+                "balancer.json",
+                r#"{"port": 4000, "bind": "0.0.0.0", "workers": 8}"#,
+            ),
+        ];
+        let dir = TempDir::with(&files);
+        let from_file = load(&dir.0, &Overrides::default()).unwrap().settings;
+        assert_eq!(from_file.port, 4000);
+        assert_eq!(from_file.bind, IpAddr::from([0, 0, 0, 0]));
+        assert_eq!(from_file.workers, 8);
+        let overrides = Overrides {
+            port: Some(5000),
+            bind: Some(IpAddr::from([10, 0, 0, 1])),
+            workers: Some(16),
+        };
+        let over = load(&dir.0, &overrides).unwrap().settings;
+        assert_eq!(over.port, 5000);
+        assert_eq!(over.bind, IpAddr::from([10, 0, 0, 1]));
+        assert_eq!(over.workers, 16);
+        // An override for one field leaves the file's other values alone.
+        let port_only = Overrides {
+            port: Some(5000),
+            ..Overrides::default()
+        };
+        let mixed = load(&dir.0, &port_only).unwrap().settings;
+        assert_eq!((mixed.port, mixed.workers), (5000, 8));
+        // No file: defaults, still beaten by overrides.
+        let bare = TempDir::with(&files[..1]);
+        assert_eq!(
+            load(&bare.0, &Overrides::default()).unwrap().settings.port,
+            3000
+        );
+        assert_eq!(load(&bare.0, &port_only).unwrap().settings.port, 5000);
+    }
+
+    #[test]
+    fn mask_secret_shows_at_most_the_last_four() {
+        assert_eq!(mask_secret("gaia-123456789abc"), "...9abc");
+        assert_eq!(mask_secret("123456789012"), "...9012");
+        assert_eq!(mask_secret("12345678901"), "****");
+        assert_eq!(mask_secret(""), "****");
+        // Multi-byte characters: counted as characters, never split.
+        assert_eq!(mask_secret("ключключключ-ßéü"), "...-ßéü");
+        assert_eq!(mask_secret("ключключклю"), "****");
+    }
+
+    #[test]
+    fn render_masks_every_secret() {
+        let secrets = [
+            "gaia-pool-key-0000000001",
+            "gaia-pool-key-0000000002",
+            "sk-or-host-key-777777777",
+            "client-key-xxxxxxxx-1111",
+            "admin-key-yyyyyyyy-2222",
+            "short",
+        ];
+        let dir = TempDir::with(&[
+            (
+                "hosts.json",
+                r#"{"hosts": ["asia", {"url": "https://openrouter.ai/api/v1", "backup": true,
+                    "apiKeys": ["sk-or-host-key-777777777"], "models": {"llama": "meta/llama"}}]}"#,
+            ),
+            (
+                "api-keys.json",
+                r#"{"apiKeys": [{"key": "gaia-pool-key-0000000001"},
+                                {"key": "gaia-pool-key-0000000002"}, {"key": "short"}]}"#,
+            ),
+            (
+                "balancer.json",
+                r#"{"clientKeys": ["client-key-xxxxxxxx-1111"],
+                    "adminKey": "admin-key-yyyyyyyy-2222"}"#,
+            ),
+        ]);
+        let config = load(&dir.0, &Overrides::default()).unwrap();
+        let out = render(&config);
+        for secret in secrets {
+            assert!(!out.contains(secret), "{secret} leaked:\n{out}");
+        }
+        for tail in [
+            "...0001", "...0002", "...7777", "...1111", "...2222", "****",
+        ] {
+            assert!(out.contains(tail), "{tail} missing:\n{out}");
+        }
+        assert!(out.contains("https://openrouter.ai/api"), "{out}");
+        assert!(out.contains("backup"), "{out}");
+        assert!(out.contains("llama -> meta/llama"), "{out}");
+        // Debug would print keys whole; check that render is what shows them.
+        assert!(format!("{config:?}").contains("gaia-pool-key-0000000001"));
+    }
+
+    #[test]
+    fn render_shows_every_setting_by_its_file_name() {
+        let config = load(&repo_config(), &Overrides::default()).unwrap();
+        let out = render(&config);
+        for field in BALANCER_FIELDS {
+            if field == "timeouts" || field == "hedge" {
+                continue;
+            }
+            assert!(
+                out.contains(&format!("  {field} ")),
+                "{field} missing:\n{out}"
+            );
+        }
+        for field in TIMEOUT_FIELDS {
+            assert!(out.contains(&format!("timeouts.{field}")), "{out}");
+        }
+        assert!(out.contains("hedge.afterMs"), "{out}");
+        assert!(out.contains("https://sakura.gaia.domains"), "{out}");
+        assert!(out.contains("none active"), "{out}");
+    }
+
+    #[test]
+    fn overrides_apply_only_what_is_set() {
+        let mut s = Settings::default();
+        Overrides::default().apply(&mut s);
+        assert_eq!(s, Settings::default());
+        Overrides {
+            workers: Some(3),
+            ..Overrides::default()
+        }
+        .apply(&mut s);
+        assert_eq!(s.workers, 3);
+        assert_eq!(s.port, 3000);
+    }
 }
