@@ -28,7 +28,8 @@ fn main() {
         match a.as_str() {
             "--chunks" => opts.chunks = args.next().and_then(|v| v.parse().ok()).unwrap_or(8),
             "--delay-ms" => {
-                opts.delay = Duration::from_millis(args.next().and_then(|v| v.parse().ok()).unwrap_or(50))
+                opts.delay =
+                    Duration::from_millis(args.next().and_then(|v| v.parse().ok()).unwrap_or(50))
             }
             p => match p.parse::<u16>() {
                 Ok(port) => ports.push(port),
@@ -147,7 +148,9 @@ fn chunk(out: &mut TcpStream, data: &str) -> std::io::Result<()> {
 }
 
 fn stream_chat(out: &mut TcpStream, port: u16, opts: Opts) -> std::io::Result<()> {
-    out.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")?;
+    out.write_all(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
+    )?;
     chunk(out, &format!("data: {{\"id\":\"chatcmpl-{port}\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"role\":\"assistant\"}},\"finish_reason\":null}}]}}\n\n"))?;
     for i in 0..opts.chunks {
         if !opts.delay.is_zero() {

@@ -9,9 +9,11 @@
 //! rather than on a parsed tree, because only then does serde_json know where
 //! in the file it is: a weight of 0, a duplicate host or an unknown field is
 //! reported at its own line and column, not just by name. No secret is ever
-//! echoed in an error or in [`render`]; [`mask_secret`] is the one way to show one.
+//! echoed in an error or in [`render`]; [`mask`] is the one way to show one.
 
 use std::collections::BTreeMap;
+
+pub use crate::keys::mask;
 use std::fmt;
 use std::fmt::Write as _;
 use std::io;
@@ -334,18 +336,6 @@ pub fn load(dir: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
     })
 }
 
-/// Show a secret without revealing it: `...` and its last 4 characters when it
-/// has at least 12, else `****` (a short secret's tail would give too much away).
-pub fn mask_secret(s: &str) -> String {
-    let n = s.chars().count();
-    if n >= 12 {
-        let tail: String = s.chars().skip(n - 4).collect();
-        format!("...{tail}")
-    } else {
-        "****".to_string()
-    }
-}
-
 /// The resolved configuration as `gaia-balancer check` prints it: every
 /// setting under its `balancer.json` name, every key masked.
 pub fn render(config: &Config) -> String {
@@ -431,7 +421,7 @@ fn render_into(config: &Config, out: &mut String) -> fmt::Result {
     } = timeouts;
     let ms = |d: &Duration| d.as_millis().to_string();
     let admin = match admin_key {
-        Some(key) => mask_secret(key),
+        Some(key) => mask(key),
         None => "none (admin endpoints from loopback only)".to_string(),
     };
     let hedge = match hedge_after {
@@ -471,7 +461,7 @@ fn render_into(config: &Config, out: &mut String) -> fmt::Result {
 }
 
 fn mask_list(keys: &[String]) -> String {
-    let masked: Vec<String> = keys.iter().map(|k| mask_secret(k)).collect();
+    let masked: Vec<String> = keys.iter().map(|k| mask(k)).collect();
     masked.join(", ")
 }
 
@@ -2560,13 +2550,13 @@ mod tests {
 
     #[test]
     fn mask_secret_shows_at_most_the_last_four() {
-        assert_eq!(mask_secret("gaia-123456789abc"), "...9abc");
-        assert_eq!(mask_secret("123456789012"), "...9012");
-        assert_eq!(mask_secret("12345678901"), "****");
-        assert_eq!(mask_secret(""), "****");
+        assert_eq!(mask("gaia-123456789abc"), "...9abc");
+        assert_eq!(mask("123456789012"), "...9012");
+        assert_eq!(mask("12345678901"), "****");
+        assert_eq!(mask(""), "****");
         // Multi-byte characters: counted as characters, never split.
-        assert_eq!(mask_secret("ключключключ-ßéü"), "...-ßéü");
-        assert_eq!(mask_secret("ключключклю"), "****");
+        assert_eq!(mask("ключключключ-ßéü"), "...-ßéü");
+        assert_eq!(mask("ключключклю"), "****");
     }
 
     #[test]

@@ -194,7 +194,14 @@ mod tests {
     #[test]
     fn smooth_weighted_round_robin_spreads_picks() {
         let pool = Arc::new(KeyPool::default());
-        let hosts = Hosts::new(&[spec("a", 5, false), spec("b", 1, false), spec("c", 1, false)], &pool);
+        let hosts = Hosts::new(
+            &[
+                spec("a", 5, false),
+                spec("b", 1, false),
+                spec("c", 1, false),
+            ],
+            &pool,
+        );
         // nginx's documented sequence for weights 5,1,1.
         assert_eq!(names(&hosts, 7), ["a", "a", "b", "a", "c", "a", "a"]);
     }
@@ -202,13 +209,23 @@ mod tests {
     #[test]
     fn candidates_try_every_primary_before_backups_then_wrap() {
         let pool = Arc::new(KeyPool::default());
-        let hosts = Hosts::new(&[spec("a", 1, false), spec("z", 1, true), spec("b", 1, false)], &pool);
-        let order: Vec<String> = hosts.candidates().take(4).map(|h| h.spec.name.clone()).collect();
+        let hosts = Hosts::new(
+            &[spec("a", 1, false), spec("z", 1, true), spec("b", 1, false)],
+            &pool,
+        );
+        let order: Vec<String> = hosts
+            .candidates()
+            .take(4)
+            .map(|h| h.spec.name.clone())
+            .collect();
         let mut first_two = order[..2].to_vec();
         first_two.sort();
         assert_eq!(first_two, ["a", "b"]);
         assert_eq!(order[2], "z");
-        assert_ne!(order[3], "z", "after a full round, primaries come first again");
+        assert_ne!(
+            order[3], "z",
+            "after a full round, primaries come first again"
+        );
     }
 
     #[test]

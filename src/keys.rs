@@ -57,7 +57,10 @@ impl KeyPool {
     /// A pool over these secrets, in order.
     pub fn new(secrets: &[String]) -> Self {
         KeyPool {
-            keys: secrets.iter().map(|s| Arc::new(Key::new(s.clone()))).collect(),
+            keys: secrets
+                .iter()
+                .map(|s| Arc::new(Key::new(s.clone())))
+                .collect(),
             cursor: AtomicUsize::new(0),
         }
     }
@@ -114,7 +117,7 @@ mod tests {
         assert_eq!(a.secret(), "a");
         // The cursor now points at b; avoiding b must yield a.
         let b = pool.next(&[]).unwrap();
-        let again = pool.next(&[b.clone()]).unwrap();
+        let again = pool.next(std::slice::from_ref(&b)).unwrap();
         assert_eq!(again.secret(), "a");
         // Avoiding everything still yields a key rather than none.
         assert!(pool.next(&[a, b]).is_some());

@@ -6,17 +6,17 @@
 
 pub mod cli;
 pub mod config;
-pub mod request;
 pub mod hosts;
 pub mod keys;
+pub mod logging;
+pub mod proxy;
+pub mod request;
 pub mod response;
 pub mod retry;
 pub mod rng;
+pub mod routes;
+pub mod server;
+pub mod state;
 pub mod streaming;
 pub mod upstream;
 pub mod watch;
-pub mod proxy;
-pub mod state;
-pub mod routes;
-pub mod server;
-pub mod logging;

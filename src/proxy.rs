@@ -169,10 +169,7 @@ fn attempts(
         }
     }
     let detail = last.map_or_else(|| "no upstream host".to_string(), |f| f.detail);
-    let msg = format!(
-        "all {} attempts failed; last: {detail}",
-        served.attempts
-    );
+    let msg = format!("all {} attempts failed; last: {detail}", served.attempts);
     send_proxy_error(out, trail, 502, "upstream_failed", &msg)
 }
 
@@ -344,11 +341,22 @@ fn forward_whole(
     }
     // Too large to hold: commit now and pass the rest through.
     ctx.headers(trail, false, out);
-    if out.start_stream(ctx.status, &ctx.content_type_header()).is_err() || out.chunk(&held).is_err() {
+    if out
+        .start_stream(ctx.status, &ctx.content_type_header())
+        .is_err()
+        || out.chunk(&held).is_err()
+    {
         return Err(AttemptError::ClientGone);
     }
     drop(held);
-    pump(&mut reader, &mut chunk, ctx.idle, out, ctx.host, |out, _| out.abort())
+    pump(
+        &mut reader,
+        &mut chunk,
+        ctx.idle,
+        out,
+        ctx.host,
+        |out, _| out.abort(),
+    )
 }
 
 /// An SSE body: preamble held back until the first event with output.
@@ -384,18 +392,27 @@ fn forward_stream(
         }
     }
     ctx.headers(trail, true, out);
-    if out.start_stream(ctx.status, &ctx.content_type_header()).is_err()
+    if out
+        .start_stream(ctx.status, &ctx.content_type_header())
+        .is_err()
         || out.chunk(&preamble.take()).is_err()
     {
         return Err(AttemptError::ClientGone);
     }
     let name = ctx.host.spec.name.clone();
-    pump(&mut reader, &mut chunk, ctx.idle, out, ctx.host, move |out, why| {
-        let event = stream_error_event(&name, why);
-        let _ = out.chunk(&event);
-        let _ = out.finish();
-        out.close_after();
-    })
+    pump(
+        &mut reader,
+        &mut chunk,
+        ctx.idle,
+        out,
+        ctx.host,
+        move |out, why| {
+            let event = stream_error_event(&name, why);
+            let _ = out.chunk(&event);
+            let _ = out.finish();
+            out.close_after();
+        },
+    )
 }
 
 /// The SSE event that ends a stream cut off after the commit (no `[DONE]` follows).

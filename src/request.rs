@@ -1850,7 +1850,7 @@ mod tests {
                 }
                 Err(e) => {
                     let refused = e.status();
-                    assert!(refused.map_or(true, |s| (400..600).contains(&s)), "{e:?}");
+                    assert!(refused.is_none_or(|s| (400..600).contains(&s)), "{e:?}");
                     return Outcome { served, refused };
                 }
             }

@@ -13,7 +13,9 @@ pub type HeaderPair<'a> = (&'a str, &'a str);
 
 /// True when `value` may be sent as a header value: visible ASCII, space, tab.
 pub fn valid_value(value: &[u8]) -> bool {
-    value.iter().all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
+    value
+        .iter()
+        .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
 }
 
 /// Reason phrase for the statuses we send ourselves.
@@ -163,7 +165,9 @@ impl<'a, W: Write> Responder<'a, W> {
             Some(n) => {
                 let _ = write!(self.buf, "Content-Length: {n}\r\n");
             }
-            None if !self.http10 => self.buf.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+            None if !self.http10 => self
+                .buf
+                .extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
             None => self.keep_alive = false,
         }
         if !self.keep_alive {

@@ -84,17 +84,67 @@ mod tests {
     #[test]
     fn decision_table() {
         let d = |o| decide(o);
-        assert_eq!(d(Outcome::Connect), Decision { retry: true, host_failure: true, key: KeyFault::None });
-        assert_eq!(d(Outcome::Timeout), Decision { retry: true, host_failure: true, key: KeyFault::None });
-        assert_eq!(d(Outcome::Broken), Decision { retry: true, host_failure: true, key: KeyFault::None });
+        assert_eq!(
+            d(Outcome::Connect),
+            Decision {
+                retry: true,
+                host_failure: true,
+                key: KeyFault::None
+            }
+        );
+        assert_eq!(
+            d(Outcome::Timeout),
+            Decision {
+                retry: true,
+                host_failure: true,
+                key: KeyFault::None
+            }
+        );
+        assert_eq!(
+            d(Outcome::Broken),
+            Decision {
+                retry: true,
+                host_failure: true,
+                key: KeyFault::None
+            }
+        );
         for s in [500, 502, 503, 504, 599] {
-            assert_eq!(d(Outcome::Status(s)), Decision { retry: true, host_failure: true, key: KeyFault::None }, "{s}");
+            assert_eq!(
+                d(Outcome::Status(s)),
+                Decision {
+                    retry: true,
+                    host_failure: true,
+                    key: KeyFault::None
+                },
+                "{s}"
+            );
         }
-        assert_eq!(d(Outcome::Status(429)), Decision { retry: true, host_failure: false, key: KeyFault::RateLimited });
+        assert_eq!(
+            d(Outcome::Status(429)),
+            Decision {
+                retry: true,
+                host_failure: false,
+                key: KeyFault::RateLimited
+            }
+        );
         for s in [401, 403] {
-            assert_eq!(d(Outcome::Status(s)), Decision { retry: true, host_failure: false, key: KeyFault::Rejected });
+            assert_eq!(
+                d(Outcome::Status(s)),
+                Decision {
+                    retry: true,
+                    host_failure: false,
+                    key: KeyFault::Rejected
+                }
+            );
         }
-        assert_eq!(d(Outcome::Status(404)), Decision { retry: true, host_failure: false, key: KeyFault::None });
+        assert_eq!(
+            d(Outcome::Status(404)),
+            Decision {
+                retry: true,
+                host_failure: false,
+                key: KeyFault::None
+            }
+        );
         for s in [200, 201, 301, 400, 405, 413, 422, 451] {
             assert!(!d(Outcome::Status(s)).retry, "{s}");
             assert!(!d(Outcome::Status(s)).host_failure, "{s}");

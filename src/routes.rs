@@ -64,7 +64,11 @@ fn bearer(head: &Head) -> Option<&str> {
 
 /// Equal without leaking where the first difference is.
 fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 /// Decide the route for a request head from `peer`.
@@ -77,7 +81,11 @@ pub fn route(b: &Balancer, head: &Head, peer: IpAddr) -> Result<Route, Rejection
         } else {
             Err(Rejection {
                 allow: Some("GET, HEAD"),
-                ..reject(405, "method_not_allowed", format!("{path} accepts GET only"))
+                ..reject(
+                    405,
+                    "method_not_allowed",
+                    format!("{path} accepts GET only"),
+                )
             })
         }
     };
@@ -87,7 +95,11 @@ pub fn route(b: &Balancer, head: &Head, peer: IpAddr) -> Result<Route, Rejection
         "/status" => get_only(Route::Status)?,
         p if p == "/v1" || p.starts_with("/v1/") => {
             if p.split('/').any(|seg| seg == "." || seg == "..") || p.contains("//") {
-                return Err(reject(400, "invalid_path", "path segments '.', '..' and empty segments are not allowed"));
+                return Err(reject(
+                    400,
+                    "invalid_path",
+                    "path segments '.', '..' and empty segments are not allowed",
+                ));
             }
             if p == "/v1/models" && head.method != "GET" {
                 return Err(Rejection {
@@ -114,11 +126,16 @@ pub fn route(b: &Balancer, head: &Head, peer: IpAddr) -> Result<Route, Rejection
         };
     }
     if !settings.client_keys.is_empty() {
-        let ok = bearer(head).is_some_and(|t| settings.client_keys.iter().any(|k| same_secret(k, t)));
+        let ok =
+            bearer(head).is_some_and(|t| settings.client_keys.iter().any(|k| same_secret(k, t)));
         return if ok {
             Ok(route)
         } else {
-            Err(reject(401, "invalid_api_key", "missing or unknown client key: send Authorization: Bearer <one of clientKeys>"))
+            Err(reject(
+                401,
+                "invalid_api_key",
+                "missing or unknown client key: send Authorization: Bearer <one of clientKeys>",
+            ))
         };
     }
     if !settings.open && !is_loopback(peer) {
@@ -233,7 +250,10 @@ mod tests {
         let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
         assert_eq!(route(&b, &h, mapped), Ok(Route::Proxy));
         // Health probes are not protected.
-        assert_eq!(route(&b, &head("GET", "/healthz", None), REMOTE), Ok(Route::Healthz));
+        assert_eq!(
+            route(&b, &head("GET", "/healthz", None), REMOTE),
+            Ok(Route::Healthz)
+        );
     }
 
     #[test]
@@ -243,7 +263,11 @@ mod tests {
         assert_eq!(route(&open, &h, REMOTE), Ok(Route::Proxy));
         let keyed = balancer(|s| s.client_keys = vec!["ck-1".into()]);
         assert_eq!(route(&keyed, &h, REMOTE).unwrap_err().status, 401);
-        assert_eq!(route(&keyed, &h, LOCAL).unwrap_err().status, 401, "keys apply to loopback too");
+        assert_eq!(
+            route(&keyed, &h, LOCAL).unwrap_err().status,
+            401,
+            "keys apply to loopback too"
+        );
         let with = head("POST", "/v1/embeddings", Some("Bearer ck-1"));
         assert_eq!(route(&keyed, &with, REMOTE), Ok(Route::Proxy));
         let wrong = head("POST", "/v1/embeddings", Some("Bearer ck-2"));
@@ -253,10 +277,23 @@ mod tests {
     #[test]
     fn admin_endpoints_need_the_admin_key_or_loopback() {
         let b = balancer(|_| {});
-        assert_eq!(route(&b, &head("GET", "/status", None), LOCAL), Ok(Route::Status));
-        assert_eq!(route(&b, &head("GET", "/status", None), REMOTE).unwrap_err().status, 403);
+        assert_eq!(
+            route(&b, &head("GET", "/status", None), LOCAL),
+            Ok(Route::Status)
+        );
+        assert_eq!(
+            route(&b, &head("GET", "/status", None), REMOTE)
+                .unwrap_err()
+                .status,
+            403
+        );
         let keyed = balancer(|s| s.admin_key = Some("admin-secret".into()));
-        assert_eq!(route(&keyed, &head("GET", "/status", None), LOCAL).unwrap_err().status, 401);
+        assert_eq!(
+            route(&keyed, &head("GET", "/status", None), LOCAL)
+                .unwrap_err()
+                .status,
+            401
+        );
         let ok = head("GET", "/status", Some("Bearer admin-secret"));
         assert_eq!(route(&keyed, &ok, REMOTE), Ok(Route::Status));
     }
@@ -264,11 +301,39 @@ mod tests {
     #[test]
     fn paths_and_methods() {
         let b = balancer(|_| {});
-        assert_eq!(route(&b, &head("GET", "/", None), LOCAL).unwrap_err().status, 404);
-        assert_eq!(route(&b, &head("GET", "/v2/x", None), LOCAL).unwrap_err().status, 404);
-        assert_eq!(route(&b, &head("POST", "/v1/models", None), LOCAL).unwrap_err().status, 405);
-        assert_eq!(route(&b, &head("GET", "/v1/models?x=1", None), LOCAL), Ok(Route::Proxy));
-        assert_eq!(route(&b, &head("POST", "/v1/../admin", None), LOCAL).unwrap_err().status, 400);
-        assert_eq!(route(&b, &head("PUT", "/healthz", None), LOCAL).unwrap_err().allow, Some("GET, HEAD"));
+        assert_eq!(
+            route(&b, &head("GET", "/", None), LOCAL)
+                .unwrap_err()
+                .status,
+            404
+        );
+        assert_eq!(
+            route(&b, &head("GET", "/v2/x", None), LOCAL)
+                .unwrap_err()
+                .status,
+            404
+        );
+        assert_eq!(
+            route(&b, &head("POST", "/v1/models", None), LOCAL)
+                .unwrap_err()
+                .status,
+            405
+        );
+        assert_eq!(
+            route(&b, &head("GET", "/v1/models?x=1", None), LOCAL),
+            Ok(Route::Proxy)
+        );
+        assert_eq!(
+            route(&b, &head("POST", "/v1/../admin", None), LOCAL)
+                .unwrap_err()
+                .status,
+            400
+        );
+        assert_eq!(
+            route(&b, &head("PUT", "/healthz", None), LOCAL)
+                .unwrap_err()
+                .allow,
+            Some("GET, HEAD")
+        );
     }
 }

@@ -23,10 +23,10 @@ use crate::config::Config;
 use crate::proxy::{self, Proxied};
 use crate::request::{Framing, Head, Limits, Reader};
 use crate::response::{valid_value, Responder};
+use crate::rng;
 use crate::routes::{self, Route};
 use crate::state::{Balancer, Shared};
 use crate::upstream::Outgoing;
-use crate::rng;
 
 /// Longest request line or header line.
 pub const MAX_LINE: usize = 8 * 1024;
@@ -99,6 +99,16 @@ impl Server {
     /// The shared state (for reloads and tests).
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// Block until the server stops (it only stops through [`Server::shutdown`]).
+    pub fn wait(mut self) {
+        if let Some(a) = self.acceptor.take() {
+            let _ = a.join();
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
     }
 
     /// Stop accepting, let requests in flight finish for up to `grace`.
@@ -183,7 +193,11 @@ fn shed(mut stream: TcpStream, why: &str) {
     let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
     let mut out = Responder::new(&mut stream, false, false, false);
     out.add_header("Retry-After", "1");
-    let _ = out.send_error(503, "overloaded", &format!("gaia-balancer is overloaded ({why}); retry shortly"));
+    let _ = out.send_error(
+        503,
+        "overloaded",
+        &format!("gaia-balancer is overloaded ({why}); retry shortly"),
+    );
     let _ = stream.shutdown(std::net::Shutdown::Write);
 }
 
@@ -216,7 +230,11 @@ fn serve_connection(shared: &Shared, conn: Conn) {
             max_headers: MAX_HEADERS,
             max_body: settings.max_body_bytes,
         };
-        let idle = if first { settings.head_timeout } else { settings.keep_alive };
+        let idle = if first {
+            settings.head_timeout
+        } else {
+            settings.keep_alive
+        };
         first = false;
         let head = match reader.read_head(&limits, idle, settings.head_timeout) {
             Ok(head) => head,
@@ -258,13 +276,21 @@ fn serve_connection(shared: &Shared, conn: Conn) {
             Err(_) => {
                 log::error!("{id}: panic while serving {} {}", head.method, head.target);
                 if !out.started() {
-                    let _ = out.send_error(500, "internal_error", "internal error while serving this request");
+                    let _ = out.send_error(
+                        500,
+                        "internal_error",
+                        "internal error while serving this request",
+                    );
                 }
                 out.close_after();
                 proxy::Served::default()
             }
         };
-        let status = if served.client_gone { 499 } else { out.status() };
+        let status = if served.client_gone {
+            499
+        } else {
+            out.status()
+        };
         log::info!(
             "{id} {} {} {status} host={} attempts={} {}ms",
             head.method,
@@ -367,7 +393,11 @@ fn proxy_request(
         .is_none_or(|ct| ct.to_ascii_lowercase().contains("json"));
     if is_json && !body.is_empty() {
         if let Err(e) = serde_json::from_slice::<Probe>(&body) {
-            let _ = out.send_error(400, "invalid_json", &format!("request body is not a JSON object: {e}"));
+            let _ = out.send_error(
+                400,
+                "invalid_json",
+                &format!("request body is not a JSON object: {e}"),
+            );
             return proxy::Served::default();
         }
     }

@@ -153,9 +153,15 @@ fn carries_output(choice: &Value) -> bool {
     let Some(delta) = choice.get("delta").or_else(|| choice.get("message")) else {
         return false;
     };
-    ["content", "tool_calls", "function_call", "reasoning_content", "refusal"]
-        .iter()
-        .any(|k| non_empty(delta.get(*k)))
+    [
+        "content",
+        "tool_calls",
+        "function_call",
+        "reasoning_content",
+        "refusal",
+    ]
+    .iter()
+    .any(|k| non_empty(delta.get(*k)))
 }
 
 #[cfg(test)]
@@ -174,7 +180,10 @@ mod tests {
         assert_eq!(p.push(EMPTY.as_bytes()), Verdict::Hold);
         assert_eq!(p.push(HELLO.as_bytes()), Verdict::Commit);
         let held = p.take();
-        assert_eq!(held, [ROLE, ": keep-alive\n\n", EMPTY, HELLO].concat().as_bytes());
+        assert_eq!(
+            held,
+            [ROLE, ": keep-alive\n\n", EMPTY, HELLO].concat().as_bytes()
+        );
     }
 
     #[test]
@@ -195,7 +204,11 @@ mod tests {
             "data: {\"choices\":[{\"text\":\"hi\"}]}\n\n",
             "data: not json\n\n",
         ] {
-            assert_eq!(Preamble::default().push(ev.as_bytes()), Verdict::Commit, "{ev}");
+            assert_eq!(
+                Preamble::default().push(ev.as_bytes()),
+                Verdict::Commit,
+                "{ev}"
+            );
         }
     }
 

@@ -130,7 +130,7 @@ pub fn send(
     if let Some(key) = key {
         builder = builder.header("authorization", format!("Bearer {}", key.secret()));
     }
-    let result = if out.body.is_empty() && matches!(out.method, "GET" | "HEAD" | "DELETE") {
+    if out.body.is_empty() && matches!(out.method, "GET" | "HEAD" | "DELETE") {
         builder
             .body(())
             .map_err(invalid)
@@ -140,8 +140,7 @@ pub fn send(
             .body(out.body)
             .map_err(invalid)
             .and_then(|r| agent.run(r).map_err(|e| classify(e, host)))
-    };
-    result
+    }
 }
 
 fn invalid(e: http::Error) -> AttemptError {
@@ -175,7 +174,9 @@ pub fn classify(e: ureq::Error, host: &Host) -> AttemptError {
         E::Tls(_) | E::Rustls(_) | E::Pem(_) => {
             failed(Outcome::Connect, &format!("TLS failed: {e}"), host)
         }
-        E::BadUri(_) | E::Http(_) => AttemptError::Invalid(format!("request cannot be forwarded: {e}")),
+        E::BadUri(_) | E::Http(_) => {
+            AttemptError::Invalid(format!("request cannot be forwarded: {e}"))
+        }
         other => failed(Outcome::Broken, &format!("{other}"), host),
     }
 }

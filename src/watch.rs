@@ -17,9 +17,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use ureq::unversioned::transport::time::Duration as UreqDuration;
-use ureq::unversioned::transport::{
-    Buffers, ConnectionDetails, Connector, NextTimeout, Transport,
-};
+use ureq::unversioned::transport::{Buffers, ConnectionDetails, Connector, NextTimeout, Transport};
 use ureq::Error;
 
 /// Longest uninterrupted wait on an upstream.

@@ -233,11 +233,18 @@ fn watch_sleep(stream: &TcpStream, d: Duration) -> bool {
     let mut byte = [0u8; 1];
     while Instant::now() < end {
         let left = end - Instant::now();
-        let _ = stream.set_read_timeout(Some(left.min(Duration::from_millis(10)).max(Duration::from_millis(1))));
-        match (&*stream).peek(&mut byte) {
+        let _ = stream.set_read_timeout(Some(
+            left.min(Duration::from_millis(10))
+                .max(Duration::from_millis(1)),
+        ));
+        match stream.peek(&mut byte) {
             Ok(0) => return true,
             Ok(_) => thread::sleep(Duration::from_millis(5)),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => return true,
         }
     }

@@ -7,7 +7,10 @@ use crate::fake::{Reply, Step, Upstream};
 use crate::util::{chat, connect, post, raw, read_response, request, start};
 
 fn status_of(resp: &str) -> u16 {
-    resp.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    resp.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 #[test]
@@ -45,9 +48,12 @@ fn ten_thousand_headers_is_431() {
 #[test]
 fn slow_head_gets_408_while_others_are_served() {
     let up = Upstream::always(Reply::json(200, "{}"));
-    let bal = start(&[up.url()], &[], |c| c.settings.head_timeout = Duration::from_millis(800));
+    let bal = start(&[up.url()], &[], |c| {
+        c.settings.head_timeout = Duration::from_millis(800)
+    });
     let mut slow = connect(bal.addr);
-    slow.write_all(b"POST /v1/embeddings HTTP/1.1\r\nHo").unwrap();
+    slow.write_all(b"POST /v1/embeddings HTTP/1.1\r\nHo")
+        .unwrap();
     let began = Instant::now();
     // Others are served meanwhile.
     for _ in 0..5 {
@@ -66,12 +72,22 @@ fn ambiguous_framing_is_refused_and_nothing_is_smuggled() {
     let smuggle = "POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nPOST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}";
     let resp = raw(bal.addr, smuggle.as_bytes());
     assert_eq!(status_of(&resp), 400, "{resp}");
-    assert_eq!(resp.matches("HTTP/1.1").count(), 1, "one answer, then close: {resp}");
+    assert_eq!(
+        resp.matches("HTTP/1.1").count(),
+        1,
+        "one answer, then close: {resp}"
+    );
     let dup = raw(bal.addr, b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}");
     assert_eq!(status_of(&dup), 400, "{dup}");
-    let list = raw(bal.addr, b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Length: 2, 2\r\n\r\n{}");
+    let list = raw(
+        bal.addr,
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Length: 2, 2\r\n\r\n{}",
+    );
     assert_eq!(status_of(&list), 400, "{list}");
-    let te = raw(bal.addr, b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n{}");
+    let te = raw(
+        bal.addr,
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n{}",
+    );
     assert_eq!(status_of(&te), 501, "{te}");
     assert_eq!(up.hits(), 0);
 }
@@ -81,7 +97,10 @@ fn truncated_body_is_never_forwarded() {
     let up = Upstream::always(Reply::json(200, "{}"));
     let bal = start(&[up.url()], &[], |_| {});
     let mut s = connect(bal.addr);
-    s.write_all(b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{\"input\":").unwrap();
+    s.write_all(
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{\"input\":",
+    )
+    .unwrap();
     s.shutdown(std::net::Shutdown::Write).unwrap();
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
@@ -120,7 +139,12 @@ fn full_queue_sheds_with_503_and_retry_after() {
     // Occupy the only worker with a stream that stays silent.
     let mut busy = connect(bal.addr);
     let body = chat(true);
-    write!(busy, "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    write!(
+        busy,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
     assert!(crate::util::wait_for(Duration::from_secs(3), || up.hits() == 1));
     let _queued = connect(bal.addr); // fills the queue
     std::thread::sleep(Duration::from_millis(50)); // let the acceptor queue it
@@ -134,7 +158,13 @@ fn a_panic_ends_the_request_not_the_worker() {
     let up = Upstream::always(Reply::json(200, "{}"));
     let bal = start(&[up.url()], &[], |c| c.settings.workers = 1);
     for _ in 0..3 {
-        let r = request(bal.addr, "GET", "/healthz", &[("x-gaia-debug-panic", "1")], b"");
+        let r = request(
+            bal.addr,
+            "GET",
+            "/healthz",
+            &[("x-gaia-debug-panic", "1")],
+            b"",
+        );
         assert_eq!(r.status, 500);
         assert_eq!(r.json()["error"]["code"], "internal_error");
         // The only worker is still there.

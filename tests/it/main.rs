@@ -3,6 +3,6 @@
 mod fake;
 mod util;
 
+mod hostile;
 mod proxy;
 mod streaming;
-mod hostile;

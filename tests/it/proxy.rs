@@ -17,7 +17,11 @@ fn body_reaches_upstream_byte_for_byte_and_answer_comes_back() {
         bal.addr,
         "POST",
         "/v1/chat/completions?trace=1",
-        &[("Content-Type", "application/json"), ("Authorization", "Bearer client-secret"), ("X-Request-Id", "req-123")],
+        &[
+            ("Content-Type", "application/json"),
+            ("Authorization", "Bearer client-secret"),
+            ("X-Request-Id", "req-123"),
+        ],
         body.as_bytes(),
     );
     assert_eq!(r.status, 200, "{}", r.text());
@@ -29,7 +33,10 @@ fn body_reaches_upstream_byte_for_byte_and_answer_comes_back() {
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].body, body.as_bytes());
     assert_eq!(seen[0].path, "/v1/chat/completions?trace=1");
-    assert_eq!(seen[0].header("authorization"), Some("Bearer pool-key-000000000001"));
+    assert_eq!(
+        seen[0].header("authorization"),
+        Some("Bearer pool-key-000000000001")
+    );
     assert_eq!(seen[0].header("x-request-id"), Some("req-123"));
 }
 
@@ -37,12 +44,24 @@ fn body_reaches_upstream_byte_for_byte_and_answer_comes_back() {
 fn no_pool_key_means_no_authorization_upstream() {
     let up = Upstream::always(Reply::json(200, OK));
     let bal = start(&[up.url()], &[], |_| {});
-    let r = request(bal.addr, "POST", "/v1/embeddings", &[("Authorization", "Bearer client"), ("Content-Type", "application/json")], b"{\"input\":\"a\"}");
+    let r = request(
+        bal.addr,
+        "POST",
+        "/v1/embeddings",
+        &[
+            ("Authorization", "Bearer client"),
+            ("Content-Type", "application/json"),
+        ],
+        b"{\"input\":\"a\"}",
+    );
     assert_eq!(r.status, 200);
     assert_eq!(up.requests()[0].header("authorization"), None);
     // A request id is generated when the client sends none.
     assert!(r.header("x-request-id").is_some_and(|v| v.len() == 16));
-    assert_eq!(up.requests()[0].header("x-request-id"), r.header("x-request-id"));
+    assert_eq!(
+        up.requests()[0].header("x-request-id"),
+        r.header("x-request-id")
+    );
 }
 
 #[test]
@@ -81,9 +100,13 @@ fn refused_and_hanging_hosts_fail_over() {
     let good = Upstream::always(Reply::json(200, OK));
     let hang = Upstream::always(Reply::Hang(Duration::from_secs(10)));
     let close = Upstream::always(Reply::Close);
-    let bal = start(&[refused_url(), hang.url(), close.url(), good.url()], &[], |c| {
-        c.settings.timeouts.first_byte = Duration::from_millis(500);
-    });
+    let bal = start(
+        &[refused_url(), hang.url(), close.url(), good.url()],
+        &[],
+        |c| {
+            c.settings.timeouts.first_byte = Duration::from_millis(500);
+        },
+    );
     for _ in 0..4 {
         let r = post(bal.addr, "/v1/chat/completions", &chat(false));
         assert_eq!(r.status, 200, "{}", r.text());
@@ -132,13 +155,26 @@ fn total_timeout_gives_504() {
 #[test]
 fn keys_rotate_round_robin() {
     let up = Upstream::always(Reply::json(200, OK));
-    let keys = ["key-aaaaaaaaaaaa-0001", "key-bbbbbbbbbbbb-0002", "key-cccccccccccc-0003"];
+    let keys = [
+        "key-aaaaaaaaaaaa-0001",
+        "key-bbbbbbbbbbbb-0002",
+        "key-cccccccccccc-0003",
+    ];
     let bal = start(&[up.url()], &keys, |_| {});
     for _ in 0..6 {
         assert_eq!(post(bal.addr, "/v1/embeddings", "{}").status, 200);
     }
-    let used: Vec<String> = up.requests().iter().map(|s| s.header("authorization").unwrap().to_string()).collect();
-    let expected: Vec<String> = keys.iter().cycle().take(6).map(|k| format!("Bearer {k}")).collect();
+    let used: Vec<String> = up
+        .requests()
+        .iter()
+        .map(|s| s.header("authorization").unwrap().to_string())
+        .collect();
+    let expected: Vec<String> = keys
+        .iter()
+        .cycle()
+        .take(6)
+        .map(|k| format!("Bearer {k}"))
+        .collect();
     assert_eq!(used, expected);
 }
 
@@ -151,7 +187,11 @@ fn a_rejected_key_is_not_reused_within_the_request() {
             Reply::json(200, OK)
         }
     });
-    let bal = start(&[up.url()], &["key-bad-xxxxxxxxxxxx", "key-good-xxxxxxxxxxx"], |_| {});
+    let bal = start(
+        &[up.url()],
+        &["key-bad-xxxxxxxxxxxx", "key-good-xxxxxxxxxxx"],
+        |_| {},
+    );
     for _ in 0..4 {
         let r = post(bal.addr, "/v1/chat/completions", &chat(false));
         assert_eq!(r.status, 200, "{}", r.text());
@@ -165,13 +205,27 @@ fn a_rejected_key_is_not_reused_within_the_request() {
 #[test]
 fn client_keys_are_required_when_configured() {
     let up = Upstream::always(Reply::json(200, OK));
-    let bal = start(&[up.url()], &[], |c| c.settings.client_keys = vec!["client-key-1".into()]);
+    let bal = start(&[up.url()], &[], |c| {
+        c.settings.client_keys = vec!["client-key-1".into()]
+    });
     let none = post(bal.addr, "/v1/chat/completions", &chat(false));
     assert_eq!(none.status, 401);
     assert_eq!(none.json()["error"]["code"], "invalid_api_key");
-    let wrong = request(bal.addr, "POST", "/v1/chat/completions", &[("Authorization", "Bearer nope")], chat(false).as_bytes());
+    let wrong = request(
+        bal.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("Authorization", "Bearer nope")],
+        chat(false).as_bytes(),
+    );
     assert_eq!(wrong.status, 401);
-    let right = request(bal.addr, "POST", "/v1/chat/completions", &[("Authorization", "Bearer client-key-1")], chat(false).as_bytes());
+    let right = request(
+        bal.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("Authorization", "Bearer client-key-1")],
+        chat(false).as_bytes(),
+    );
     assert_eq!(right.status, 200);
     assert_eq!(up.hits(), 1);
     // The client's key never reaches the upstream.
@@ -189,10 +243,18 @@ fn errors_are_openai_shaped() {
         ("DELETE", "/healthz", b"", 405),
     ];
     for (method, path, body, status) in cases {
-        let r = request(bal.addr, method, path, &[("Content-Type", "application/json")], body);
+        let r = request(
+            bal.addr,
+            method,
+            path,
+            &[("Content-Type", "application/json")],
+            body,
+        );
         assert_eq!(r.status, status, "{method} {path}");
         let v = r.json();
-        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
         assert!(v["error"]["type"].is_string());
         assert!(v["error"]["code"].is_string());
     }
@@ -207,7 +269,11 @@ fn models_and_other_v1_paths_are_forwarded() {
     assert_eq!(r.status, 200);
     let r = post(bal.addr, "/v1/completions", r#"{"prompt":"x"}"#);
     assert_eq!(r.status, 200);
-    let paths: Vec<String> = up.requests().iter().map(|s| format!("{} {}", s.method, s.path)).collect();
+    let paths: Vec<String> = up
+        .requests()
+        .iter()
+        .map(|s| format!("{} {}", s.method, s.path))
+        .collect();
     assert_eq!(paths, ["GET /v1/models", "POST /v1/completions"]);
 }
 
@@ -219,6 +285,41 @@ fn health_endpoints_answer() {
     assert_eq!(request(bal.addr, "GET", "/readyz", &[], b"").status, 200);
     let status = request(bal.addr, "GET", "/status", &[], b"");
     assert_eq!(status.status, 200);
-    assert!(!status.text().contains("pool-key-secret"), "{}", status.text());
+    assert!(
+        !status.text().contains("pool-key-secret"),
+        "{}",
+        status.text()
+    );
     assert!(status.text().contains("wxyz"));
+}
+
+#[test]
+fn upstream_header_values_are_checked_before_copying() {
+    // A control byte makes the upstream response malformed: a failed attempt.
+    let ctl = Upstream::always(
+        Reply::Full {
+            status: 200,
+            headers: vec![],
+            body: b"{}".to_vec(),
+        }
+        .with_header("Content-Type", "application/json\u{1}X-Injected: 1"),
+    );
+    let bal = start(&[ctl.url()], &[], |c| c.settings.max_attempts = 1);
+    let r = post(bal.addr, "/v1/embeddings", "{}");
+    assert_eq!(r.status, 502);
+    assert_eq!(r.header("x-injected"), None);
+    // Bytes the upstream parser tolerates but a client should not get are dropped.
+    let odd = Upstream::always(
+        Reply::Full {
+            status: 200,
+            headers: vec![],
+            body: b"{}".to_vec(),
+        }
+        .with_header("Content-Type", "application/json\u{ff}"),
+    );
+    let bal = start(&[odd.url()], &[], |_| {});
+    let r = post(bal.addr, "/v1/embeddings", "{}");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), None);
+    assert_eq!(r.text(), "{}");
 }

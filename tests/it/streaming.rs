@@ -33,7 +33,11 @@ fn each_chunk_reaches_the_client_within_50ms() {
     // send is its own client chunk.
     let sent = up.sent();
     assert_eq!(sent.len(), 10);
-    assert_eq!(r.chunks.len(), 9, "one client chunk per upstream chunk after the commit");
+    assert_eq!(
+        r.chunks.len(),
+        9,
+        "one client chunk per upstream chunk after the commit"
+    );
     for (k, (arrived, _)) in r.chunks.iter().enumerate() {
         let lag = arrived.duration_since(sent[k + 1]);
         assert!(lag < Duration::from_millis(50), "chunk {k} lagged {lag:?}");
@@ -42,7 +46,11 @@ fn each_chunk_reaches_the_client_within_50ms() {
 
 #[test]
 fn preamble_only_failure_fails_over_invisibly() {
-    let dying = Upstream::always(Reply::sse(vec![Step::Send(role_event()), ms(20), Step::Cut]));
+    let dying = Upstream::always(Reply::sse(vec![
+        Step::Send(role_event()),
+        ms(20),
+        Step::Cut,
+    ]));
     let good = Upstream::always(Reply::sse(vec![
         Step::Send(role_event()),
         Step::Send(content_event("hello")),
@@ -54,8 +62,15 @@ fn preamble_only_failure_fails_over_invisibly() {
         assert_eq!(r.status, 200);
         assert!(r.complete);
         let text = r.text();
-        assert_eq!(text.matches("assistant").count(), 1, "preamble sent once: {text}");
-        assert!(text.contains("hello") && text.ends_with("data: [DONE]\n\n"), "{text}");
+        assert_eq!(
+            text.matches("assistant").count(),
+            1,
+            "preamble sent once: {text}"
+        );
+        assert!(
+            text.contains("hello") && text.ends_with("data: [DONE]\n\n"),
+            "{text}"
+        );
         assert_eq!(r.header("x-gaia-upstream"), Some("h1"));
     }
     assert!(dying.hits() >= 1);
@@ -66,7 +81,10 @@ fn error_event_before_output_fails_over() {
     let erring = Upstream::always(Reply::sse(vec![Step::Send(
         b"data: {\"error\":{\"message\":\"model overloaded\"}}\n\n".to_vec(),
     )]));
-    let good = Upstream::always(Reply::sse(vec![Step::Send(content_event("ok")), Step::Send(finish_events())]));
+    let good = Upstream::always(Reply::sse(vec![
+        Step::Send(content_event("ok")),
+        Step::Send(finish_events()),
+    ]));
     let bal = start(&[erring.url(), good.url()], &[], |_| {});
     for _ in 0..2 {
         let r = post(bal.addr, "/v1/chat/completions", &chat(true));
@@ -95,7 +113,10 @@ fn cut_after_commit_ends_with_error_event_and_no_done() {
     assert!(last.contains("stream_interrupted"));
     assert_eq!(other.hits(), 0, "nothing after the commit is retried");
     // The balancer is still healthy.
-    assert_eq!(crate::util::request(bal.addr, "GET", "/healthz", &[], b"").status, 200);
+    assert_eq!(
+        crate::util::request(bal.addr, "GET", "/healthz", &[], b"").status,
+        200
+    );
 }
 
 /// Start a stream, read its first chunk, then drop the client.
@@ -128,7 +149,10 @@ fn leave_mid_stream(silent: bool) {
         "upstream never saw the close"
     );
     let seen = up.peer_closed()[0].duration_since(left);
-    assert!(seen < Duration::from_secs(1), "upstream saw the close after {seen:?}");
+    assert!(
+        seen < Duration::from_secs(1),
+        "upstream saw the close after {seen:?}"
+    );
 }
 
 #[test]
@@ -144,14 +168,23 @@ fn client_leaving_while_upstream_is_silent_closes_the_upstream() {
 #[test]
 fn client_leaving_before_the_response_head_closes_the_upstream() {
     let up = Upstream::always(Reply::Hang(Duration::from_secs(10)));
-    let bal = start(&[up.url()], &[], |c| c.settings.timeouts.first_byte = Duration::from_secs(30));
+    let bal = start(&[up.url()], &[], |c| {
+        c.settings.timeouts.first_byte = Duration::from_secs(30)
+    });
     let mut s = connect(bal.addr);
     let body = chat(false);
-    write!(s, "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
     assert!(wait_for(Duration::from_secs(3), || up.hits() == 1));
     let left = Instant::now();
     drop(s);
-    assert!(wait_for(Duration::from_secs(3), || !up.peer_closed().is_empty()));
+    assert!(wait_for(Duration::from_secs(3), || !up
+        .peer_closed()
+        .is_empty()));
     assert!(up.peer_closed()[0].duration_since(left) < Duration::from_secs(1));
 }
 
@@ -175,12 +208,20 @@ fn three_hundred_concurrent_streams_all_complete() {
                 .stack_size(128 * 1024)
                 .spawn(move || {
                     let r = post(addr, "/v1/chat/completions", &chat(true));
-                    r.status == 200 && r.complete && r.text().ends_with("data: [DONE]\n\n") && r.text().contains("t4")
+                    r.status == 200
+                        && r.complete
+                        && r.text().ends_with("data: [DONE]\n\n")
+                        && r.text().contains("t4")
                 })
                 .unwrap()
         })
         .collect();
-    let ok = handles.into_iter().filter(|_| true).map(|h| h.join().unwrap()).filter(|ok| *ok).count();
+    let ok = handles
+        .into_iter()
+        .filter(|_| true)
+        .map(|h| h.join().unwrap())
+        .filter(|ok| *ok)
+        .count();
     assert_eq!(ok, 300);
 }
 
@@ -192,7 +233,11 @@ fn keep_alive_serves_several_requests_on_one_connection() {
     let mut w = s.try_clone().unwrap();
     let mut reader = BufReader::new(s);
     for _ in 0..3 {
-        write!(w, "POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{{}}").unwrap();
+        write!(
+            w,
+            "POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{{}}"
+        )
+        .unwrap();
         let r = read_response(&mut reader).unwrap();
         assert_eq!(r.status, 200);
         assert_eq!(r.text(), "{\"ok\":1}");

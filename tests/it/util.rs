@@ -164,7 +164,10 @@ pub fn read_response(reader: &mut BufReader<TcpStream>) -> std::io::Result<Resp>
             resp.body.extend_from_slice(&data);
             resp.chunks.push((Instant::now(), data));
         }
-    } else if let Some(len) = resp.header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+    } else if let Some(len) = resp
+        .header("content-length")
+        .and_then(|v| v.parse::<usize>().ok())
+    {
         let mut data = vec![0; len];
         reader.read_exact(&mut data)?;
         resp.body = data;
@@ -177,7 +180,13 @@ pub fn read_response(reader: &mut BufReader<TcpStream>) -> std::io::Result<Resp>
 }
 
 /// Send one request on a new connection and read the response.
-pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Resp {
     let mut s = connect(addr);
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
     for (k, v) in headers {
@@ -196,7 +205,13 @@ pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &st
 
 /// POST a JSON body.
 pub fn post(addr: SocketAddr, path: &str, body: &str) -> Resp {
-    request(addr, "POST", path, &[("Content-Type", "application/json")], body.as_bytes())
+    request(
+        addr,
+        "POST",
+        path,
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+    )
 }
 
 /// A chat request body.
