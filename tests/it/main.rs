@@ -3,6 +3,7 @@
 mod fake;
 mod util;
 
+mod cli;
 mod hostile;
 mod proxy;
 mod streaming;

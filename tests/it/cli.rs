@@ -1,0 +1,165 @@
+//! The binary: `check`, `--help`, `--version`, bad flags, and a real run.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::fake::{Reply, Upstream};
+use crate::util::{chat, post, wait_for};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_gaia-balancer"));
+    for var in ["GAIA_CONFIG_DIR", "PORT", "BIND", "LOG_LEVEL", "NODE_ENV"] {
+        c.env_remove(var);
+    }
+    c
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("gaia-it-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn check_accepts_the_shipped_config_and_masks_keys() {
+    let dir = temp_dir("check-ok");
+    std::fs::write(
+        dir.join("hosts.json"),
+        r#"{"hosts": ["asia", {"url": "http://127.0.0.1:9/v1", "weight": 2}]}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("api-keys.json"),
+        r#"{"apiKeys": [{"key": "gaia-secret-key-value-1234", "isActive": true}]}"#,
+    )
+    .unwrap();
+    let out = bin()
+        .arg("check")
+        .arg("--config")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("https://asia.gaia.domains"), "{text}");
+    assert!(text.contains("http://127.0.0.1:9 "), "/v1 stripped: {text}");
+    assert!(
+        text.contains("1234") && !text.contains("gaia-secret-key"),
+        "{text}"
+    );
+    let shipped = bin()
+        .args([
+            "check",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config"),
+        ])
+        .output()
+        .unwrap();
+    assert!(shipped.status.success());
+}
+
+#[test]
+fn check_reports_file_field_line_and_column() {
+    let dir = temp_dir("check-bad");
+    std::fs::write(
+        dir.join("hosts.json"),
+        "{\n  \"hosts\": [\n    {\"url\": \"asia\", \"weight\": 0}\n  ]\n}\n",
+    )
+    .unwrap();
+    let out = bin()
+        .arg("check")
+        .arg("--config")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("hosts.json:3:"), "{err}");
+    assert!(err.contains("weight"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
+
+    std::fs::write(dir.join("hosts.json"), "{\"hosts\": [\"asia\",]}").unwrap();
+    let out = bin()
+        .arg("check")
+        .arg("--config")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("hosts.json:1:"), "{err}");
+}
+
+#[test]
+fn help_version_and_bad_flags() {
+    let help = bin().arg("--help").output().unwrap();
+    assert!(help.status.success());
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--config DIR"));
+    let version = bin().arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&version.stdout).contains(env!("CARGO_PKG_VERSION")));
+    let bad = bin().arg("--frobnicate").output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--help"));
+    let port = bin().args(["--port", "http"]).output().unwrap();
+    assert_eq!(port.status.code(), Some(2));
+}
+
+#[test]
+fn the_binary_serves_a_config_directory() {
+    let up = Upstream::always(Reply::json(200, r#"{"ok":true}"#));
+    let dir = temp_dir("run");
+    std::fs::write(
+        dir.join("hosts.json"),
+        format!(r#"{{"hosts": ["{}"]}}"#, up.url()),
+    )
+    .unwrap();
+    let child = bin()
+        .args(["--port", "0", "--workers", "4", "--config"])
+        .arg(&dir)
+        .env("LOG_LEVEL", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    // The log line names the bound address.
+    let stderr = child.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut addr = None;
+    let found = wait_for(Duration::from_secs(10), || {
+        while let Ok(line) = rx.try_recv() {
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                addr = rest.split_whitespace().next().and_then(|a| a.parse().ok());
+            }
+        }
+        addr.is_some()
+    });
+    assert!(found, "no listening line");
+    let r = post(addr.unwrap(), "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), r#"{"ok":true}"#);
+}
+
+/// Kills the child process even when an assertion fails first.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
