@@ -114,24 +114,32 @@ fn help_version_and_bad_flags() {
     assert_eq!(port.status.code(), Some(2));
 }
 
-#[test]
-fn the_binary_serves_a_config_directory() {
-    let up = Upstream::always(Reply::json(200, r#"{"ok":true}"#));
-    let dir = temp_dir("run");
-    std::fs::write(
-        dir.join("hosts.json"),
-        format!(r#"{{"hosts": ["{}"]}}"#, up.url()),
-    )
-    .unwrap();
-    let child = bin()
-        .args(["--port", "0", "--workers", "4", "--config"])
-        .arg(&dir)
+/// Start the binary on `dir` through `sh` (so a ulimit can be set first) and
+/// return it with the address from its "listening on" log line.
+type Spawned = (
+    KillOnDrop,
+    std::net::SocketAddr,
+    std::sync::mpsc::Receiver<String>,
+);
+
+fn spawn(dir: &std::path::Path, shell_prefix: &str) -> Spawned {
+    let exe = env!("CARGO_BIN_EXE_gaia-balancer");
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "{shell_prefix} exec \"$0\" --port 0 --workers 4 --config \"$1\""
+        ))
+        .arg(exe)
+        .arg(dir);
+    for var in ["GAIA_CONFIG_DIR", "PORT", "BIND", "NODE_ENV"] {
+        cmd.env_remove(var);
+    }
+    let child = cmd
         .env("LOG_LEVEL", "info")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut child = KillOnDrop(child);
-    // The log line names the bound address.
     let stderr = child.0.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -149,9 +157,59 @@ fn the_binary_serves_a_config_directory() {
         addr.is_some()
     });
     assert!(found, "no listening line");
-    let r = post(addr.unwrap(), "/v1/chat/completions", &chat(false));
+    (child, addr.unwrap(), rx)
+}
+
+fn config_for(name: &str, up: &Upstream) -> PathBuf {
+    let dir = temp_dir(name);
+    std::fs::write(
+        dir.join("hosts.json"),
+        format!(r#"{{"hosts": ["{}"]}}"#, up.url()),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn the_binary_serves_a_config_directory() {
+    let up = Upstream::always(Reply::json(200, r#"{"ok":true}"#));
+    let (_child, addr, _log) = spawn(&config_for("run", &up), "");
+    let r = post(addr, "/v1/chat/completions", &chat(false));
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), r#"{"ok":true}"#);
+}
+
+#[test]
+fn descriptor_exhaustion_does_not_stop_accepting() {
+    let up = Upstream::always(Reply::json(200, r#"{"ok":true}"#));
+    let (_child, addr, log) = spawn(&config_for("emfile", &up), "ulimit -n 48 &&");
+    assert_eq!(post(addr, "/v1/embeddings", "{}").status, 200);
+    // Far more idle connections than the process has descriptors.
+    let flood: Vec<_> = (0..150)
+        .filter_map(|_| std::net::TcpStream::connect(addr).ok())
+        .collect();
+    assert!(flood.len() > 48);
+    drop(flood);
+    // Once the flood is gone it serves again at once (after at most one backoff).
+    let back = wait_for(Duration::from_secs(10), || {
+        let mut s = match std::net::TcpStream::connect(addr) {
+            Ok(s) => s,
+            Err(_) => return false,
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = std::io::Write::write_all(
+            &mut s,
+            b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        );
+        let mut out = String::new();
+        let _ = std::io::Read::read_to_string(&mut s, &mut out);
+        out.starts_with("HTTP/1.1 200")
+    });
+    assert!(
+        back,
+        "the balancer stopped accepting after descriptor exhaustion"
+    );
+    assert_eq!(post(addr, "/v1/embeddings", "{}").status, 200);
 }
 
 /// Kills the child process even when an assertion fails first.
