@@ -47,6 +47,8 @@ pub struct Server {
     shared: Arc<Shared>,
     acceptor: Option<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
+    /// A handle on the queue, to report its depth.
+    queue: Receiver<Conn>,
 }
 
 /// One accepted connection waiting for a worker.
@@ -87,6 +89,7 @@ pub fn start(config: Config) -> io::Result<Server> {
         shared,
         acceptor: Some(acceptor),
         workers,
+        queue: rx,
     })
 }
 
@@ -94,6 +97,11 @@ impl Server {
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Accepted connections waiting for a worker.
+    pub fn queue_depth(&self) -> usize {
+        self.queue.len()
     }
 
     /// The shared state (for reloads and tests).

@@ -16,6 +16,12 @@ pub struct Running {
     pub addr: SocketAddr,
 }
 
+impl Running {
+    pub fn server(&self) -> &Server {
+        self.server.as_ref().expect("running")
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         if let Some(s) = self.server.take() {
