@@ -189,6 +189,10 @@ fn descriptor_exhaustion_does_not_stop_accepting() {
         .filter_map(|_| std::net::TcpStream::connect(addr).ok())
         .collect();
     assert!(flood.len() > 48);
+    let exhausted = wait_for(Duration::from_secs(5), || {
+        log.try_iter().any(|l| l.contains("Too many open files"))
+    });
+    assert!(exhausted, "the flood never exhausted descriptors");
     drop(flood);
     // Once the flood is gone it serves again at once (after at most one backoff).
     let back = wait_for(Duration::from_secs(10), || {
