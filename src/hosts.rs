@@ -1,19 +1,83 @@
-//! Upstream hosts: who they are, how busy they are, and in which order a
-//! request tries them.
+//! Upstream hosts: who they are, whether they are healthy, and in which order
+//! a request tries them. This is where a host is ejected and readmitted.
 //!
-//! Selection is smooth weighted round-robin (nginx's algorithm): over any
-//! window of `sum(weights)` picks each host is chosen `weight` times, spread
-//! out rather than in bursts. Failover is an iterator of candidates
-//! ([`Candidates`]): each `next()` picks among the hosts this request has not
-//! tried yet, primaries before backups, and only when every host has been
-//! tried does it start over, so a retry lands on a different host whenever
-//! one exists.
+//! Health: five consecutive host failures (connect errors, timeouts, 5xx,
+//! broken responses) eject a host for 30 s × n (n = ejections in a row, capped
+//! at 300 s, plus 0–10 % jitter). When that time is up exactly one request
+//! probes it (half-open): success readmits it, failure ejects it again with
+//! n + 1. Never more than half the hosts are ejected at once, and when fewer
+//! than half are routable the ejections are ignored (panic mode): the
+//! balancer tries the least-bad hosts rather than refuse traffic. A 429 is
+//! not a host failure; it cools the host, the key or the pair (host, key),
+//! whichever the evidence points at.
+//!
+//! Selection is smooth weighted round-robin (nginx's algorithm). Failover is
+//! an iterator of [`Candidate`]s: each `next()` picks among routable hosts this
+//! request has not tried, primaries before backups, each with a usable key;
+//! only when every host has been tried does it go round again.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::config::HostSpec;
-use crate::keys::KeyPool;
+use crate::cooldowns::Cooldown;
+use crate::keys::{Key, KeyPool, EVIDENCE_WINDOW};
+use crate::rng;
+
+/// Consecutive host failures that eject a host.
+pub const EJECT_AFTER: u32 = 5;
+/// Ejection time per ejection in a row.
+pub const EJECT_BASE: Duration = Duration::from_secs(30);
+/// Longest ejection.
+pub const EJECT_MAX: Duration = Duration::from_secs(300);
+
+/// Where a host stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostState {
+    /// Taking traffic.
+    Up,
+    /// Out of rotation until the instant.
+    Ejected(Instant),
+    /// Ejection over; one probe request decides.
+    Probing,
+}
+
+/// A host's health, behind its mutex.
+#[derive(Debug)]
+pub struct Health {
+    /// Up, ejected or probing.
+    pub state: HostState,
+    /// Host failures since the last success.
+    pub consecutive: u32,
+    /// Ejections since the last readmission.
+    pub in_a_row: u32,
+    /// Ejections since start.
+    pub ejections: u64,
+    /// A probe request is under way.
+    pub probe_in_flight: bool,
+    /// Rate-limit (or 503 Retry-After) cooldown of the whole host.
+    pub cooldown: Cooldown,
+    /// Keys this host answered 429 recently (key index, when).
+    pub limited_keys: Vec<(usize, Instant)>,
+    /// Cooldowns of (this host, key index) pairs.
+    pub pairs: Vec<(usize, Cooldown)>,
+    /// The last failure, for `/status`.
+    pub last_failure: Option<String>,
+}
+
+/// What an attempt says about the host's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Real output: the host works.
+    Success,
+    /// It answered, but not with output (4xx, 429): alive, not healthy proof of output.
+    Alive,
+    /// A host failure (connect, timeout, 5xx, broken).
+    Failure,
+    /// Nothing learned (the client left).
+    Unknown,
+}
 
 /// One upstream host and its live counters.
 #[derive(Debug)]
@@ -26,10 +90,11 @@ pub struct Host {
     pub keys: Arc<KeyPool>,
     /// Requests currently being sent to or read from this host.
     pub in_flight: AtomicUsize,
-    /// Attempts that ended in a host failure (connect, timeout, 5xx).
+    /// Attempts that ended in a host failure.
     pub failures: AtomicU64,
-    /// Attempts that produced a usable response.
+    /// Attempts that produced output.
     pub successes: AtomicU64,
+    health: Mutex<Health>,
 }
 
 impl Host {
@@ -45,6 +110,17 @@ impl Host {
         url.push_str(&self.spec.base_url);
         url.push_str(path);
         url
+    }
+
+    /// The host's health, locked.
+    pub fn health(&self) -> MutexGuard<'_, Health> {
+        // Every state is valid, so a panic elsewhere leaves nothing to repair.
+        self.health.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True when the (host, key) pair is cooling.
+    fn pair_cooling(h: &Health, key: usize, now: Instant) -> bool {
+        h.pairs.iter().any(|(k, c)| *k == key && c.active(now))
     }
 }
 
@@ -64,6 +140,19 @@ pub struct Hosts {
     hosts: Vec<Arc<Host>>,
     /// Smooth weighted round-robin "current weights", one per host.
     current: Mutex<Vec<i64>>,
+    /// Hosts ejected or probing now.
+    ejected: AtomicUsize,
+}
+
+/// Which cooldown a 429 ended up setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The key, on every host.
+    Key,
+    /// The host, for every key.
+    Host,
+    /// Only this key on this host.
+    Pair,
 }
 
 impl Hosts {
@@ -84,11 +173,26 @@ impl Hosts {
                     in_flight: AtomicUsize::new(0),
                     failures: AtomicU64::new(0),
                     successes: AtomicU64::new(0),
+                    health: Mutex::new(Health {
+                        state: HostState::Up,
+                        consecutive: 0,
+                        in_a_row: 0,
+                        ejections: 0,
+                        probe_in_flight: false,
+                        cooldown: Cooldown::default(),
+                        limited_keys: Vec::new(),
+                        pairs: Vec::new(),
+                        last_failure: None,
+                    }),
                 })
             })
             .collect();
         let current = Mutex::new(vec![0; hosts.len()]);
-        Hosts { hosts, current }
+        Hosts {
+            hosts,
+            current,
+            ejected: AtomicUsize::new(0),
+        }
     }
 
     /// Every host, in configuration order.
@@ -96,26 +200,156 @@ impl Hosts {
         &self.hosts
     }
 
+    /// Hosts ejected (or probing) now.
+    pub fn ejected(&self) -> usize {
+        self.ejected.load(Ordering::Relaxed)
+    }
+
+    /// True when at least one host could take a request now.
+    pub fn any_routable(&self) -> bool {
+        let now = Instant::now();
+        self.hosts.iter().any(|h| {
+            let health = h.health();
+            !matches!(health.state, HostState::Ejected(until) if until > now)
+                && !health.cooldown.active(now)
+        }) || self.panic_mode(now)
+    }
+
     /// The failover order for one request.
     pub fn candidates(&self) -> Candidates<'_> {
         Candidates {
             hosts: self,
             tried: vec![false; self.hosts.len()],
+            retry_at: None,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<i64>> {
+    /// Record what an attempt on `host` showed; `probe` when it was the probe.
+    pub fn record(&self, host: &Host, verdict: Verdict, probe: bool, detail: Option<&str>) {
+        let now = Instant::now();
+        let mut h = host.health();
+        if probe {
+            h.probe_in_flight = false;
+        }
+        match verdict {
+            Verdict::Unknown => {}
+            Verdict::Success | Verdict::Alive => {
+                if verdict == Verdict::Success {
+                    host.successes.fetch_add(1, Ordering::Relaxed);
+                    h.cooldown.reset();
+                }
+                h.consecutive = 0;
+                if h.state != HostState::Up {
+                    h.state = HostState::Up;
+                    h.in_a_row = 0;
+                    self.ejected.fetch_sub(1, Ordering::Relaxed);
+                    log::info!("host {} readmitted", host.spec.name);
+                }
+            }
+            Verdict::Failure => {
+                host.failures.fetch_add(1, Ordering::Relaxed);
+                h.consecutive = h.consecutive.saturating_add(1);
+                h.last_failure = detail.map(str::to_string);
+                match h.state {
+                    HostState::Probing => self.eject(host, &mut h, now, false),
+                    HostState::Up if h.consecutive >= EJECT_AFTER => {
+                        self.eject(host, &mut h, now, true)
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Eject `host`; `new` when it was up (and so counts against the cap).
+    fn eject(&self, host: &Host, h: &mut Health, now: Instant, new: bool) {
+        if new {
+            let cap = self.hosts.len() / 2;
+            let admitted = self
+                .ejected
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |e| {
+                    (e < cap).then_some(e + 1)
+                })
+                .is_ok();
+            if !admitted {
+                return; // never more than half the hosts out
+            }
+        }
+        h.in_a_row = h.in_a_row.saturating_add(1);
+        h.ejections += 1;
+        let base = EJECT_BASE.saturating_mul(h.in_a_row).min(EJECT_MAX);
+        let jitter = Duration::from_millis(rng::below(base.as_millis() as u64 / 10 + 1));
+        let length = base + jitter;
+        h.state = HostState::Ejected(now + length);
+        log::warn!(
+            "host {} ejected for {}s after {} consecutive failures",
+            host.spec.name,
+            length.as_secs(),
+            h.consecutive
+        );
+    }
+
+    /// Cool down after a 429 from `host` with `key`, scoped by the evidence.
+    pub fn rate_limited(&self, host: &Host, key: Option<&Key>, hint: Option<Duration>) -> Scope {
+        let now = Instant::now();
+        let Some(key) = key else {
+            host.health().cooldown.hit(now, hint);
+            return Scope::Host;
+        };
+        if key.limited_by(host.index, now) >= 2 {
+            key.state().cooldown.hit(now, hint);
+            return Scope::Key;
+        }
+        let mut h = host.health();
+        h.limited_keys
+            .retain(|(k, at)| *k != key.index && now.duration_since(*at) < EVIDENCE_WINDOW);
+        h.limited_keys.push((key.index, now));
+        if h.limited_keys.len() >= 2 {
+            h.cooldown.hit(now, hint);
+            return Scope::Host;
+        }
+        match h.pairs.iter_mut().find(|(k, _)| *k == key.index) {
+            Some((_, c)) => {
+                c.hit(now, hint);
+            }
+            None => {
+                let mut c = Cooldown::default();
+                c.hit(now, hint);
+                h.pairs.push((key.index, c));
+            }
+        }
+        Scope::Pair
+    }
+
+    /// Cool a host down for `length` (a 503 with `Retry-After`).
+    pub fn cool_host(&self, host: &Host, length: Duration) {
+        host.health().cooldown.extend(Instant::now(), length);
+    }
+
+    /// Panic mode: fewer than half the primaries are free of ejection.
+    fn panic_mode(&self, now: Instant) -> bool {
+        let (mut total, mut routable) = (0, 0);
+        for h in self.hosts.iter().filter(|h| !h.spec.backup) {
+            total += 1;
+            if !matches!(h.health().state, HostState::Ejected(until) if until > now) {
+                routable += 1;
+            }
+        }
+        routable * 2 < total
+    }
+
+    fn lock_weights(&self) -> MutexGuard<'_, Vec<i64>> {
         // A panic while holding this lock leaves valid weights behind.
         self.current.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Smooth weighted round-robin over the hosts `eligible` accepts.
-    fn pick(&self, eligible: impl Fn(&Host) -> bool) -> Option<Arc<Host>> {
-        let mut current = self.lock();
+    fn pick(&self, eligible: &[bool]) -> Option<Arc<Host>> {
+        let mut current = self.lock_weights();
         let mut total = 0i64;
         let mut best: Option<usize> = None;
         for host in &self.hosts {
-            if !eligible(host) {
+            if !eligible.get(host.index).copied().unwrap_or(false) {
                 continue;
             }
             let w = i64::from(host.spec.weight);
@@ -131,41 +365,132 @@ impl Hosts {
     }
 }
 
+/// One place to send an attempt.
+#[derive(Debug)]
+pub struct Candidate {
+    /// The host.
+    pub host: Arc<Host>,
+    /// The key to send, if the host's pool has any.
+    pub key: Option<Arc<Key>>,
+    /// This attempt is the host's half-open probe.
+    pub probe: bool,
+    /// The request already tried this host.
+    pub repeat: bool,
+}
+
 /// Hosts in the order one request should try them.
 pub struct Candidates<'a> {
     hosts: &'a Hosts,
     tried: Vec<bool>,
+    retry_at: Option<Instant>,
 }
 
 impl Candidates<'_> {
-    /// Whether `host` was already tried by this request.
-    pub fn tried(&self, host: &Host) -> bool {
-        self.tried.get(host.index).copied().unwrap_or(false)
+    /// After `next()` gave `None`: the earliest moment a cooling host or key
+    /// frees up, if any will.
+    pub fn retry_at(&self) -> Option<Instant> {
+        self.retry_at
+    }
+
+    /// Can `host` take an attempt now? Notes when a cooling one frees up.
+    fn usable(&mut self, host: &Host, now: Instant, panic: bool) -> Option<bool> {
+        let h = host.health();
+        let probe = match h.state {
+            HostState::Up => false,
+            HostState::Ejected(until) if until > now && !panic => return None,
+            HostState::Probing if h.probe_in_flight && !panic => return None,
+            _ => !panic,
+        };
+        if let Some(until) = h.cooldown.until(now) {
+            self.note(until);
+            return None;
+        }
+        if !host.keys.is_empty() {
+            let free = host
+                .keys
+                .keys()
+                .iter()
+                .any(|k| k.usable(now) && !Host::pair_cooling(&h, k.index, now));
+            if !free {
+                let pairs = h.pairs.iter().filter_map(|(_, c)| c.until(now)).min();
+                if let Some(t) = host.keys.earliest_usable(now).max(pairs) {
+                    self.note(t);
+                }
+                return None;
+            }
+        }
+        Some(probe)
+    }
+
+    fn note(&mut self, at: Instant) {
+        self.retry_at = Some(self.retry_at.map_or(at, |r| r.min(at)));
+    }
+
+    fn take(&mut self, host: Arc<Host>, now: Instant, repeat: bool) -> Option<Candidate> {
+        let key = if host.keys.is_empty() {
+            None
+        } else {
+            let h = host.health();
+            let k = host
+                .keys
+                .next(now, |k| !Host::pair_cooling(&h, k.index, now));
+            drop(h);
+            Some(k?)
+        };
+        let mut h = host.health();
+        let probe = match h.state {
+            HostState::Ejected(until) if until <= now => {
+                h.state = HostState::Probing;
+                true
+            }
+            HostState::Probing if !h.probe_in_flight => true,
+            _ => false,
+        };
+        if probe {
+            h.probe_in_flight = true;
+        }
+        drop(h);
+        if let Some(t) = self.tried.get_mut(host.index) {
+            *t = true;
+        }
+        Some(Candidate {
+            host,
+            key,
+            probe,
+            repeat,
+        })
     }
 }
 
 impl Iterator for Candidates<'_> {
-    type Item = Arc<Host>;
+    type Item = Candidate;
 
-    fn next(&mut self) -> Option<Arc<Host>> {
-        let tried = &self.tried;
-        let fresh = |backup: bool| {
-            move |h: &Host| h.spec.backup == backup && !tried.get(h.index).copied().unwrap_or(true)
-        };
-        let host = self
-            .hosts
-            .pick(fresh(false))
-            .or_else(|| self.hosts.pick(fresh(true)))
-            .or_else(|| {
-                // Every host tried: go round again, primaries first.
-                self.hosts
-                    .pick(|h| !h.spec.backup)
-                    .or_else(|| self.hosts.pick(|_| true))
-            })?;
-        if let Some(t) = self.tried.get_mut(host.index) {
-            *t = true;
+    fn next(&mut self) -> Option<Candidate> {
+        let now = Instant::now();
+        self.retry_at = None;
+        let panic = self.hosts.panic_mode(now);
+        let hosts = self.hosts;
+        let n = hosts.hosts.len();
+        let mut usable = vec![false; n];
+        for host in &hosts.hosts {
+            usable[host.index] = self.usable(host, now, panic).is_some();
         }
-        Some(host)
+        // Untried primaries, untried backups, then round again in the same order.
+        for (backup, repeat) in [(false, false), (true, false), (false, true), (true, true)] {
+            let eligible: Vec<bool> = hosts
+                .hosts
+                .iter()
+                .map(|h| {
+                    usable[h.index] && h.spec.backup == backup && self.tried[h.index] == repeat
+                })
+                .collect();
+            if let Some(host) = hosts.pick(&eligible) {
+                if let Some(c) = self.take(host, now, repeat) {
+                    return Some(c);
+                }
+            }
+        }
+        None
     }
 }
 
@@ -185,22 +510,34 @@ mod tests {
         }
     }
 
+    fn table(specs: &[HostSpec], keys: &[&str]) -> Hosts {
+        let pool = Arc::new(KeyPool::new(
+            &keys.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+        ));
+        Hosts::new(specs, &pool)
+    }
+
     fn names(hosts: &Hosts, n: usize) -> Vec<String> {
         (0..n)
-            .map(|_| hosts.candidates().next().unwrap().spec.name.clone())
+            .map(|_| hosts.candidates().next().unwrap().host.spec.name.clone())
             .collect()
+    }
+
+    fn fail(hosts: &Hosts, i: usize, times: u32) {
+        for _ in 0..times {
+            hosts.record(&hosts.all()[i], Verdict::Failure, false, Some("boom"));
+        }
     }
 
     #[test]
     fn smooth_weighted_round_robin_spreads_picks() {
-        let pool = Arc::new(KeyPool::default());
-        let hosts = Hosts::new(
+        let hosts = table(
             &[
                 spec("a", 5, false),
                 spec("b", 1, false),
                 spec("c", 1, false),
             ],
-            &pool,
+            &[],
         );
         // nginx's documented sequence for weights 5,1,1.
         assert_eq!(names(&hosts, 7), ["a", "a", "b", "a", "c", "a", "a"]);
@@ -208,31 +545,171 @@ mod tests {
 
     #[test]
     fn candidates_try_every_primary_before_backups_then_wrap() {
-        let pool = Arc::new(KeyPool::default());
-        let hosts = Hosts::new(
+        let hosts = table(
             &[spec("a", 1, false), spec("z", 1, true), spec("b", 1, false)],
-            &pool,
+            &[],
         );
-        let order: Vec<String> = hosts
+        let order: Vec<(String, bool)> = hosts
             .candidates()
             .take(4)
-            .map(|h| h.spec.name.clone())
+            .map(|c| (c.host.spec.name.clone(), c.repeat))
             .collect();
-        let mut first_two = order[..2].to_vec();
+        let mut first_two: Vec<&str> = order[..2].iter().map(|(n, _)| n.as_str()).collect();
         first_two.sort();
         assert_eq!(first_two, ["a", "b"]);
-        assert_eq!(order[2], "z");
-        assert_ne!(
-            order[3], "z",
+        assert_eq!(order[2], ("z".to_string(), false));
+        assert!(
+            order[3].1 && order[3].0 != "z",
             "after a full round, primaries come first again"
         );
     }
 
     #[test]
+    fn five_consecutive_failures_eject_and_a_success_resets() {
+        let hosts = table(
+            &[
+                spec("a", 1, false),
+                spec("b", 1, false),
+                spec("c", 1, false),
+            ],
+            &[],
+        );
+        fail(&hosts, 0, 4);
+        hosts.record(&hosts.all()[0], Verdict::Success, false, None);
+        fail(&hosts, 0, 4);
+        assert_eq!(hosts.all()[0].health().state, HostState::Up);
+        fail(&hosts, 0, 1);
+        assert!(matches!(
+            hosts.all()[0].health().state,
+            HostState::Ejected(_)
+        ));
+        assert_eq!(hosts.ejected(), 1);
+        for _ in 0..20 {
+            assert_ne!(hosts.candidates().next().unwrap().host.spec.name, "a");
+        }
+    }
+
+    #[test]
+    fn ejection_length_grows_with_jitter_and_caps() {
+        let hosts = table(&[spec("a", 1, false), spec("b", 1, false)], &[]);
+        let a = &hosts.all()[0];
+        let mut lengths = Vec::new();
+        for n in 1..=12u32 {
+            let before = Instant::now();
+            if n == 1 {
+                fail(&hosts, 0, EJECT_AFTER);
+            } else {
+                // Expire the ejection, take the probe, fail it.
+                a.health().state = HostState::Ejected(Instant::now());
+                let c = hosts.candidates().find(|c| c.host.index == 0).unwrap();
+                assert!(c.probe);
+                hosts.record(a, Verdict::Failure, true, None);
+            }
+            let HostState::Ejected(until) = a.health().state else {
+                panic!("not ejected after round {n}");
+            };
+            lengths.push(until.duration_since(before));
+        }
+        for (i, l) in lengths.iter().enumerate() {
+            let base = EJECT_BASE.saturating_mul(i as u32 + 1).min(EJECT_MAX);
+            assert!(
+                *l >= base && *l <= base + base / 10 + Duration::from_millis(50),
+                "{i}: {l:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn one_probe_after_ejection_then_readmission() {
+        let hosts = table(&[spec("a", 1, false), spec("b", 1, false)], &[]);
+        fail(&hosts, 0, EJECT_AFTER);
+        let a = hosts.all()[0].clone();
+        a.health().state = HostState::Ejected(Instant::now());
+        let probe = hosts.candidates().find(|c| c.host.index == 0).unwrap();
+        assert!(probe.probe);
+        // While the probe is out, nobody else gets the host.
+        for _ in 0..10 {
+            assert_eq!(hosts.candidates().next().unwrap().host.spec.name, "b");
+        }
+        hosts.record(&a, Verdict::Success, true, None);
+        assert_eq!(a.health().state, HostState::Up);
+        assert_eq!(hosts.ejected(), 0);
+        assert!(names(&hosts, 4).contains(&"a".to_string()));
+    }
+
+    #[test]
+    fn never_more_than_half_ejected_and_panic_mode_routes_anyway() {
+        let hosts = table(
+            &[
+                spec("a", 1, false),
+                spec("b", 1, false),
+                spec("c", 1, false),
+                spec("d", 1, false),
+            ],
+            &[],
+        );
+        for i in 0..4 {
+            fail(&hosts, i, EJECT_AFTER);
+        }
+        assert_eq!(hosts.ejected(), 2, "at most half");
+        let single = table(&[spec("only", 1, false)], &[]);
+        fail(&single, 0, 50);
+        assert_eq!(single.all()[0].health().state, HostState::Up);
+        assert!(single.candidates().next().is_some());
+        // Force every host out (as a reload could leave it): panic mode still routes.
+        let all_out = table(&[spec("a", 1, false), spec("b", 1, false)], &[]);
+        for h in all_out.all() {
+            h.health().state = HostState::Ejected(Instant::now() + Duration::from_secs(60));
+        }
+        assert!(all_out.candidates().next().is_some());
+        assert!(all_out.any_routable());
+    }
+
+    #[test]
+    fn rate_limit_scope_follows_the_evidence() {
+        let hosts = table(
+            &[spec("a", 1, false), spec("b", 1, false)],
+            &["k0-xxxxxxxxxx", "k1-xxxxxxxxxx"],
+        );
+        let (a, b) = (hosts.all()[0].clone(), hosts.all()[1].clone());
+        let k0 = a.keys.keys()[0].clone();
+        let k1 = a.keys.keys()[1].clone();
+        // One 429: only the pair cools; a still serves with k1.
+        assert_eq!(hosts.rate_limited(&a, Some(&k0), None), Scope::Pair);
+        for _ in 0..6 {
+            let c = hosts.candidates().find(|c| c.host.index == 0).unwrap();
+            assert_eq!(c.key.unwrap().index, 1);
+        }
+        // The same key refused on a second host: the key cools everywhere.
+        assert_eq!(hosts.rate_limited(&b, Some(&k0), None), Scope::Key);
+        assert!(!k0.usable(Instant::now()));
+        // One host refusing a second key: the host cools.
+        assert_eq!(hosts.rate_limited(&a, Some(&k1), None), Scope::Host);
+        for _ in 0..6 {
+            assert_eq!(hosts.candidates().next().unwrap().host.spec.name, "b");
+        }
+    }
+
+    #[test]
+    fn everything_cooling_reports_when_to_retry() {
+        let hosts = table(&[spec("a", 1, false)], &["k0-xxxxxxxxxx"]);
+        let a = hosts.all()[0].clone();
+        let k0 = a.keys.keys()[0].clone();
+        hosts.rate_limited(&a, Some(&k0), Some(Duration::from_secs(7)));
+        let mut c = hosts.candidates();
+        assert!(c.next().is_none());
+        let at = c.retry_at().unwrap();
+        let left = at.duration_since(Instant::now());
+        assert!(
+            left > Duration::from_secs(6) && left <= Duration::from_secs(7),
+            "{left:?}"
+        );
+    }
+
+    #[test]
     fn in_flight_is_released_on_drop() {
-        let pool = Arc::new(KeyPool::default());
-        let hosts = Hosts::new(&[spec("a", 1, false)], &pool);
-        let h = hosts.candidates().next().unwrap();
+        let hosts = table(&[spec("a", 1, false)], &[]);
+        let h = hosts.candidates().next().unwrap().host;
         {
             let _g = h.busy();
             assert_eq!(h.in_flight.load(Ordering::Relaxed), 1);

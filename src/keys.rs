@@ -1,27 +1,53 @@
-//! Upstream API keys: rotation and masking.
+//! Upstream API keys: rotation, health and masking.
 //!
 //! A [`KeyPool`] is either the global pool from `api-keys.json` or the keys
 //! one host owns in `hosts.json`; a host only ever draws from its own pool, so
-//! a provider's key never reaches another host. Keys rotate round-robin with
-//! one atomic cursor (no lock on the request path). Keys never leave this
-//! module whole except to go into an upstream `Authorization` header: every
-//! printable form is [`mask`]ed.
+//! a provider's key never reaches another host. Keys rotate round-robin over
+//! the usable ones with one atomic cursor. A key rejected with 401/403 is out
+//! of rotation until the key file changes (a reload builds a new pool); a
+//! rate-limited key cools down (see [`crate::cooldowns`]). Key health is
+//! separate from host health. Keys never leave this module whole except to go
+//! into an upstream `Authorization` header: every printable form is masked.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::cooldowns::Cooldown;
+
+/// How long a 429 on one host is remembered as evidence against a key.
+pub const EVIDENCE_WINDOW: Duration = Duration::from_secs(60);
 
 /// One upstream key.
 #[derive(Debug)]
 pub struct Key {
+    /// Position in its pool.
+    pub index: usize,
     secret: String,
     masked: String,
+    state: Mutex<KeyState>,
+}
+
+/// A key's health.
+#[derive(Debug, Default)]
+pub struct KeyState {
+    /// Rejected with 401/403: never used again from this pool.
+    pub disabled: bool,
+    /// Rate-limit cooldown of the key itself.
+    pub cooldown: Cooldown,
+    /// Hosts that answered 429 with this key recently (host index, when).
+    pub limited_by: Vec<(usize, Instant)>,
 }
 
 impl Key {
-    /// A key from its secret.
-    pub fn new(secret: String) -> Self {
+    fn new(index: usize, secret: String) -> Self {
         let masked = mask(&secret);
-        Key { secret, masked }
+        Key {
+            index,
+            secret,
+            masked,
+            state: Mutex::new(KeyState::default()),
+        }
     }
 
     /// The secret, for the upstream `Authorization` header only.
@@ -33,10 +59,37 @@ impl Key {
     pub fn masked(&self) -> &str {
         &self.masked
     }
+
+    /// The key's health, locked.
+    pub fn state(&self) -> MutexGuard<'_, KeyState> {
+        // Every state is valid, so a panic elsewhere leaves nothing to repair.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Usable now: not disabled and not cooling.
+    pub fn usable(&self, now: Instant) -> bool {
+        let s = self.state();
+        !s.disabled && !s.cooldown.active(now)
+    }
+
+    /// Take the key out of rotation (401/403).
+    pub fn disable(&self) {
+        self.state().disabled = true;
+    }
+
+    /// Record that `host` rate-limited this key; returns how many distinct
+    /// hosts did so within the evidence window.
+    pub fn limited_by(&self, host: usize, now: Instant) -> usize {
+        let mut s = self.state();
+        s.limited_by
+            .retain(|(h, at)| *h != host && now.duration_since(*at) < EVIDENCE_WINDOW);
+        s.limited_by.push((host, now));
+        s.limited_by.len()
+    }
 }
 
-/// A secret reduced to its last 4 characters, or `****` when it is too short
-/// for 4 characters to be a small part of it.
+/// A secret reduced to its last 4 characters, or `****` when it is shorter
+/// than 12 characters (then 4 characters would give too much away).
 pub fn mask(secret: &str) -> String {
     let n = secret.chars().count();
     if n < 12 {
@@ -59,7 +112,8 @@ impl KeyPool {
         KeyPool {
             keys: secrets
                 .iter()
-                .map(|s| Arc::new(Key::new(s.clone())))
+                .enumerate()
+                .map(|(i, s)| Arc::new(Key::new(i, s.clone())))
                 .collect(),
             cursor: AtomicUsize::new(0),
         }
@@ -75,8 +129,9 @@ impl KeyPool {
         &self.keys
     }
 
-    /// The next key in rotation, skipping any in `avoid` while another exists.
-    pub fn next(&self, avoid: &[Arc<Key>]) -> Option<Arc<Key>> {
+    /// The next usable key in rotation that `accept` allows (e.g. not tried
+    /// yet, pair not cooling). `None` when no key qualifies.
+    pub fn next(&self, now: Instant, accept: impl Fn(&Key) -> bool) -> Option<Arc<Key>> {
         let n = self.keys.len();
         if n == 0 {
             return None;
@@ -84,9 +139,19 @@ impl KeyPool {
         let start = self.cursor.fetch_add(1, Ordering::Relaxed);
         (0..n)
             .map(|i| &self.keys[(start + i) % n])
-            .find(|k| !avoid.iter().any(|a| Arc::ptr_eq(a, k)))
-            .or_else(|| Some(&self.keys[start % n]))
+            .find(|k| k.usable(now) && accept(k))
             .cloned()
+    }
+
+    /// The earliest moment a currently cooling key becomes usable, if any will.
+    pub fn earliest_usable(&self, now: Instant) -> Option<Instant> {
+        self.keys
+            .iter()
+            .filter_map(|k| {
+                let s = k.state();
+                (!s.disabled).then(|| s.cooldown.until(now).unwrap_or(now))
+            })
+            .min()
     }
 }
 
@@ -101,25 +166,46 @@ mod tests {
         assert_eq!(mask("héllo-wörld-ÿÿÿÿ"), "...ÿÿÿÿ");
     }
 
+    fn secret(k: Option<Arc<Key>>) -> String {
+        k.unwrap().secret().to_string()
+    }
+
     #[test]
     fn rotation_visits_every_key_in_turn() {
         let pool = KeyPool::new(&["a".into(), "b".into(), "c".into()]);
-        let seen: Vec<String> = (0..6)
-            .map(|_| pool.next(&[]).unwrap().secret().to_string())
-            .collect();
+        let now = Instant::now();
+        let seen: Vec<String> = (0..6).map(|_| secret(pool.next(now, |_| true))).collect();
         assert_eq!(seen, ["a", "b", "c", "a", "b", "c"]);
     }
 
     #[test]
-    fn rotation_avoids_keys_already_tried() {
-        let pool = KeyPool::new(&["a".into(), "b".into()]);
-        let a = pool.next(&[]).unwrap();
-        assert_eq!(a.secret(), "a");
-        // The cursor now points at b; avoiding b must yield a.
-        let b = pool.next(&[]).unwrap();
-        let again = pool.next(std::slice::from_ref(&b)).unwrap();
-        assert_eq!(again.secret(), "a");
-        // Avoiding everything still yields a key rather than none.
-        assert!(pool.next(&[a, b]).is_some());
+    fn rotation_skips_disabled_cooling_and_refused_keys() {
+        let pool = KeyPool::new(&["a".into(), "b".into(), "c".into()]);
+        let now = Instant::now();
+        pool.keys()[0].disable();
+        pool.keys()[1].state().cooldown.hit(now, None);
+        for _ in 0..4 {
+            assert_eq!(secret(pool.next(now, |_| true)), "c");
+        }
+        assert!(pool.next(now, |k| k.index != 2).is_none());
+        // The cooling key comes back; the disabled one never does.
+        let later = now + Duration::from_secs(2);
+        let seen: Vec<String> = (0..4).map(|_| secret(pool.next(later, |_| true))).collect();
+        assert!(seen.contains(&"b".to_string()) && !seen.contains(&"a".to_string()));
+        assert_eq!(pool.earliest_usable(now), Some(now));
+    }
+
+    #[test]
+    fn evidence_counts_distinct_hosts_in_the_window() {
+        let pool = KeyPool::new(&["a".into()]);
+        let k = &pool.keys()[0];
+        let now = Instant::now();
+        assert_eq!(k.limited_by(1, now), 1);
+        assert_eq!(k.limited_by(1, now), 1, "same host twice is one host");
+        assert_eq!(k.limited_by(2, now), 2);
+        assert_eq!(
+            k.limited_by(3, now + EVIDENCE_WINDOW + Duration::from_secs(1)),
+            1
+        );
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod cooldowns;
 pub mod hosts;
 pub mod keys;
 pub mod logging;

@@ -17,13 +17,14 @@ use std::time::{Duration, Instant};
 use ureq::http::Response;
 use ureq::Body;
 
-use crate::hosts::Host;
+use crate::cooldowns;
+use crate::hosts::{Candidate, Host, Verdict};
 use crate::keys::Key;
 use crate::response::{valid_value, Responder};
-use crate::retry::{self, Outcome};
-use crate::state::Balancer;
-use crate::streaming::{Preamble, Verdict};
-use crate::upstream::{self, AttemptError, Failed, Outgoing};
+use crate::retry::{self, KeyFault, Outcome, RetryTicket};
+use crate::state::{Balancer, Shared};
+use crate::streaming::{Preamble, Verdict as Preview};
+use crate::upstream::{self, AttemptError, Failed, Outgoing, SavedResponse};
 use crate::watch;
 
 /// Largest non-streamed body held back before it is committed anyway.
@@ -44,6 +45,8 @@ pub struct Served {
     pub trail: String,
     /// The client left before the end.
     pub client_gone: bool,
+    /// The upstream failed after the commit.
+    pub cut: bool,
 }
 
 /// A client request ready to go upstream.
@@ -92,11 +95,17 @@ enum Stop {
 }
 
 /// Serve one proxied request; every response (success or error) is written to `out`.
-pub fn serve(b: &Balancer, req: &Proxied<'_>, out: &mut Responder<'_, TcpStream>) -> Served {
+pub fn serve(
+    shared: &Shared,
+    b: &Balancer,
+    req: &Proxied<'_>,
+    out: &mut Responder<'_, TcpStream>,
+) -> Served {
     let _watch = watch::start(req.client.try_clone().ok());
+    let _ticket = shared.budget.request();
     let mut served = Served::default();
     let mut trail = Trail::default();
-    let result = attempts(b, req, out, &mut served, &mut trail);
+    let result = attempts(shared, b, req, out, &mut served, &mut trail);
     served.trail = trail.0;
     match result {
         Ok(()) => {}
@@ -109,6 +118,7 @@ pub fn serve(b: &Balancer, req: &Proxied<'_>, out: &mut Responder<'_, TcpStream>
 }
 
 fn attempts(
+    shared: &Shared,
     b: &Balancer,
     req: &Proxied<'_>,
     out: &mut Responder<'_, TcpStream>,
@@ -117,60 +127,169 @@ fn attempts(
 ) -> Result<(), Stop> {
     let settings = &b.config.settings;
     let deadline = req.started + settings.timeouts.total;
-    let mut tried_hosts: Vec<usize> = Vec::new();
-    let mut avoid_keys: Vec<Arc<Key>> = Vec::new();
     let mut last: Option<Failed> = None;
     let mut candidates = b.hosts.candidates();
+    let mut _retry: Option<RetryTicket<'_>> = None;
     while served.attempts < settings.max_attempts {
-        let Some(host) = candidates.next() else {
-            break;
+        let Some(c) = candidates.next() else {
+            // Every host or key is cooling (or disabled): wait if that fits.
+            match candidates.retry_at() {
+                Some(at) if at < deadline => {
+                    pause_until(at, deadline)?;
+                    continue;
+                }
+                at => return finish_unavailable(out, trail, at, last.as_ref()),
+            }
         };
-        let repeat = tried_hosts.contains(&host.index);
+        if served.attempts > 0 {
+            _retry = None;
+            match shared.budget.retry() {
+                Some(ticket) => _retry = Some(ticket),
+                None => {
+                    b.hosts.record(&c.host, Verdict::Unknown, c.probe, None);
+                    log::warn!(
+                        "retry budget spent; giving up after {} attempts",
+                        served.attempts
+                    );
+                    return finish_failed(out, trail, served.attempts, last, true);
+                }
+            }
+        }
         // Waiting only helps a host that failed itself; a new key needs no pause.
         let host_failed = last
             .as_ref()
             .is_some_and(|f| retry::decide(f.outcome).host_failure);
-        if repeat && host_failed {
+        if c.repeat && host_failed {
             let floor = settings.timeouts.connect.min(Duration::from_secs(1));
-            pause(retry::backoff(served.attempts, floor), deadline)?;
-        }
-        if !repeat {
-            tried_hosts.push(host.index);
+            pause_until(
+                Instant::now() + retry::backoff(served.attempts, floor),
+                deadline,
+            )?;
         }
         if Instant::now() >= deadline {
+            b.hosts.record(&c.host, Verdict::Unknown, c.probe, None);
             return finish_timeout(out, trail, last.as_ref());
         }
         served.attempts += 1;
-        let key = host.keys.next(&avoid_keys);
-        let failure = match attempt(b, req, &host, key.as_deref(), deadline, out, trail) {
-            Ok(()) => {
-                served.host = Some(host.spec.name.clone());
+        let key = c.key.as_deref();
+        let failure = match attempt(b, req, &c.host, key, deadline, out, trail) {
+            Ok(end) => {
+                let (verdict, detail) = match &end {
+                    Delivered::Complete => (Verdict::Success, None),
+                    Delivered::Cut(why) => (Verdict::Failure, Some(why.as_str())),
+                };
+                b.hosts.record(&c.host, verdict, c.probe, detail);
+                served.host = Some(c.host.spec.name.clone());
+                served.cut = matches!(end, Delivered::Cut(_));
                 return Ok(());
             }
-            Err(AttemptError::ClientGone) => return Err(Stop::ClientGone),
-            Err(AttemptError::Invalid(msg)) => return Err(Stop::Invalid(msg)),
+            Err(AttemptError::ClientGone) => {
+                b.hosts.record(&c.host, Verdict::Unknown, c.probe, None);
+                return Err(Stop::ClientGone);
+            }
+            Err(AttemptError::Invalid(msg)) => {
+                b.hosts.record(&c.host, Verdict::Unknown, c.probe, None);
+                return Err(Stop::Invalid(msg));
+            }
             Err(AttemptError::Failed(f)) => f,
         };
-        trail.push(&host, key.as_deref(), &outcome_label(failure.outcome));
-        let decision = retry::decide(failure.outcome);
-        if decision.host_failure {
-            host.failures
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        if decision.key != retry::KeyFault::None {
-            if let Some(k) = key {
-                avoid_keys.push(k);
-            }
-        }
+        trail.push(&c.host, key, &outcome_label(failure.outcome));
+        learn(b, &c, &failure);
         log::debug!("attempt {} failed: {}", served.attempts, failure.detail);
         last = Some(failure);
         if Instant::now() >= deadline {
             return finish_timeout(out, trail, last.as_ref());
         }
     }
+    finish_failed(out, trail, served.attempts, last, false)
+}
+
+/// Apply what a failed attempt says about its host and key.
+fn learn(b: &Balancer, c: &Candidate, f: &Failed) {
+    let decision = retry::decide(f.outcome);
+    let verdict = if decision.host_failure {
+        Verdict::Failure
+    } else {
+        Verdict::Alive
+    };
+    b.hosts.record(&c.host, verdict, c.probe, Some(&f.detail));
+    match decision.key {
+        KeyFault::Rejected => {
+            if let Some(k) = &c.key {
+                k.disable();
+                log::warn!(
+                    "key {} rejected by {}; out of rotation until the key file changes",
+                    k.masked(),
+                    c.host.spec.name
+                );
+            }
+        }
+        KeyFault::RateLimited => {
+            let scope = b
+                .hosts
+                .rate_limited(&c.host, c.key.as_deref(), f.retry_after);
+            log::info!("429 from {}: cooling the {scope:?}", c.host.spec.name);
+        }
+        KeyFault::None => {}
+    }
+    if f.outcome == Outcome::Status(503) {
+        if let Some(hint) = f.retry_after {
+            b.hosts
+                .cool_host(&c.host, hint.max(crate::cooldowns::MIN_COOLDOWN));
+        }
+    }
+}
+
+fn finish_failed(
+    out: &mut Responder<'_, TcpStream>,
+    trail: &Trail,
+    attempts: u32,
+    last: Option<Failed>,
+    budget_spent: bool,
+) -> Result<(), Stop> {
+    if budget_spent {
+        // The budget stops retries mid-way: the client gets the last word of
+        // an upstream as it was, when there is one.
+        if let Some(saved) = last.as_ref().and_then(|f| f.response.clone()) {
+            out.add_header("x-gaia-attempts", &trail.0);
+            out.add_header("x-should-retry", "false");
+            let ct = [("Content-Type", saved.content_type.as_str())];
+            let headers: &[(&str, &str)] = if saved.content_type.is_empty() {
+                &[]
+            } else {
+                &ct
+            };
+            let _ = out.send(saved.status, headers, &saved.body);
+            return Ok(());
+        }
+    }
     let detail = last.map_or_else(|| "no upstream host".to_string(), |f| f.detail);
-    let msg = format!("all {} attempts failed; last: {detail}", served.attempts);
+    let why = if budget_spent {
+        "retry budget spent"
+    } else {
+        "maxAttempts reached"
+    };
+    let msg = format!("all {attempts} attempts failed ({why}); last: {detail}");
     send_proxy_error(out, trail, 502, "upstream_failed", &msg)
+}
+
+fn finish_unavailable(
+    out: &mut Responder<'_, TcpStream>,
+    trail: &Trail,
+    at: Option<Instant>,
+    last: Option<&Failed>,
+) -> Result<(), Stop> {
+    let wait = at.map(|t| t.saturating_duration_since(Instant::now()));
+    let secs = wait.map_or(1, |w| w.as_secs_f64().ceil().max(1.0) as u64);
+    out.add_header("Retry-After", &secs.to_string());
+    let detail = last.map_or("", |f| f.detail.as_str());
+    let msg = match wait {
+        Some(_) => {
+            format!("every upstream host or key is cooling down; retry in {secs}s; last: {detail}")
+        }
+        None => format!("no upstream host or key is usable; last: {detail}"),
+    };
+    send_proxy_error(out, trail, 503, "no_upstream_available", &msg)
 }
 
 fn finish_timeout(
@@ -197,9 +316,9 @@ fn send_proxy_error(
     Ok(())
 }
 
-/// Sleep before retrying the same host, without outliving the client or the deadline.
-fn pause(d: Duration, deadline: Instant) -> Result<(), Stop> {
-    let until = (Instant::now() + d).min(deadline);
+/// Sleep until `until` (never past `deadline`), without outliving the client.
+fn pause_until(until: Instant, deadline: Instant) -> Result<(), Stop> {
+    let until = until.min(deadline);
     loop {
         if watch::client_gone() {
             return Err(Stop::ClientGone);
@@ -220,7 +339,7 @@ fn attempt(
     deadline: Instant,
     out: &mut Responder<'_, TcpStream>,
     trail: &mut Trail,
-) -> Result<(), AttemptError> {
+) -> Result<Delivered, AttemptError> {
     let t = &b.config.settings.timeouts;
     let _busy = host.busy();
     let first_output = (Instant::now() + t.first_byte).min(deadline);
@@ -228,16 +347,6 @@ fn attempt(
     let response = upstream::send(&b.agent, host, key, &req.outgoing)?;
     let status = response.status().as_u16();
     let decision = retry::decide(Outcome::Status(status));
-    if decision.retry {
-        // Read a little of the error so the connection can go back to the pool.
-        watch::set_deadline(Some((Instant::now() + t.idle).min(deadline)));
-        let mut body = response.into_body().into_reader();
-        let _ = read_bounded(&mut body, ERROR_BODY_LIMIT);
-        return Err(AttemptError::Failed(Failed {
-            outcome: Outcome::Status(status),
-            detail: format!("{}: status {status}", host.spec.name),
-        }));
-    }
     let content_type = response
         .headers()
         .get("content-type")
@@ -246,6 +355,25 @@ fn attempt(
         .and_then(|v| std::str::from_utf8(v).ok())
         .unwrap_or("")
         .to_string();
+    if decision.retry {
+        let retry_after = cooldowns::retry_after(response.headers());
+        // Read the error (bounded): it may be the last word, and a body read
+        // to its end lets the connection go back to the pool.
+        watch::set_deadline(Some((Instant::now() + t.idle).min(deadline)));
+        let mut body = response.into_body().into_reader();
+        let body =
+            read_bounded(&mut body, ERROR_BODY_LIMIT).map_or_else(|_| Vec::new(), |(b, _)| b);
+        return Err(AttemptError::Failed(Failed {
+            outcome: Outcome::Status(status),
+            detail: format!("{}: status {status}", host.spec.name),
+            retry_after,
+            response: Some(SavedResponse {
+                status,
+                content_type,
+                body,
+            }),
+        }));
+    }
     let is_sse = (200..300).contains(&status)
         && content_type
             .trim_start()
@@ -320,7 +448,7 @@ fn forward_whole(
     response: Response<Body>,
     out: &mut Responder<'_, TcpStream>,
     trail: &mut Trail,
-) -> Result<(), AttemptError> {
+) -> Result<Delivered, AttemptError> {
     let mut reader = response.into_body().into_reader();
     let mut held = Vec::new();
     let mut chunk = vec![0u8; READ_SIZE];
@@ -332,7 +460,7 @@ fn forward_whole(
         if n == 0 {
             ctx.headers(trail, false, out);
             let _ = out.send(ctx.status, &ctx.content_type_header(), &held);
-            return Ok(());
+            return Ok(Delivered::Complete);
         }
         held.extend_from_slice(&chunk[..n]);
         if held.len() >= JSON_HOLD_LIMIT {
@@ -365,7 +493,7 @@ fn forward_stream(
     response: Response<Body>,
     out: &mut Responder<'_, TcpStream>,
     trail: &mut Trail,
-) -> Result<(), AttemptError> {
+) -> Result<Delivered, AttemptError> {
     let mut reader = response.into_body().into_reader();
     let mut preamble = Preamble::default();
     let mut chunk = vec![0u8; READ_SIZE];
@@ -375,20 +503,22 @@ fn forward_stream(
             .read(&mut chunk)
             .map_err(|e| upstream::classify_read(e, ctx.host))?;
         if n == 0 {
-            return Err(AttemptError::Failed(Failed {
-                outcome: Outcome::Broken,
-                detail: format!("{}: stream ended before any output", ctx.host.spec.name),
-            }));
+            return Err(upstream::failure(
+                Outcome::Broken,
+                "stream ended before any output",
+                ctx.host,
+            ));
         }
         match preamble.push(&chunk[..n]) {
-            Verdict::Hold => continue,
-            Verdict::Error(msg) => {
-                return Err(AttemptError::Failed(Failed {
-                    outcome: Outcome::Broken,
-                    detail: format!("{}: error event before output: {msg}", ctx.host.spec.name),
-                }))
+            Preview::Hold => continue,
+            Preview::Error(msg) => {
+                return Err(upstream::failure(
+                    Outcome::Broken,
+                    &format!("error event before output: {msg}"),
+                    ctx.host,
+                ))
             }
-            Verdict::Commit => break,
+            Preview::Commit => break,
         }
     }
     ctx.headers(trail, true, out);
@@ -436,15 +566,13 @@ fn pump(
     out: &mut Responder<'_, TcpStream>,
     host: &Host,
     on_cut: impl FnOnce(&mut Responder<'_, TcpStream>, &str),
-) -> Result<(), AttemptError> {
+) -> Result<Delivered, AttemptError> {
     loop {
         watch::set_deadline(Some(Instant::now() + idle));
         match reader.read(chunk) {
             Ok(0) => {
-                host.successes
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return if out.finish().is_ok() {
-                    Ok(())
+                    Ok(Delivered::Complete)
                 } else {
                     Err(AttemptError::ClientGone)
                 };
@@ -458,8 +586,6 @@ fn pump(
                 if watch::aborted() == Some(watch::Abort::ClientGone) {
                     return Err(AttemptError::ClientGone);
                 }
-                host.failures
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let why = if watch::aborted().is_some() {
                     "no data within timeouts.idleMs".to_string()
                 } else {
@@ -468,8 +594,17 @@ fn pump(
                 log::warn!("stream from {} cut after commit: {why}", host.spec.name);
                 on_cut(out, &why);
                 // The answer was committed: the request is over, not retried.
-                return Ok(());
+                return Ok(Delivered::Cut(why));
             }
         }
     }
+}
+
+/// How a committed response ended.
+#[derive(Debug)]
+enum Delivered {
+    /// The whole body reached the client.
+    Complete,
+    /// The upstream failed after the commit; the client saw the cut.
+    Cut(String),
 }

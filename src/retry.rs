@@ -6,7 +6,9 @@
 //! Backoff is only ever slept when the next attempt goes to the same host: a
 //! different host is tried at once.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crate::rng;
 
@@ -75,6 +77,134 @@ pub fn backoff(retry: u32, floor: Duration) -> Duration {
         .min(BACKOFF_CAP);
     let jitter = Duration::from_nanos(rng::below(exp.as_nanos() as u64 + 1));
     jitter.max(floor)
+}
+
+/// Seconds of history the retry budget looks at.
+pub const BUDGET_WINDOW_SECS: usize = 10;
+/// Share of recent requests that may be retried.
+pub const BUDGET_RATIO: f64 = 0.2;
+/// Retries per second always allowed, so a quiet balancer can still retry.
+pub const BUDGET_MIN_PER_SEC: usize = 10;
+/// Retries under way at once, at least.
+pub const BUDGET_MIN_CONCURRENT: usize = 3;
+
+/// The retry budget (Finagle/Envoy style): retries stay within 20 % of the
+/// requests of the last 10 s plus 10 per second, and retries under way at
+/// once within max(3, 20 % of requests in flight). An outage therefore
+/// cannot multiply the load on the hosts that are left.
+#[derive(Debug)]
+pub struct Budget {
+    window: Mutex<Window>,
+    in_flight: AtomicUsize,
+    retrying: AtomicUsize,
+    started: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Window {
+    /// Per second slot: (second number, requests, retries).
+    slots: [(u64, usize, usize); BUDGET_WINDOW_SECS],
+}
+
+impl Window {
+    fn slot(&mut self, second: u64) -> &mut (u64, usize, usize) {
+        let i = (second % BUDGET_WINDOW_SECS as u64) as usize;
+        let slot = &mut self.slots[i];
+        if slot.0 != second {
+            *slot = (second, 0, 0);
+        }
+        slot
+    }
+
+    fn totals(&self, second: u64) -> (usize, usize) {
+        self.slots
+            .iter()
+            .filter(|(s, _, _)| {
+                second.saturating_sub(*s) < BUDGET_WINDOW_SECS as u64 && *s <= second
+            })
+            .fold((0, 0), |(rq, rt), (_, q, t)| (rq + q, rt + t))
+    }
+}
+
+/// A request counted in flight until dropped.
+#[derive(Debug)]
+pub struct RequestTicket<'a>(&'a Budget);
+
+impl Drop for RequestTicket<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A retry under way until dropped.
+#[derive(Debug)]
+pub struct RetryTicket<'a>(&'a Budget);
+
+impl Drop for RetryTicket<'_> {
+    fn drop(&mut self) {
+        self.0.retrying.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget {
+            window: Mutex::new(Window::default()),
+            in_flight: AtomicUsize::new(0),
+            retrying: AtomicUsize::new(0),
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Budget {
+    fn second(&self, now: Instant) -> u64 {
+        now.duration_since(self.started).as_secs() + 1
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Window> {
+        self.window.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Count a new proxied request.
+    pub fn request(&self) -> RequestTicket<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let second = self.second(Instant::now());
+        self.lock().slot(second).1 += 1;
+        RequestTicket(self)
+    }
+
+    /// Ask to retry; `None` when the budget is spent.
+    pub fn retry(&self) -> Option<RetryTicket<'_>> {
+        let in_flight = self.in_flight.load(Ordering::Relaxed);
+        let concurrent = BUDGET_MIN_CONCURRENT.max(in_flight / 5);
+        let admitted = self
+            .retrying
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                (r < concurrent).then_some(r + 1)
+            })
+            .is_ok();
+        if !admitted {
+            return None;
+        }
+        let second = self.second(Instant::now());
+        let mut w = self.lock();
+        let (requests, retries) = w.totals(second);
+        let allowed =
+            (requests as f64 * BUDGET_RATIO) as usize + BUDGET_MIN_PER_SEC * BUDGET_WINDOW_SECS;
+        if retries >= allowed {
+            drop(w);
+            self.retrying.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        w.slot(second).2 += 1;
+        Some(RetryTicket(self))
+    }
+
+    /// Retries under way now.
+    pub fn retrying(&self) -> usize {
+        self.retrying.load(Ordering::Relaxed)
+    }
 }
 
 #[cfg(test)]
@@ -149,6 +279,38 @@ mod tests {
             assert!(!d(Outcome::Status(s)).retry, "{s}");
             assert!(!d(Outcome::Status(s)).host_failure, "{s}");
         }
+    }
+
+    #[test]
+    fn budget_allows_a_fifth_of_requests_plus_a_floor() {
+        let b = Budget::default();
+        let tickets: Vec<_> = (0..1000).map(|_| b.request()).collect();
+        // 20 % of 1000 + 10/s over 10 s = 300 retries, taken one at a time.
+        let mut granted = 0;
+        for _ in 0..1000 {
+            match b.retry() {
+                Some(t) => {
+                    granted += 1;
+                    drop(t);
+                }
+                None => break,
+            }
+        }
+        assert_eq!(granted, 300);
+        drop(tickets);
+    }
+
+    #[test]
+    fn concurrent_retries_are_capped() {
+        let b = Budget::default();
+        let _reqs: Vec<_> = (0..50).map(|_| b.request()).collect();
+        // max(3, 50 / 5) = 10 at once.
+        let held: Vec<_> = (0..20).filter_map(|_| b.retry()).collect();
+        assert_eq!(held.len(), 10);
+        assert_eq!(b.retrying(), 10);
+        drop(held);
+        assert_eq!(b.retrying(), 0);
+        assert!(b.retry().is_some());
     }
 
     #[test]

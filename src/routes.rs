@@ -148,7 +148,7 @@ pub fn route(b: &Balancer, head: &Head, peer: IpAddr) -> Result<Route, Rejection
 pub fn readiness(shared: &Shared, b: &Balancer) -> (u16, &'static str) {
     if shared.draining() {
         (503, "draining\n")
-    } else if b.hosts.all().is_empty() {
+    } else if !b.hosts.any_routable() {
         (503, "no routable host\n")
     } else {
         (200, "ready\n")

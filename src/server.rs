@@ -420,7 +420,7 @@ fn proxy_request(
         client: reader.get_ref(),
         started: ctx.started,
     };
-    proxy::serve(ctx.b, &req, out)
+    proxy::serve(ctx.shared, ctx.b, &req, out)
 }
 
 /// Counts open connections per client address.

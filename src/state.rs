@@ -11,6 +11,7 @@ use std::time::Instant;
 use crate::config::Config;
 use crate::hosts::Hosts;
 use crate::keys::KeyPool;
+use crate::retry::Budget;
 use crate::upstream;
 
 /// One generation of configuration and everything built from it.
@@ -46,6 +47,8 @@ pub struct Shared {
     draining: AtomicBool,
     /// When the process started serving.
     pub started: Instant,
+    /// The process-wide retry budget (it outlives configuration generations).
+    pub budget: Budget,
 }
 
 impl Shared {
@@ -55,6 +58,7 @@ impl Shared {
             current: Mutex::new(Arc::new(balancer)),
             draining: AtomicBool::new(false),
             started: Instant::now(),
+            budget: Budget::default(),
         }
     }
 

@@ -98,6 +98,21 @@ pub struct Failed {
     pub outcome: Outcome,
     /// What happened, for logs and the final error message (no secrets).
     pub detail: String,
+    /// The upstream's `Retry-After`, when it sent one.
+    pub retry_after: Option<Duration>,
+    /// The upstream's error response, kept to pass on when retrying stops.
+    pub response: Option<SavedResponse>,
+}
+
+/// An upstream error response held back in case it is the last word.
+#[derive(Debug, Clone)]
+pub struct SavedResponse {
+    /// Status code.
+    pub status: u16,
+    /// Checked Content-Type, empty when absent or unsafe.
+    pub content_type: String,
+    /// Body (bounded).
+    pub body: Vec<u8>,
 }
 
 /// Why an attempt produced nothing.
@@ -185,7 +200,14 @@ fn failed(outcome: Outcome, what: &str, host: &Host) -> AttemptError {
     AttemptError::Failed(Failed {
         outcome,
         detail: format!("{}: {what}", host.spec.name),
+        retry_after: None,
+        response: None,
     })
+}
+
+/// A failure with an explanation, for outcomes found after the response head.
+pub fn failure(outcome: Outcome, what: &str, host: &Host) -> AttemptError {
+    failed(outcome, what, host)
 }
 
 /// Translate an error while reading a response body.
