@@ -135,6 +135,11 @@ pub struct Settings {
     pub queue_size: usize,
     /// How long an accepted connection may wait for a worker before 503. Defaults to 3 s.
     pub queue_wait: Duration,
+    /// A stream still without its first token this long gets its response head
+    /// and `: keep-alive` comments; `None` = never. Defaults to 10 s.
+    pub stream_keep_alive_after: Option<Duration>,
+    /// Interval of those `: keep-alive` comments. Defaults to 15 s.
+    pub stream_keep_alive_every: Duration,
 }
 
 /// Default worker count: each worker serves one connection (one stream) at a time.
@@ -165,6 +170,8 @@ impl Default for Settings {
             max_connections_per_client: 64,
             queue_size: 1024,
             queue_wait: Duration::from_secs(3),
+            stream_keep_alive_after: Some(Duration::from_secs(10)),
+            stream_keep_alive_every: Duration::from_secs(15),
         }
     }
 }
@@ -261,7 +268,7 @@ pub const MAX_WEIGHT: u32 = 1_000_000;
 pub const MAX_BODY_BYTES: u64 = 1 << 30;
 
 /// Every field `balancer.json` accepts at its top level, in documentation order.
-pub const BALANCER_FIELDS: [&str; 17] = [
+pub const BALANCER_FIELDS: [&str; 19] = [
     "bind",
     "port",
     "workers",
@@ -279,6 +286,8 @@ pub const BALANCER_FIELDS: [&str; 17] = [
     "maxConnectionsPerClient",
     "queueSize",
     "queueWaitMs",
+    "streamKeepAliveAfterMs",
+    "streamKeepAliveEveryMs",
 ];
 const TIMEOUT_FIELDS: [&str; 4] = ["connectMs", "firstByteMs", "idleMs", "totalMs"];
 const HEDGE_FIELDS: [&str; 1] = ["afterMs"];
@@ -412,6 +421,8 @@ fn render_into(config: &Config, out: &mut String) -> fmt::Result {
         max_connections_per_client,
         queue_size,
         queue_wait,
+        stream_keep_alive_after,
+        stream_keep_alive_every,
     } = settings;
     let Timeouts {
         connect,
@@ -428,7 +439,11 @@ fn render_into(config: &Config, out: &mut String) -> fmt::Result {
         Some(d) => ms(d),
         None => "0 (off)".to_string(),
     };
-    let rows: [(&str, String); 20] = [
+    let keep_alive_after = match stream_keep_alive_after {
+        Some(d) => ms(d),
+        None => "0 (off)".to_string(),
+    };
+    let rows: [(&str, String); 22] = [
         ("bind", bind.to_string()),
         ("port", port.to_string()),
         ("workers", workers.to_string()),
@@ -452,6 +467,8 @@ fn render_into(config: &Config, out: &mut String) -> fmt::Result {
         ),
         ("queueSize", queue_size.to_string()),
         ("queueWaitMs", ms(queue_wait)),
+        ("streamKeepAliveAfterMs", keep_alive_after),
+        ("streamKeepAliveEveryMs", ms(stream_keep_alive_every)),
     ];
     writeln!(out, "settings:")?;
     for (name, value) in rows {
@@ -1626,7 +1643,12 @@ impl Shape for BalancerFile {
                 "queueSize" => {
                     s.queue_size = narrow(int(map, path, 1, MAX_QUEUE as u64)?, MAX_QUEUE)
                 }
-                _ => s.queue_wait = millis(map, path, 1)?,
+                "queueWaitMs" => s.queue_wait = millis(map, path, 1)?,
+                "streamKeepAliveAfterMs" => {
+                    let d = millis(map, path, 0)?;
+                    s.stream_keep_alive_after = (!d.is_zero()).then_some(d);
+                }
+                _ => s.stream_keep_alive_every = millis(map, path, 1)?,
             }
             Ok(())
         })?;
@@ -1791,7 +1813,8 @@ mod tests {
               "timeouts": {"connectMs": 1, "firstByteMs": 2, "idleMs": 3, "totalMs": 4},
               "hedge": {"afterMs": 250}, "maxBodyBytes": 1024,
               "headTimeoutMs": 11, "keepAliveMs": 12, "bodyTimeoutMs": 13,
-              "maxConnectionsPerClient": 7, "queueSize": 8, "queueWaitMs": 14
+              "maxConnectionsPerClient": 7, "queueSize": 8, "queueWaitMs": 14,
+              "streamKeepAliveAfterMs": 15, "streamKeepAliveEveryMs": 16
             }"#,
         )
         .unwrap();
@@ -1819,8 +1842,12 @@ mod tests {
             max_connections_per_client: 7,
             queue_size: 8,
             queue_wait: ms(14),
+            stream_keep_alive_after: Some(ms(15)),
+            stream_keep_alive_every: ms(16),
         };
         assert_eq!(s, expected);
+        let off = settings(r#"{"streamKeepAliveAfterMs": 0}"#).unwrap();
+        assert_eq!(off.stream_keep_alive_after, None);
     }
 
     #[test]

@@ -27,6 +27,13 @@ use crate::streaming::{Preamble, Verdict as Preview};
 use crate::upstream::{self, AttemptError, Failed, Outgoing, SavedResponse};
 use crate::watch;
 
+/// Headers of every SSE response we send.
+const SSE_HEADERS: &[(&str, &str)] = &[
+    ("Content-Type", "text/event-stream"),
+    ("Cache-Control", "no-cache"),
+    ("X-Accel-Buffering", "no"),
+];
+
 /// Largest non-streamed body held back before it is committed anyway.
 pub const JSON_HOLD_LIMIT: usize = 8 * 1024 * 1024;
 /// Largest error body read from an upstream we are about to retry.
@@ -57,6 +64,8 @@ pub struct Proxied<'a> {
     pub client: &'a TcpStream,
     /// When the request head was complete.
     pub started: Instant,
+    /// The client asked for a stream (`"stream": true`).
+    pub stream: bool,
 }
 
 /// Trail of attempts, e.g. `asia:429,llama3b:200`.
@@ -107,12 +116,11 @@ pub fn serve(
     let mut trail = Trail::default();
     let result = attempts(shared, b, req, out, &mut served, &mut trail);
     served.trail = trail.0;
+    end_early(out);
     match result {
         Ok(()) => {}
         Err(Stop::ClientGone) => served.client_gone = true,
-        Err(Stop::Invalid(msg)) => {
-            let _ = out.send_error(400, "invalid_request", &msg);
-        }
+        Err(Stop::Invalid(msg)) => send_error(out, 400, "invalid_request", &msg),
     }
     served
 }
@@ -130,6 +138,18 @@ fn attempts(
     let mut last: Option<Failed> = None;
     let mut candidates = b.hosts.candidates();
     let mut _retry: Option<RetryTicket<'_>> = None;
+    if let (true, Some(after)) = (req.stream, settings.stream_keep_alive_after) {
+        // A slow first token: commit the head early and keep the line warm,
+        // while failover stays invisible until the first data event.
+        let head = out.stream_head(200, SSE_HEADERS);
+        let chunked = out.chunked();
+        watch::set_early(
+            req.started + after,
+            settings.stream_keep_alive_every,
+            head,
+            chunked,
+        );
+    }
     while served.attempts < settings.max_attempts {
         let Some(c) = candidates.next() else {
             // Every host or key is cooling (or disabled): wait if that fits.
@@ -247,7 +267,8 @@ fn finish_failed(
     last: Option<Failed>,
     budget_spent: bool,
 ) -> Result<(), Stop> {
-    if budget_spent {
+    end_early(out);
+    if budget_spent && !out.started() {
         // The budget stops retries mid-way: the client gets the last word of
         // an upstream as it was, when there is one.
         if let Some(saved) = last.as_ref().and_then(|f| f.response.clone()) {
@@ -312,15 +333,46 @@ fn send_proxy_error(
     out.add_header("x-gaia-attempts", &trail.0);
     // The balancer already retried: SDKs should not multiply that.
     out.add_header("x-should-retry", "false");
-    let _ = out.send_error(status, code, msg);
+    send_error(out, status, code, msg);
     Ok(())
+}
+
+/// If the watch committed a slow stream early, the responder takes it over
+/// (the keep-alive comments go on until [`end_early`]).
+fn sync_early(out: &mut Responder<'_, TcpStream>) {
+    if watch::early_sent() {
+        out.adopt_stream(200);
+    }
+}
+
+/// Stop the keep-alive comments: the response is being committed or ended.
+fn end_early(out: &mut Responder<'_, TcpStream>) {
+    if watch::clear_early() {
+        out.adopt_stream(200);
+    }
+}
+
+/// An error as a response, or as a final SSE event when a stream was
+/// already committed early (no `[DONE]` follows, so it cannot pass for an answer).
+fn send_error(out: &mut Responder<'_, TcpStream>, status: u16, code: &str, msg: &str) {
+    end_early(out);
+    if out.started() {
+        let body = serde_json::json!({
+            "error": { "message": msg, "type": "upstream_error", "code": code, "status": status }
+        });
+        let _ = out.chunk(format!("data: {body}\n\n").as_bytes());
+        let _ = out.finish();
+        out.close_after();
+    } else {
+        let _ = out.send_error(status, code, msg);
+    }
 }
 
 /// Sleep until `until` (never past `deadline`), without outliving the client.
 fn pause_until(until: Instant, deadline: Instant) -> Result<(), Stop> {
     let until = until.min(deadline);
     loop {
-        if watch::client_gone() {
+        if watch::poll_client() {
             return Err(Stop::ClientGone);
         }
         let now = Instant::now();
@@ -388,11 +440,43 @@ fn attempt(
         deadline: first_output,
         total: deadline,
     };
+    sync_early(out);
     if is_sse {
         forward_stream(ctx, response, out, trail)
+    } else if out.started() {
+        early_non_stream(ctx, response, out, trail)
     } else {
         forward_whole(ctx, response, out, trail)
     }
+}
+
+/// A stream committed early (keep-alives sent) got a non-SSE answer: a 2xx
+/// body cannot become events, so try another host; an error passed through
+/// becomes the final SSE error event.
+fn early_non_stream(
+    ctx: Commit<'_>,
+    response: Response<Body>,
+    out: &mut Responder<'_, TcpStream>,
+    trail: &mut Trail,
+) -> Result<Delivered, AttemptError> {
+    if (200..300).contains(&ctx.status) {
+        return Err(upstream::failure(
+            Outcome::Broken,
+            "answered a stream request without a stream",
+            ctx.host,
+        ));
+    }
+    watch::set_deadline(Some((Instant::now() + ctx.idle).min(ctx.total)));
+    let mut reader = response.into_body().into_reader();
+    let (body, _) = read_bounded(&mut reader, ERROR_BODY_LIMIT)
+        .map_err(|e| upstream::classify_read(e, ctx.host))?;
+    trail.push(ctx.host, ctx.key, &ctx.status.to_string());
+    let message = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+    send_error(out, ctx.status, "upstream_error", &message);
+    Ok(Delivered::Complete)
 }
 
 /// What the commit needs to know about the winning attempt.
@@ -414,8 +498,9 @@ impl Commit<'_> {
         out.add_header("x-gaia-upstream", &self.host.spec.name);
         out.add_header("x-gaia-attempts", &trail.0);
         if sse {
-            out.add_header("Cache-Control", "no-cache");
-            out.add_header("X-Accel-Buffering", "no");
+            for (name, value) in &SSE_HEADERS[1..] {
+                out.add_header(name, value);
+            }
         }
     }
 

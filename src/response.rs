@@ -222,6 +222,34 @@ impl<'a, W: Write> Responder<'a, W> {
         self.out.flush()
     }
 
+    /// The bytes [`Self::start_stream`] would send, for someone else to send
+    /// (the watch commits slow streams early); see [`Self::adopt_stream`].
+    pub fn stream_head(&mut self, status: u16, headers: &[HeaderPair<'_>]) -> Vec<u8> {
+        self.head(status, headers, None);
+        std::mem::take(&mut self.buf)
+    }
+
+    /// Whether a streamed body uses chunked coding (not for HTTP/1.0).
+    pub fn chunked(&self) -> bool {
+        !self.http10
+    }
+
+    /// Take over a stream whose head [`Self::stream_head`] produced and
+    /// someone else already sent.
+    pub fn adopt_stream(&mut self, status: u16) {
+        if self.state == State::Fresh {
+            self.status = status;
+            self.state = if self.head_only {
+                State::Done
+            } else if self.http10 {
+                self.keep_alive = false;
+                State::UntilClose
+            } else {
+                State::Chunked
+            };
+        }
+    }
+
     /// Write one body chunk and send it at once.
     pub fn chunk(&mut self, data: &[u8]) -> io::Result<()> {
         if data.is_empty() {

@@ -155,39 +155,83 @@ pub fn readiness(shared: &Shared, b: &Balancer) -> (u16, &'static str) {
     }
 }
 
+/// How a key looks in `/status`.
+fn key_json(k: &crate::keys::Key, now: std::time::Instant) -> serde_json::Value {
+    let st = k.state();
+    let cooling = st
+        .cooldown
+        .until(now)
+        .map(|u| u.duration_since(now).as_secs_f64());
+    let state = if st.disabled {
+        "disabled"
+    } else if cooling.is_some() {
+        "cooling"
+    } else {
+        "active"
+    };
+    serde_json::json!({ "key": k.masked(), "state": state, "cooldownSeconds": cooling })
+}
+
 /// Body of `GET /status`.
 pub fn status_json(shared: &Shared, b: &Balancer) -> Vec<u8> {
+    use crate::hosts::HostState;
     use std::sync::atomic::Ordering::Relaxed;
+    let now = std::time::Instant::now();
     let hosts: Vec<serde_json::Value> = b
         .hosts
         .all()
         .iter()
         .map(|h| {
+            let health = h.health();
+            let cooling = health
+                .cooldown
+                .until(now)
+                .map(|u| u.duration_since(now).as_secs_f64());
+            let (state, ejected_for) = match health.state {
+                HostState::Up if cooling.is_some() => ("cooling", None),
+                HostState::Up => ("up", None),
+                HostState::Ejected(until) if until > now => {
+                    ("ejected", Some(until.duration_since(now).as_secs_f64()))
+                }
+                HostState::Ejected(_) | HostState::Probing => ("probing", None),
+            };
+            let own_keys = h.spec.api_keys.as_ref().map(|_| {
+                h.keys
+                    .keys()
+                    .iter()
+                    .map(|k| key_json(k, now))
+                    .collect::<Vec<_>>()
+            });
             serde_json::json!({
                 "name": h.spec.name,
                 "url": h.spec.base_url,
                 "weight": h.spec.weight,
                 "backup": h.spec.backup,
-                "state": "up",
+                "state": state,
                 "inFlight": h.in_flight.load(Relaxed),
-                "failures": h.failures.load(Relaxed),
                 "successes": h.successes.load(Relaxed),
-                "keys": h.spec.api_keys.as_ref().map(|_| h.keys.keys().iter().map(|k| k.masked()).collect::<Vec<_>>()),
+                "failures": h.failures.load(Relaxed),
+                "consecutiveFailures": health.consecutive,
+                "ejections": health.ejections,
+                "ejectedSeconds": ejected_for,
+                "cooldownSeconds": cooling,
+                "lastFailure": health.last_failure,
+                "keys": own_keys,
             })
         })
         .collect();
-    let keys: Vec<serde_json::Value> = b
-        .keys
-        .keys()
-        .iter()
-        .map(|k| serde_json::json!({ "key": k.masked(), "state": "active" }))
-        .collect();
+    let keys: Vec<serde_json::Value> = b.keys.keys().iter().map(|k| key_json(k, now)).collect();
     let body = serde_json::json!({
         "uptimeSeconds": shared.started.elapsed().as_secs(),
         "draining": shared.draining(),
-        "strategy": format!("{:?}", b.config.settings.strategy),
+        "strategy": b.config.settings.strategy.as_str(),
         "hosts": hosts,
         "keys": keys,
+        "totals": {
+            "hosts": b.hosts.all().len(),
+            "ejected": b.hosts.ejected(),
+            "retriesInFlight": shared.budget.retrying(),
+        },
     });
     let mut out = body.to_string().into_bytes();
     out.push(b'\n');

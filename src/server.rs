@@ -325,11 +325,10 @@ struct Ctx<'a> {
 }
 
 /// The fields of a JSON request body the balancer reads; the rest is skipped.
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct Probe {
     #[serde(default)]
-    #[allow(dead_code)] // read only for validation until model routing lands
-    model: Option<serde_json::Value>,
+    stream: Option<serde_json::Value>,
 }
 
 fn handle(
@@ -399,14 +398,18 @@ fn proxy_request(
     let is_json = head
         .header_str("content-type")
         .is_none_or(|ct| ct.to_ascii_lowercase().contains("json"));
+    let mut probe = Probe::default();
     if is_json && !body.is_empty() {
-        if let Err(e) = serde_json::from_slice::<Probe>(&body) {
-            let _ = out.send_error(
-                400,
-                "invalid_json",
-                &format!("request body is not a JSON object: {e}"),
-            );
-            return proxy::Served::default();
+        match serde_json::from_slice::<Probe>(&body) {
+            Ok(p) => probe = p,
+            Err(e) => {
+                let _ = out.send_error(
+                    400,
+                    "invalid_json",
+                    &format!("request body is not a JSON object: {e}"),
+                );
+                return proxy::Served::default();
+            }
         }
     }
     let req = Proxied {
@@ -419,6 +422,7 @@ fn proxy_request(
         },
         client: reader.get_ref(),
         started: ctx.started,
+        stream: probe.stream == Some(serde_json::Value::Bool(true)),
     };
     proxy::serve(ctx.shared, ctx.b, &req, out)
 }

@@ -12,7 +12,7 @@
 
 use std::cell::RefCell;
 use std::fmt;
-use std::io;
+use std::io::{self, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -37,7 +37,23 @@ pub struct Watch {
     client: Option<TcpStream>,
     deadline: Option<Instant>,
     aborted: Option<Abort>,
+    early: Option<Early>,
 }
+
+/// An early commit of a slow stream: its head, then `: keep-alive` comments,
+/// written by the watch itself while the worker is blocked upstream.
+struct Early {
+    at: Instant,
+    every: Duration,
+    head: Vec<u8>,
+    chunked: bool,
+    sent: bool,
+    next: Instant,
+}
+
+/// One SSE comment, as a chunk and as raw bytes.
+const COMMENT_CHUNKED: &[u8] = b"e\r\n: keep-alive\n\n\r\n";
+const COMMENT_RAW: &[u8] = b": keep-alive\n\n";
 
 thread_local! {
     static CURRENT: RefCell<Option<Watch>> = const { RefCell::new(None) };
@@ -59,6 +75,7 @@ pub fn start(client: Option<TcpStream>) -> WatchGuard {
             client,
             deadline: None,
             aborted: None,
+            early: None,
         })
     });
     WatchGuard(())
@@ -74,19 +91,82 @@ pub fn set_deadline(deadline: Option<Instant>) {
     });
 }
 
-/// The reason the last upstream read on this thread was abandoned, if it was.
-pub fn aborted() -> Option<Abort> {
-    CURRENT.with(|c| c.borrow().as_ref().and_then(|w| w.aborted))
+/// From `at` on, if the stream has not committed, send `head` to the client,
+/// then a `: keep-alive` comment every `every` (chunked unless HTTP/1.0).
+pub fn set_early(at: Instant, every: Duration, head: Vec<u8>, chunked: bool) {
+    CURRENT.with(|c| {
+        if let Some(w) = c.borrow_mut().as_mut() {
+            w.early = Some(Early {
+                at,
+                every,
+                head,
+                chunked,
+                sent: false,
+                next: at,
+            });
+        }
+    });
 }
 
-/// Check now whether the client has gone (used between writes as well).
-pub fn client_gone() -> bool {
+/// Stop the keep-alive comments (the stream commits for real); returns
+/// whether the head was already sent.
+pub fn clear_early() -> bool {
+    CURRENT.with(|c| {
+        c.borrow_mut()
+            .as_mut()
+            .and_then(|w| w.early.take())
+            .is_some_and(|e| e.sent)
+    })
+}
+
+/// Whether the early head has been sent.
+pub fn early_sent() -> bool {
     CURRENT.with(|c| {
         c.borrow()
             .as_ref()
-            .and_then(|w| w.client.as_ref())
-            .is_some_and(peer_closed)
+            .and_then(|w| w.early.as_ref())
+            .is_some_and(|e| e.sent)
     })
+}
+
+/// While not waiting on an upstream: send keep-alives that are due and
+/// report whether the client has gone.
+pub fn poll_client() -> bool {
+    CURRENT.with(|c| {
+        let mut slot = c.borrow_mut();
+        let Some(w) = slot.as_mut() else {
+            return false;
+        };
+        w.client.as_ref().is_some_and(peer_closed) || !keep_alive(w, Instant::now())
+    })
+}
+
+/// Write what the early commit owes the client now; false if the write failed.
+fn keep_alive(w: &mut Watch, now: Instant) -> bool {
+    let (Some(e), Some(client)) = (w.early.as_mut(), w.client.as_ref()) else {
+        return true;
+    };
+    if now < e.at || now < e.next {
+        return true;
+    }
+    let mut out = Vec::new();
+    if !e.sent {
+        out.extend_from_slice(&e.head);
+        e.sent = true;
+    }
+    out.extend_from_slice(if e.chunked {
+        COMMENT_CHUNKED
+    } else {
+        COMMENT_RAW
+    });
+    e.next = now + e.every;
+    let mut client = client;
+    client.write_all(&out).and_then(|()| client.flush()).is_ok()
+}
+
+/// The reason the last upstream read on this thread was abandoned, if it was.
+pub fn aborted() -> Option<Abort> {
+    CURRENT.with(|c| c.borrow().as_ref().and_then(|w| w.aborted))
 }
 
 /// True when the peer has closed (EOF or error); pipelined bytes do not count.
@@ -110,9 +190,10 @@ fn check() -> Option<Abort> {
     CURRENT.with(|c| {
         let mut slot = c.borrow_mut();
         let w = slot.as_mut()?;
-        let why = if w.deadline.is_some_and(|d| Instant::now() >= d) {
+        let now = Instant::now();
+        let why = if w.deadline.is_some_and(|d| now >= d) {
             Some(Abort::Deadline)
-        } else if w.client.as_ref().is_some_and(peer_closed) {
+        } else if w.client.as_ref().is_some_and(peer_closed) || !keep_alive(w, now) {
             Some(Abort::ClientGone)
         } else {
             None
