@@ -24,7 +24,7 @@ use crate::response::{valid_value, Responder};
 use crate::retry::{self, KeyFault, Outcome, RetryTicket};
 use crate::state::{Balancer, Shared};
 use crate::streaming::{Preamble, Verdict as Preview};
-use crate::upstream::{self, AttemptError, Failed, Outgoing, SavedResponse};
+use crate::upstream::{self, AttemptError, Failed, Outgoing};
 use crate::watch;
 
 /// Headers of every SSE response we send.
@@ -267,24 +267,16 @@ fn finish_failed(
     last: Option<Failed>,
     budget_spent: bool,
 ) -> Result<(), Stop> {
-    end_early(out);
-    if budget_spent && !out.started() {
-        // The budget stops retries mid-way: the client gets the last word of
-        // an upstream as it was, when there is one.
-        if let Some(saved) = last.as_ref().and_then(|f| f.response.clone()) {
-            out.add_header("x-gaia-attempts", &trail.0);
-            out.add_header("x-should-retry", "false");
-            let ct = [("Content-Type", saved.content_type.as_str())];
-            let headers: &[(&str, &str)] = if saved.content_type.is_empty() {
-                &[]
-            } else {
-                &ct
-            };
-            let _ = out.send(saved.status, headers, &saved.body);
-            return Ok(());
+    let mut detail = last
+        .as_ref()
+        .map_or_else(|| "no upstream host".to_string(), |f| f.detail.clone());
+    // The last upstream's own words help the client more than ours.
+    if let Some(body) = last.as_ref().and_then(|f| f.error_body.as_ref()) {
+        let excerpt = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
+        if !excerpt.trim().is_empty() {
+            detail = format!("{detail}: {}", excerpt.trim());
         }
     }
-    let detail = last.map_or_else(|| "no upstream host".to_string(), |f| f.detail);
     let why = if budget_spent {
         "retry budget spent"
     } else {
@@ -419,11 +411,7 @@ fn attempt(
             outcome: Outcome::Status(status),
             detail: format!("{}: status {status}", host.spec.name),
             retry_after,
-            response: Some(SavedResponse {
-                status,
-                content_type,
-                body,
-            }),
+            error_body: Some(body),
         }));
     }
     let is_sse = (200..300).contains(&status)

@@ -100,19 +100,8 @@ pub struct Failed {
     pub detail: String,
     /// The upstream's `Retry-After`, when it sent one.
     pub retry_after: Option<Duration>,
-    /// The upstream's error response, kept to pass on when retrying stops.
-    pub response: Option<SavedResponse>,
-}
-
-/// An upstream error response held back in case it is the last word.
-#[derive(Debug, Clone)]
-pub struct SavedResponse {
-    /// Status code.
-    pub status: u16,
-    /// Checked Content-Type, empty when absent or unsafe.
-    pub content_type: String,
-    /// Body (bounded).
-    pub body: Vec<u8>,
+    /// The upstream's error body (bounded), quoted when retrying stops.
+    pub error_body: Option<Vec<u8>>,
 }
 
 /// Why an attempt produced nothing.
@@ -201,7 +190,7 @@ fn failed(outcome: Outcome, what: &str, host: &Host) -> AttemptError {
         outcome,
         detail: format!("{}: {what}", host.spec.name),
         retry_after: None,
-        response: None,
+        error_body: None,
     })
 }
 
