@@ -9,6 +9,7 @@ pub mod config;
 pub mod hosts;
 pub mod keys;
 pub mod logging;
+pub mod model;
 pub mod proxy;
 pub mod request;
 pub mod response;
