@@ -10,6 +10,7 @@ pub mod cooldowns;
 pub mod hosts;
 pub mod keys;
 pub mod logging;
+pub mod model;
 pub mod proxy;
 pub mod request;
 pub mod response;
