@@ -236,7 +236,9 @@ impl Hosts {
             Verdict::Success | Verdict::Alive => {
                 if verdict == Verdict::Success {
                     host.successes.fetch_add(1, Ordering::Relaxed);
+                    // Only 429s in a row, not scattered ones, add up.
                     h.cooldown.reset();
+                    h.limited_keys.clear();
                 }
                 h.consecutive = 0;
                 if h.state != HostState::Up {

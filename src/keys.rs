@@ -72,6 +72,14 @@ impl Key {
         !s.disabled && !s.cooldown.active(now)
     }
 
+    /// The key just worked: forget its rate-limit history, so only 429s in a
+    /// row, not scattered ones, add up to a key cooldown.
+    pub fn succeeded(&self) {
+        let mut s = self.state();
+        s.limited_by.clear();
+        s.cooldown.reset();
+    }
+
     /// Take the key out of rotation (401/403).
     pub fn disable(&self) {
         self.state().disabled = true;

@@ -161,9 +161,35 @@ fn attempts(
                 at => return finish_unavailable(out, trail, at, last.as_ref()),
             }
         };
+        if served.attempts > 0 && !shared.budget.allows() {
+            b.hosts.record(&c.host, Verdict::Unknown, c.probe, None);
+            log::warn!(
+                "retry budget spent; giving up after {} attempts",
+                served.attempts
+            );
+            return finish_failed(out, trail, served.attempts, last, true);
+        }
+        // Waiting only helps a host that failed itself; a new key needs no pause.
+        let host_failed = last
+            .as_ref()
+            .is_some_and(|f| retry::decide(f.outcome).host_failure);
+        if c.repeat && host_failed {
+            let floor = settings.timeouts.connect.min(Duration::from_secs(1));
+            let pause = pause_until(
+                Instant::now() + retry::backoff(served.attempts, floor),
+                deadline,
+            );
+            if pause.is_err() {
+                b.hosts.record(&c.host, Verdict::Unknown, c.probe, None);
+            }
+            pause?;
+        }
         if served.attempts > 0 {
+            // The ticket is taken after any pause: a sleeping request must
+            // not hold one of the few concurrent retry slots.
             _retry = None;
-            match shared.budget.retry() {
+            let slot_wait = (Instant::now() + retry::RETRY_SLOT_WAIT).min(deadline);
+            match shared.budget.retry(slot_wait) {
                 Some(ticket) => _retry = Some(ticket),
                 None => {
                     b.hosts.record(&c.host, Verdict::Unknown, c.probe, None);
@@ -174,17 +200,6 @@ fn attempts(
                     return finish_failed(out, trail, served.attempts, last, true);
                 }
             }
-        }
-        // Waiting only helps a host that failed itself; a new key needs no pause.
-        let host_failed = last
-            .as_ref()
-            .is_some_and(|f| retry::decide(f.outcome).host_failure);
-        if c.repeat && host_failed {
-            let floor = settings.timeouts.connect.min(Duration::from_secs(1));
-            pause_until(
-                Instant::now() + retry::backoff(served.attempts, floor),
-                deadline,
-            )?;
         }
         if Instant::now() >= deadline {
             b.hosts.record(&c.host, Verdict::Unknown, c.probe, None);
@@ -199,6 +214,9 @@ fn attempts(
                     Delivered::Cut(why) => (Verdict::Failure, Some(why.as_str())),
                 };
                 b.hosts.record(&c.host, verdict, c.probe, detail);
+                if let Some(k) = &c.key {
+                    k.succeeded();
+                }
                 served.host = Some(c.host.spec.name.clone());
                 served.cut = matches!(end, Delivered::Cut(_));
                 return Ok(());
@@ -594,12 +612,13 @@ fn forward_stream(
             Preview::Commit => break,
         }
     }
+    end_early(out);
     ctx.headers(trail, true, out);
-    if out
-        .start_stream(ctx.status, &ctx.content_type_header())
-        .is_err()
-        || out.chunk(&preamble.take()).is_err()
-    {
+    let started = out.started()
+        || out
+            .start_stream(ctx.status, &ctx.content_type_header())
+            .is_ok();
+    if !started || out.chunk(&preamble.take()).is_err() {
         return Err(AttemptError::ClientGone);
     }
     let name = ctx.host.spec.name.clone();

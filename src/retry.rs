@@ -7,7 +7,7 @@
 //! different host is tried at once.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::rng;
@@ -88,25 +88,32 @@ pub const BUDGET_MIN_PER_SEC: usize = 10;
 /// Retries under way at once, at least.
 pub const BUDGET_MIN_CONCURRENT: usize = 3;
 
+/// Longest wait for a free concurrent-retry slot.
+pub const RETRY_SLOT_WAIT: Duration = Duration::from_secs(1);
+
 /// The retry budget (Finagle/Envoy style): retries stay within 20 % of the
 /// requests of the last 10 s plus 10 per second, and retries under way at
 /// once within max(3, 20 % of requests in flight). An outage therefore
-/// cannot multiply the load on the hosts that are left.
+/// cannot multiply the load on the hosts that are left. A spent ratio refuses
+/// at once; a full set of concurrent slots is waited on briefly, since a slot
+/// frees as soon as some retry ends and a request that could be saved should be.
 #[derive(Debug)]
 pub struct Budget {
-    window: Mutex<Window>,
+    state: Mutex<BudgetState>,
+    freed: Condvar,
     in_flight: AtomicUsize,
-    retrying: AtomicUsize,
     started: Instant,
 }
 
 #[derive(Debug, Default)]
-struct Window {
+struct BudgetState {
     /// Per second slot: (second number, requests, retries).
     slots: [(u64, usize, usize); BUDGET_WINDOW_SECS],
+    /// Retries under way.
+    retrying: usize,
 }
 
-impl Window {
+impl BudgetState {
     fn slot(&mut self, second: u64) -> &mut (u64, usize, usize) {
         let i = (second % BUDGET_WINDOW_SECS as u64) as usize;
         let slot = &mut self.slots[i];
@@ -119,9 +126,7 @@ impl Window {
     fn totals(&self, second: u64) -> (usize, usize) {
         self.slots
             .iter()
-            .filter(|(s, _, _)| {
-                second.saturating_sub(*s) < BUDGET_WINDOW_SECS as u64 && *s <= second
-            })
+            .filter(|(s, _, _)| *s <= second && second - *s < BUDGET_WINDOW_SECS as u64)
             .fold((0, 0), |(rq, rt), (_, q, t)| (rq + q, rt + t))
     }
 }
@@ -142,16 +147,17 @@ pub struct RetryTicket<'a>(&'a Budget);
 
 impl Drop for RetryTicket<'_> {
     fn drop(&mut self) {
-        self.0.retrying.fetch_sub(1, Ordering::Relaxed);
+        self.0.lock().retrying -= 1;
+        self.0.freed.notify_one();
     }
 }
 
 impl Default for Budget {
     fn default() -> Self {
         Budget {
-            window: Mutex::new(Window::default()),
+            state: Mutex::new(BudgetState::default()),
+            freed: Condvar::new(),
             in_flight: AtomicUsize::new(0),
-            retrying: AtomicUsize::new(0),
             started: Instant::now(),
         }
     }
@@ -162,8 +168,9 @@ impl Budget {
         now.duration_since(self.started).as_secs() + 1
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Window> {
-        self.window.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, BudgetState> {
+        // Counters stay valid whatever panicked while the lock was held.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Count a new proxied request.
@@ -174,36 +181,49 @@ impl Budget {
         RequestTicket(self)
     }
 
-    /// Ask to retry; `None` when the budget is spent.
-    pub fn retry(&self) -> Option<RetryTicket<'_>> {
-        let in_flight = self.in_flight.load(Ordering::Relaxed);
-        let concurrent = BUDGET_MIN_CONCURRENT.max(in_flight / 5);
-        let admitted = self
-            .retrying
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
-                (r < concurrent).then_some(r + 1)
-            })
-            .is_ok();
-        if !admitted {
-            return None;
+    /// Whether the ratio part of the budget would allow a retry now (no slot taken).
+    pub fn allows(&self) -> bool {
+        let st = self.lock();
+        let (requests, retries) = st.totals(self.second(Instant::now()));
+        retries < Self::allowed(requests)
+    }
+
+    fn allowed(requests: usize) -> usize {
+        (requests as f64 * BUDGET_RATIO) as usize + BUDGET_MIN_PER_SEC * BUDGET_WINDOW_SECS
+    }
+
+    /// Ask to retry, waiting for a concurrent slot until `wait_until` at most;
+    /// `None` when the budget is spent.
+    pub fn retry(&self, wait_until: Instant) -> Option<RetryTicket<'_>> {
+        let mut st = self.lock();
+        loop {
+            let now = Instant::now();
+            let second = self.second(now);
+            let (requests, retries) = st.totals(second);
+            let allowed =
+                (requests as f64 * BUDGET_RATIO) as usize + BUDGET_MIN_PER_SEC * BUDGET_WINDOW_SECS;
+            if retries >= allowed {
+                return None;
+            }
+            let concurrent = BUDGET_MIN_CONCURRENT.max(self.in_flight.load(Ordering::Relaxed) / 5);
+            if st.retrying < concurrent {
+                st.retrying += 1;
+                st.slot(second).2 += 1;
+                return Some(RetryTicket(self));
+            }
+            if now >= wait_until {
+                return None;
+            }
+            st = self
+                .freed
+                .wait_timeout(st, wait_until - now)
+                .map_or_else(|e| e.into_inner().0, |(g, _)| g);
         }
-        let second = self.second(Instant::now());
-        let mut w = self.lock();
-        let (requests, retries) = w.totals(second);
-        let allowed =
-            (requests as f64 * BUDGET_RATIO) as usize + BUDGET_MIN_PER_SEC * BUDGET_WINDOW_SECS;
-        if retries >= allowed {
-            drop(w);
-            self.retrying.fetch_sub(1, Ordering::Relaxed);
-            return None;
-        }
-        w.slot(second).2 += 1;
-        Some(RetryTicket(self))
     }
 
     /// Retries under way now.
     pub fn retrying(&self) -> usize {
-        self.retrying.load(Ordering::Relaxed)
+        self.lock().retrying
     }
 }
 
@@ -288,7 +308,7 @@ mod tests {
         // 20 % of 1000 + 10/s over 10 s = 300 retries, taken one at a time.
         let mut granted = 0;
         for _ in 0..1000 {
-            match b.retry() {
+            match b.retry(Instant::now()) {
                 Some(t) => {
                     granted += 1;
                     drop(t);
@@ -305,12 +325,16 @@ mod tests {
         let b = Budget::default();
         let _reqs: Vec<_> = (0..50).map(|_| b.request()).collect();
         // max(3, 50 / 5) = 10 at once.
-        let held: Vec<_> = (0..20).filter_map(|_| b.retry()).collect();
+        let held: Vec<_> = (0..20).filter_map(|_| b.retry(Instant::now())).collect();
         assert_eq!(held.len(), 10);
         assert_eq!(b.retrying(), 10);
-        drop(held);
+        // A full set of slots is waited on, and a freed slot is taken.
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| b.retry(Instant::now() + Duration::from_secs(5)).is_some());
+            drop(held);
+            assert!(waiter.join().unwrap());
+        });
         assert_eq!(b.retrying(), 0);
-        assert!(b.retry().is_some());
     }
 
     #[test]

@@ -6,4 +6,5 @@ mod util;
 mod cli;
 mod hostile;
 mod proxy;
+mod resilience;
 mod streaming;

@@ -1,0 +1,494 @@
+//! The health model: each row of the decision table, ejection, cooldowns,
+//! the retry budget, early commits, and a seeded chaos run.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::fake::{content_event, finish_events, refused_url, role_event, Reply, Step, Upstream};
+use crate::util::{chat, post, request, start, wait_for};
+
+const OK: &str = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}]}"#;
+
+fn status(addr: std::net::SocketAddr) -> serde_json::Value {
+    request(addr, "GET", "/status", &[], b"").json()
+}
+
+fn host_field(addr: std::net::SocketAddr, host: usize, field: &str) -> serde_json::Value {
+    status(addr)["hosts"][host][field].clone()
+}
+
+fn good_stream() -> Reply {
+    Reply::sse(vec![
+        Step::Send(role_event()),
+        Step::Send(content_event("fine")),
+        Step::Send(finish_events()),
+    ])
+}
+
+#[test]
+fn host_failures_are_counted_and_four_xx_are_not() {
+    let cases: Vec<(Reply, bool)> = vec![
+        (Reply::json(500, "{}"), true),
+        (Reply::json(502, "{}"), true),
+        (Reply::json(504, "{}"), true),
+        (Reply::Close, true),
+        (Reply::sse(vec![Step::Send(role_event()), Step::Cut]), true),
+        (Reply::json(404, "{}"), false),
+        (Reply::json(429, "{}"), false),
+    ];
+    for (reply, is_failure) in cases {
+        let what = format!("{reply:?}");
+        let bad = Upstream::always(reply);
+        let good = Upstream::always(Reply::json(200, OK));
+        let bal = start(&[bad.url(), good.url()], &[], |_| {});
+        for _ in 0..2 {
+            assert_eq!(
+                post(bal.addr, "/v1/chat/completions", &chat(false)).status,
+                200,
+                "{what}"
+            );
+        }
+        let failures = host_field(bal.addr, 0, "failures").as_u64().unwrap();
+        assert_eq!(failures > 0, is_failure, "{what}: failures {failures}");
+        assert_eq!(host_field(bal.addr, 1, "failures").as_u64(), Some(0));
+    }
+}
+
+#[test]
+fn refused_and_first_byte_timeouts_are_host_failures() {
+    let hang = Upstream::always(Reply::Hang(Duration::from_secs(5)));
+    let good = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[refused_url(), hang.url(), good.url()], &[], |c| {
+        c.settings.timeouts.first_byte = Duration::from_millis(300);
+    });
+    for _ in 0..3 {
+        assert_eq!(
+            post(bal.addr, "/v1/chat/completions", &chat(false)).status,
+            200
+        );
+    }
+    assert!(host_field(bal.addr, 0, "failures").as_u64().unwrap() >= 1);
+    assert!(host_field(bal.addr, 1, "failures").as_u64().unwrap() >= 1);
+    let last = host_field(bal.addr, 0, "lastFailure");
+    assert!(last.as_str().unwrap().contains("refused"), "{last}");
+}
+
+#[test]
+fn five_consecutive_failures_eject_a_host() {
+    let bad = Upstream::always(Reply::json(500, "{}"));
+    let good = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[bad.url(), good.url()], &[], |_| {});
+    for _ in 0..12 {
+        assert_eq!(
+            post(bal.addr, "/v1/chat/completions", &chat(false)).status,
+            200
+        );
+    }
+    assert_eq!(host_field(bal.addr, 0, "state"), "ejected");
+    assert_eq!(status(bal.addr)["totals"]["ejected"], 1);
+    assert!(host_field(bal.addr, 0, "ejectedSeconds").as_f64().unwrap() > 25.0);
+    let hits = bad.hits();
+    assert_eq!(hits, 5);
+    for _ in 0..10 {
+        assert_eq!(
+            post(bal.addr, "/v1/chat/completions", &chat(false)).status,
+            200
+        );
+    }
+    assert_eq!(bad.hits(), hits, "an ejected host gets no traffic");
+    // /readyz stays 200: one host is still routable.
+    assert_eq!(request(bal.addr, "GET", "/readyz", &[], b"").status, 200);
+}
+
+#[test]
+fn a_503_with_retry_after_cools_the_host() {
+    let busy = Upstream::always(Reply::json(503, "{}").with_header("Retry-After", "30"));
+    let good = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[busy.url(), good.url()], &[], |_| {});
+    for _ in 0..6 {
+        assert_eq!(
+            post(bal.addr, "/v1/chat/completions", &chat(false)).status,
+            200
+        );
+    }
+    assert_eq!(busy.hits(), 1, "cooling for 30 s after one 503");
+    assert_eq!(host_field(bal.addr, 0, "state"), "cooling");
+}
+
+#[test]
+fn rejected_keys_leave_rotation() {
+    let up = Upstream::start(|seen, _| {
+        if seen.header("authorization") == Some("Bearer key-revoked-00000001") {
+            Reply::json(401, r#"{"error":{"message":"invalid key"}}"#)
+        } else {
+            Reply::json(200, OK)
+        }
+    });
+    let bal = start(
+        &[up.url()],
+        &["key-revoked-00000001", "key-working-00000002"],
+        |_| {},
+    );
+    for _ in 0..6 {
+        assert_eq!(
+            post(bal.addr, "/v1/chat/completions", &chat(false)).status,
+            200
+        );
+    }
+    let used = up
+        .requests()
+        .iter()
+        .filter(|s| s.header("authorization") == Some("Bearer key-revoked-00000001"))
+        .count();
+    assert_eq!(used, 1, "a rejected key is never sent again");
+    let keys = status(bal.addr)["keys"].clone();
+    assert_eq!(keys[0]["state"], "disabled");
+    assert_eq!(keys[0]["key"], "...0001");
+    assert_eq!(keys[1]["state"], "active");
+}
+
+#[test]
+fn a_key_limited_on_two_hosts_cools_everywhere() {
+    let limited = |seen: &crate::fake::Seen, _| {
+        if seen.header("authorization") == Some("Bearer key-hot-000000000001") {
+            Reply::json(429, "{}")
+        } else {
+            Reply::json(200, OK)
+        }
+    };
+    let a = Upstream::start(limited);
+    let b = Upstream::start(limited);
+    let bal = start(
+        &[a.url(), b.url()],
+        &["key-hot-000000000001", "key-cool-00000000002"],
+        |_| {},
+    );
+    for _ in 0..10 {
+        assert_eq!(
+            post(bal.addr, "/v1/chat/completions", &chat(false)).status,
+            200
+        );
+    }
+    let hot = |u: &Upstream| {
+        u.requests()
+            .iter()
+            .filter(|s| s.header("authorization") == Some("Bearer key-hot-000000000001"))
+            .count()
+    };
+    assert_eq!(hot(&a) + hot(&b), 2, "once per host, then the key cools");
+    assert_eq!(status(bal.addr)["keys"][0]["state"], "cooling");
+    assert_eq!(host_field(bal.addr, 0, "state"), "up");
+}
+
+#[test]
+fn a_host_limiting_two_keys_cools_as_a_host() {
+    let a = Upstream::always(Reply::json(429, "{}"));
+    let b = Upstream::always(Reply::json(200, OK));
+    let bal = start(
+        &[a.url(), b.url()],
+        &["key-one-000000000001", "key-two-000000000002"],
+        |_| {},
+    );
+    for _ in 0..10 {
+        assert_eq!(
+            post(bal.addr, "/v1/chat/completions", &chat(false)).status,
+            200
+        );
+    }
+    assert_eq!(a.hits(), 2, "one 429 per key, then the host cools");
+    assert_eq!(host_field(bal.addr, 0, "state"), "cooling");
+    let keys = status(bal.addr)["keys"].clone();
+    assert_eq!(keys[0]["state"], "active");
+    assert_eq!(keys[1]["state"], "active");
+}
+
+#[test]
+fn when_everything_cools_the_request_waits_if_it_fits() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let calls = n.clone();
+    let up = Upstream::start(move |_, _| {
+        if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            Reply::json(429, "{}").with_header("Retry-After", "1")
+        } else {
+            Reply::json(200, OK)
+        }
+    });
+    let bal = start(&[up.url()], &["key-only-0000000001"], |_| {});
+    let began = Instant::now();
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let waited = began.elapsed();
+    assert!(waited >= Duration::from_millis(900), "waited {waited:?}");
+    assert_eq!(
+        r.header("x-gaia-attempts"),
+        Some("h0[...0001]:429,h0[...0001]:200")
+    );
+}
+
+#[test]
+fn when_everything_cools_past_the_deadline_the_answer_is_503() {
+    let up = Upstream::always(Reply::json(429, "{}").with_header("Retry-After", "20"));
+    let bal = start(&[up.url()], &[], |c| {
+        c.settings.timeouts.total = Duration::from_secs(3)
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 503, "{}", r.text());
+    let after: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((19..=20).contains(&after), "{after}");
+    assert_eq!(r.header("x-should-retry"), Some("false"));
+    assert_eq!(up.hits(), 1);
+}
+
+#[test]
+fn an_outage_stays_within_the_retry_budget() {
+    let a = Upstream::always(Reply::json(500, r#"{"error":{"message":"node down"}}"#));
+    let b = Upstream::always(Reply::json(500, "{}"));
+    let c = Upstream::always(Reply::json(500, "{}"));
+    // As many attempts as hosts: the budget, not the host count, cuts retries.
+    // A short connect timeout keeps the same-host turn-around (min(connect, 1 s)) short.
+    let bal = start(&[a.url(), b.url(), c.url()], &[], |c| {
+        c.settings.max_attempts = 3;
+        c.settings.timeouts.connect = Duration::from_millis(100);
+    });
+    let requests = 200;
+    let began = Instant::now();
+    let addr = bal.addr;
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            std::thread::spawn(move || {
+                (0..requests / 8)
+                    .map(|_| {
+                        let sent = Instant::now();
+                        let r = post(addr, "/v1/chat/completions", &chat(false));
+                        let clean =
+                            r.status == 502 && r.json()["error"]["code"] == "upstream_failed";
+                        (clean, sent.elapsed())
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let results: Vec<(bool, Duration)> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    assert!(
+        results.iter().all(|(clean, _)| *clean),
+        "every client got a clean 502"
+    );
+    // Functional bound, not a benchmark: nobody waits anywhere near totalMs (20 s).
+    let slowest = results.iter().map(|(_, d)| *d).max().unwrap();
+    assert!(
+        slowest < Duration::from_secs(5),
+        "slowest 502 took {slowest:?}"
+    );
+    let attempts = a.hits() + b.hits() + c.hits();
+    // Without a budget: 3 attempts each = 600. With it: the requests, plus
+    // 20 % of them, plus 10 retries per second of the run (at least one window).
+    let secs = began.elapsed().as_secs() as usize + 1;
+    let allowed = requests + requests / 5 + 10 * secs.max(10);
+    assert!(
+        attempts <= allowed,
+        "{attempts} upstream attempts > {allowed}"
+    );
+    assert!(attempts > requests, "some retries were allowed");
+}
+
+#[test]
+fn a_slow_first_token_commits_early_with_keep_alives_and_fails_over_invisibly() {
+    let dies = Upstream::always(Reply::sse(vec![
+        Step::Send(role_event()),
+        Step::Sleep(Duration::from_millis(700)),
+        Step::Cut,
+    ]));
+    let slow_ok = Upstream::always(Reply::sse(vec![
+        Step::Sleep(Duration::from_millis(300)),
+        Step::Send(content_event("late")),
+        Step::Send(finish_events()),
+    ]));
+    let bal = start(&[dies.url(), slow_ok.url()], &[], |c| {
+        c.settings.stream_keep_alive_after = Some(Duration::from_millis(200));
+        c.settings.stream_keep_alive_every = Duration::from_millis(150);
+        // The dying host must be tried first.
+        c.hosts[0].weight = 1000;
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(true));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    let text = r.text();
+    assert!(text.starts_with(": keep-alive\n\n"), "{text}");
+    assert!(text.matches(": keep-alive").count() >= 3, "{text}");
+    assert!(
+        text.contains("late") && text.ends_with("data: [DONE]\n\n"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("assistant"),
+        "the dead host's preamble never reached the client: {text}"
+    );
+    assert!(r.complete);
+    assert_eq!(dies.hits(), 1);
+}
+
+#[test]
+fn an_early_committed_stream_that_cannot_be_saved_ends_with_an_error_event() {
+    let up = Upstream::always(Reply::sse(vec![
+        Step::Sleep(Duration::from_millis(400)),
+        Step::Cut,
+    ]));
+    let bal = start(&[up.url()], &[], |c| {
+        c.settings.stream_keep_alive_after = Some(Duration::from_millis(100));
+        c.settings.max_attempts = 2;
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(true));
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    assert!(text.contains(": keep-alive"), "{text}");
+    assert!(!text.contains("[DONE]"), "{text}");
+    let last = text.trim_end().rsplit("\n\n").next().unwrap();
+    assert!(last.starts_with("data: {\"error\""), "{text}");
+    assert!(last.contains("upstream_failed"), "{text}");
+}
+
+#[test]
+fn a_cut_after_commit_counts_against_the_host() {
+    let up = Upstream::always(Reply::sse(vec![
+        Step::Send(content_event("part")),
+        Step::Cut,
+    ]));
+    let bal = start(&[up.url()], &[], |_| {});
+    let r = post(bal.addr, "/v1/chat/completions", &chat(true));
+    assert!(r.text().contains("stream_interrupted"));
+    assert_eq!(host_field(bal.addr, 0, "failures"), 1);
+}
+
+#[test]
+fn a_departed_client_is_no_failure() {
+    let up = Upstream::always(Reply::Hang(Duration::from_secs(5)));
+    let bal = start(&[up.url()], &[], |_| {});
+    {
+        let mut s = crate::util::connect(bal.addr);
+        let body = chat(false);
+        std::io::Write::write_all(
+            &mut s,
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        assert!(wait_for(Duration::from_secs(3), || up.hits() == 1));
+    }
+    assert!(wait_for(Duration::from_secs(3), || !up
+        .peer_closed()
+        .is_empty()));
+    assert!(wait_for(Duration::from_secs(3), || host_field(
+        bal.addr, 0, "inFlight"
+    ) == 0));
+    assert_eq!(host_field(bal.addr, 0, "failures"), 0);
+    assert_eq!(host_field(bal.addr, 0, "consecutiveFailures"), 0);
+}
+
+/// Deterministic per-request choice from a seed: xorshift of the request number.
+fn roll(seed: u64, n: usize) -> u64 {
+    let mut x = seed ^ (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    for _ in 0..3 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+    }
+    x
+}
+
+fn flaky(seed: u64) -> Upstream {
+    Upstream::start(move |seen, n| {
+        let r = roll(seed, n);
+        let stream = String::from_utf8_lossy(&seen.body).contains("\"stream\":true");
+        if r % 100 < 30 {
+            return match (r >> 8) % 5 {
+                0 => Reply::json(500, "{}"),
+                1 => Reply::json(429, "{}").with_header("Retry-After", "1"),
+                2 => Reply::Close,
+                3 => Reply::Hang(Duration::from_millis(600)),
+                _ => Reply::sse(vec![Step::Send(role_event()), Step::Cut]),
+            };
+        }
+        if stream {
+            good_stream()
+        } else {
+            Reply::json(200, OK)
+        }
+    })
+}
+
+#[test]
+fn chaos_run_every_request_succeeds() {
+    let steady_stream = |seen: &crate::fake::Seen, _: usize| {
+        if String::from_utf8_lossy(&seen.body).contains("\"stream\":true") {
+            good_stream()
+        } else {
+            Reply::json(200, OK)
+        }
+    };
+    let ups = [
+        flaky(0x5eed_0001),
+        flaky(0x5eed_0002),
+        Upstream::start(steady_stream),
+        Upstream::start(steady_stream),
+    ];
+    let urls: Vec<String> = ups.iter().map(Upstream::url).collect();
+    let bal = start(
+        &urls,
+        &["key-chaos-0000000001", "key-chaos-0000000002"],
+        |c| {
+            c.settings.timeouts.first_byte = Duration::from_millis(300);
+            c.settings.workers = 32;
+        },
+    );
+    let addr = bal.addr;
+    let total = 2000;
+    let threads = 16;
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut failed = Vec::new();
+                for i in 0..total / threads {
+                    let stream = (t + i) % 2 == 0;
+                    let r = post(addr, "/v1/chat/completions", &chat(stream));
+                    let ok = r.status == 200
+                        && r.complete
+                        && if stream {
+                            r.text().contains("fine")
+                                && r.text().ends_with("data: [DONE]\n\n")
+                                && !r.text().contains("error")
+                        } else {
+                            r.text() == OK
+                        };
+                    if !ok {
+                        failed.push(format!(
+                            "{} {:?} {}",
+                            r.status,
+                            r.header("x-gaia-attempts"),
+                            r.text()
+                        ));
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+    let failed: Vec<String> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {total} failed, e.g. {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    let faults: usize = ups[..2].iter().map(Upstream::hits).sum();
+    assert!(faults > 100, "the flaky hosts took traffic: {faults}");
+}
