@@ -135,6 +135,9 @@ pub struct Settings {
     pub queue_size: usize,
     /// How long an accepted connection may wait for a worker before 503. Defaults to 3 s.
     pub queue_wait: Duration,
+    /// After SIGTERM or SIGINT, how long requests in flight may take to finish
+    /// before the process exits anyway. Defaults to 30 s.
+    pub shutdown_grace: Duration,
 }
 
 /// Default worker count: each worker serves one connection (one stream) at a time.
@@ -165,6 +168,7 @@ impl Default for Settings {
             max_connections_per_client: 64,
             queue_size: 1024,
             queue_wait: Duration::from_secs(3),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -261,7 +265,7 @@ pub const MAX_WEIGHT: u32 = 1_000_000;
 pub const MAX_BODY_BYTES: u64 = 1 << 30;
 
 /// Every field `balancer.json` accepts at its top level, in documentation order.
-pub const BALANCER_FIELDS: [&str; 17] = [
+pub const BALANCER_FIELDS: [&str; 18] = [
     "bind",
     "port",
     "workers",
@@ -279,6 +283,7 @@ pub const BALANCER_FIELDS: [&str; 17] = [
     "maxConnectionsPerClient",
     "queueSize",
     "queueWaitMs",
+    "shutdownGraceMs",
 ];
 const TIMEOUT_FIELDS: [&str; 4] = ["connectMs", "firstByteMs", "idleMs", "totalMs"];
 const HEDGE_FIELDS: [&str; 1] = ["afterMs"];
@@ -412,6 +417,7 @@ fn render_into(config: &Config, out: &mut String) -> fmt::Result {
         max_connections_per_client,
         queue_size,
         queue_wait,
+        shutdown_grace,
     } = settings;
     let Timeouts {
         connect,
@@ -428,7 +434,7 @@ fn render_into(config: &Config, out: &mut String) -> fmt::Result {
         Some(d) => ms(d),
         None => "0 (off)".to_string(),
     };
-    let rows: [(&str, String); 20] = [
+    let rows: [(&str, String); 21] = [
         ("bind", bind.to_string()),
         ("port", port.to_string()),
         ("workers", workers.to_string()),
@@ -452,6 +458,7 @@ fn render_into(config: &Config, out: &mut String) -> fmt::Result {
         ),
         ("queueSize", queue_size.to_string()),
         ("queueWaitMs", ms(queue_wait)),
+        ("shutdownGraceMs", ms(shutdown_grace)),
     ];
     writeln!(out, "settings:")?;
     for (name, value) in rows {
@@ -1626,7 +1633,9 @@ impl Shape for BalancerFile {
                 "queueSize" => {
                     s.queue_size = narrow(int(map, path, 1, MAX_QUEUE as u64)?, MAX_QUEUE)
                 }
-                _ => s.queue_wait = millis(map, path, 1)?,
+                "queueWaitMs" => s.queue_wait = millis(map, path, 1)?,
+                // 0 is allowed: exit as soon as the listener is closed.
+                _ => s.shutdown_grace = millis(map, path, 0)?,
             }
             Ok(())
         })?;
@@ -1791,7 +1800,8 @@ mod tests {
               "timeouts": {"connectMs": 1, "firstByteMs": 2, "idleMs": 3, "totalMs": 4},
               "hedge": {"afterMs": 250}, "maxBodyBytes": 1024,
               "headTimeoutMs": 11, "keepAliveMs": 12, "bodyTimeoutMs": 13,
-              "maxConnectionsPerClient": 7, "queueSize": 8, "queueWaitMs": 14
+              "maxConnectionsPerClient": 7, "queueSize": 8, "queueWaitMs": 14,
+              "shutdownGraceMs": 15
             }"#,
         )
         .unwrap();
@@ -1819,6 +1829,7 @@ mod tests {
             max_connections_per_client: 7,
             queue_size: 8,
             queue_wait: ms(14),
+            shutdown_grace: ms(15),
         };
         assert_eq!(s, expected);
     }
@@ -2308,6 +2319,8 @@ mod tests {
             ("{\"timeouts\": {\"totalMs\": 86400001}}", "timeouts.totalMs", (1, 33), "totalMs must be an integer <= 86400000"),
             ("{\"hedge\": {\"afterMs\": -1}}", "hedge.afterMs", (1, 24), "afterMs must be an integer >= 0, got -1"),
             ("{\"queueWaitMs\": 0}", "queueWaitMs", (1, 17), "queueWaitMs must be an integer >= 1"),
+            ("{\"shutdownGraceMs\": -1}", "shutdownGraceMs", (1, 22), "shutdownGraceMs must be an integer >= 0, got -1"),
+            ("{\"shutdownGraceMs\": 86400001}", "shutdownGraceMs", (1, 28), "shutdownGraceMs must be an integer <= 86400000"),
             ("{\"queueSize\": 0}", "queueSize", (1, 15), "queueSize must be an integer >= 1"),
             ("{\"maxConnectionsPerClient\": 0}", "maxConnectionsPerClient", (1, 29), ">= 1, got 0"),
             ("{\"headTimeoutMs\": 0}", "headTimeoutMs", (1, 19), ">= 1, got 0"),

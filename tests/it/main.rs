@@ -5,5 +5,6 @@ mod util;
 
 mod cli;
 mod hostile;
+mod ops;
 mod proxy;
 mod streaming;
