@@ -140,6 +140,9 @@ pub struct Settings {
     pub stream_keep_alive_after: Option<Duration>,
     /// Interval of those `: keep-alive` comments. Defaults to 15 s.
     pub stream_keep_alive_every: Duration,
+    /// After SIGTERM or SIGINT, how long requests in flight may take to finish
+    /// before the process exits anyway. Defaults to 30 s.
+    pub shutdown_grace: Duration,
 }
 
 /// Default worker count: each worker serves one connection (one stream) at a time.
@@ -172,6 +175,7 @@ impl Default for Settings {
             queue_wait: Duration::from_secs(3),
             stream_keep_alive_after: Some(Duration::from_secs(10)),
             stream_keep_alive_every: Duration::from_secs(15),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -268,7 +272,7 @@ pub const MAX_WEIGHT: u32 = 1_000_000;
 pub const MAX_BODY_BYTES: u64 = 1 << 30;
 
 /// Every field `balancer.json` accepts at its top level, in documentation order.
-pub const BALANCER_FIELDS: [&str; 19] = [
+pub const BALANCER_FIELDS: [&str; 20] = [
     "bind",
     "port",
     "workers",
@@ -288,6 +292,7 @@ pub const BALANCER_FIELDS: [&str; 19] = [
     "queueWaitMs",
     "streamKeepAliveAfterMs",
     "streamKeepAliveEveryMs",
+    "shutdownGraceMs",
 ];
 const TIMEOUT_FIELDS: [&str; 4] = ["connectMs", "firstByteMs", "idleMs", "totalMs"];
 const HEDGE_FIELDS: [&str; 1] = ["afterMs"];
@@ -423,6 +428,7 @@ fn render_into(config: &Config, out: &mut String) -> fmt::Result {
         queue_wait,
         stream_keep_alive_after,
         stream_keep_alive_every,
+        shutdown_grace,
     } = settings;
     let Timeouts {
         connect,
@@ -443,7 +449,7 @@ fn render_into(config: &Config, out: &mut String) -> fmt::Result {
         Some(d) => ms(d),
         None => "0 (off)".to_string(),
     };
-    let rows: [(&str, String); 22] = [
+    let rows: [(&str, String); 23] = [
         ("bind", bind.to_string()),
         ("port", port.to_string()),
         ("workers", workers.to_string()),
@@ -469,6 +475,7 @@ fn render_into(config: &Config, out: &mut String) -> fmt::Result {
         ("queueWaitMs", ms(queue_wait)),
         ("streamKeepAliveAfterMs", keep_alive_after),
         ("streamKeepAliveEveryMs", ms(stream_keep_alive_every)),
+        ("shutdownGraceMs", ms(shutdown_grace)),
     ];
     writeln!(out, "settings:")?;
     for (name, value) in rows {
@@ -1648,7 +1655,9 @@ impl Shape for BalancerFile {
                     let d = millis(map, path, 0)?;
                     s.stream_keep_alive_after = (!d.is_zero()).then_some(d);
                 }
-                _ => s.stream_keep_alive_every = millis(map, path, 1)?,
+                "streamKeepAliveEveryMs" => s.stream_keep_alive_every = millis(map, path, 1)?,
+                // 0 is allowed: exit as soon as the listener is closed.
+                _ => s.shutdown_grace = millis(map, path, 0)?,
             }
             Ok(())
         })?;
@@ -1814,7 +1823,8 @@ mod tests {
               "hedge": {"afterMs": 250}, "maxBodyBytes": 1024,
               "headTimeoutMs": 11, "keepAliveMs": 12, "bodyTimeoutMs": 13,
               "maxConnectionsPerClient": 7, "queueSize": 8, "queueWaitMs": 14,
-              "streamKeepAliveAfterMs": 15, "streamKeepAliveEveryMs": 16
+              "streamKeepAliveAfterMs": 15, "streamKeepAliveEveryMs": 16,
+              "shutdownGraceMs": 17
             }"#,
         )
         .unwrap();
@@ -1844,6 +1854,7 @@ mod tests {
             queue_wait: ms(14),
             stream_keep_alive_after: Some(ms(15)),
             stream_keep_alive_every: ms(16),
+            shutdown_grace: ms(17),
         };
         assert_eq!(s, expected);
         let off = settings(r#"{"streamKeepAliveAfterMs": 0}"#).unwrap();
@@ -2335,6 +2346,8 @@ mod tests {
             ("{\"timeouts\": {\"totalMs\": 86400001}}", "timeouts.totalMs", (1, 33), "totalMs must be an integer <= 86400000"),
             ("{\"hedge\": {\"afterMs\": -1}}", "hedge.afterMs", (1, 24), "afterMs must be an integer >= 0, got -1"),
             ("{\"queueWaitMs\": 0}", "queueWaitMs", (1, 17), "queueWaitMs must be an integer >= 1"),
+            ("{\"shutdownGraceMs\": -1}", "shutdownGraceMs", (1, 22), "shutdownGraceMs must be an integer >= 0, got -1"),
+            ("{\"shutdownGraceMs\": 86400001}", "shutdownGraceMs", (1, 28), "shutdownGraceMs must be an integer <= 86400000"),
             ("{\"queueSize\": 0}", "queueSize", (1, 15), "queueSize must be an integer >= 1"),
             ("{\"maxConnectionsPerClient\": 0}", "maxConnectionsPerClient", (1, 29), ">= 1, got 0"),
             ("{\"headTimeoutMs\": 0}", "headTimeoutMs", (1, 19), ">= 1, got 0"),

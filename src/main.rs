@@ -1,9 +1,19 @@
 //! The `gaia-balancer` binary: parse the command line, then run, check,
 //! or print help or the version. Everything else lives in the library.
+//!
+//! Running ends only by a signal: SIGTERM or SIGINT drains (the listener
+//! closes, requests in flight finish for up to `shutdownGraceMs`) and the
+//! process exits 0, also when the grace ran out, because the stop was asked
+//! for and systemd or Kubernetes should not record it as a failure. A second
+//! signal during the drain exits at once with status 1.
 
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
+use std::time::Instant;
+
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
 use gaia_balancer::cli::{self, Command};
 use gaia_balancer::{config, logging, server};
@@ -46,6 +56,15 @@ fn main() -> ExitCode {
 
 fn run(inv: &cli::Invocation) -> ExitCode {
     logging::init(inv.log_level);
+    // Installed before the listener opens, so a signal during startup
+    // drains instead of killing the process with the default action.
+    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
+        Ok(signals) => signals,
+        Err(e) => {
+            eprintln!("gaia-balancer: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = match config::load(&inv.config_dir, &inv.overrides) {
         Ok(config) => config,
         Err(e) => {
@@ -66,6 +85,44 @@ fn run(inv: &cli::Invocation) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    server.wait();
+    let Some(signal) = signals.forever().next() else {
+        // The iterator only ends when closed through a handle, which nothing does.
+        server.wait();
+        return ExitCode::SUCCESS;
+    };
+    // Read at signal time, so a reloaded configuration's grace applies.
+    let grace = server.shared().current().config.settings.shutdown_grace;
+    log::info!(
+        "{} received: draining (grace {} ms)",
+        signal_name(signal),
+        grace.as_millis()
+    );
+    // An operator pressing Ctrl-C twice wants out now, not in 30 s.
+    std::thread::spawn(move || {
+        if let Some(again) = signals.forever().next() {
+            log::warn!(
+                "{} received again while draining: exiting now",
+                signal_name(again)
+            );
+            std::process::exit(1);
+        }
+    });
+    let started = Instant::now();
+    if server.shutdown(grace) {
+        log::info!("drained in {} ms; exiting", started.elapsed().as_millis());
+    } else {
+        log::warn!(
+            "grace of {} ms ran out with requests still in flight; exiting",
+            grace.as_millis()
+        );
+    }
     ExitCode::SUCCESS
+}
+
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        SIGTERM => "SIGTERM",
+        SIGINT => "SIGINT",
+        _ => "signal",
+    }
 }

@@ -7,6 +7,12 @@
 //! gets an immediate 503 with `Retry-After` instead of silence; every socket
 //! has `TCP_NODELAY` and read/write timeouts; a panic while serving a request
 //! ends that request and its connection, never the worker.
+//!
+//! Shutdown ([`Server::shutdown`]) drains: the listener is closed at once (new
+//! connections are refused, so a load balancer in front fails over instead of
+//! queueing), requests in flight run to their end, connections that were
+//! accepted already are served, and idle keep-alive connections are closed
+//! within [`DRAIN_POLL`].
 
 use std::collections::HashMap;
 use std::io;
@@ -40,6 +46,11 @@ pub const BODY_DEADLINE: Duration = Duration::from_secs(120);
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Stack of each worker thread; requests are shallow, so small stacks keep RSS low.
 const WORKER_STACK: usize = 256 * 1024;
+/// Longest time an idle keep-alive connection goes without looking at the
+/// drain flag, so that a shutdown is not held up by `keepAliveMs`.
+pub const DRAIN_POLL: Duration = Duration::from_millis(250);
+/// How long [`Server::shutdown`] keeps trying to wake the acceptor.
+const WAKE_LIMIT: Duration = Duration::from_secs(3);
 
 /// A running server.
 pub struct Server {
@@ -81,7 +92,7 @@ pub fn start(config: Config) -> io::Result<Server> {
         let shared = shared.clone();
         thread::Builder::new()
             .name("acceptor".into())
-            .spawn(move || accept_loop(&listener, &shared, &tx, &limiter))?
+            .spawn(move || accept_loop(listener, &shared, &tx, &limiter))?
     };
     log::info!("listening on http://{addr} with {} workers", workers.len());
     Ok(Server {
@@ -121,9 +132,17 @@ impl Server {
 
     /// Stop accepting, let requests in flight finish for up to `grace`.
     /// Returns true when every worker finished in time.
+    ///
+    /// When this returns, the listener is closed whatever the outcome; a
+    /// worker still busy after `grace` is left running (the caller exits).
     pub fn shutdown(mut self, grace: Duration) -> bool {
+        // No deadline at all for a grace too large to add (never from config).
+        let deadline = Instant::now().checked_add(grace);
         self.shared.start_draining();
-        // Wake the acceptor out of accept() with a connection of our own.
+        // Wake the acceptor out of accept() with a connection of our own; it
+        // sees the flag, returns, and drops the listener. Retried, because a
+        // wake-up connection can fail (descriptors exhausted, backlog full) and
+        // a missed one would leave the port open.
         let wake = match self.addr.ip() {
             ip if ip.is_unspecified() => SocketAddr::new(
                 if ip.is_ipv4() {
@@ -135,12 +154,30 @@ impl Server {
             ),
             _ => self.addr,
         };
-        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
         if let Some(a) = self.acceptor.take() {
-            let _ = a.join();
+            let woken = Instant::now() + WAKE_LIMIT;
+            while !a.is_finished() && Instant::now() < woken {
+                let _ = TcpStream::connect_timeout(&wake, Duration::from_millis(200));
+                let tick = Instant::now() + Duration::from_millis(100);
+                while !a.is_finished() && Instant::now() < tick {
+                    thread::sleep(Duration::from_millis(2));
+                }
+            }
+            if a.is_finished() {
+                let _ = a.join();
+                log::info!(
+                    "draining: listener closed, waiting up to {} ms for requests in flight",
+                    grace.as_millis()
+                );
+            } else {
+                log::warn!(
+                    "draining: the acceptor did not stop; new connections are dropped unserved"
+                );
+            }
         }
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline && self.workers.iter().any(|w| !w.is_finished()) {
+        while deadline.is_none_or(|d| Instant::now() < d)
+            && self.workers.iter().any(|w| !w.is_finished())
+        {
             thread::sleep(Duration::from_millis(20));
         }
         let all = self.workers.iter().all(|w| w.is_finished());
@@ -151,12 +188,18 @@ impl Server {
     }
 }
 
-fn accept_loop(listener: &TcpListener, shared: &Shared, tx: &Sender<Conn>, limiter: &Arc<Limiter>) {
+/// Takes the listener by value: returning closes it, which is what makes new
+/// connections be refused as soon as a drain begins.
+fn accept_loop(listener: TcpListener, shared: &Shared, tx: &Sender<Conn>, limiter: &Arc<Limiter>) {
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = listener.accept();
         if shared.draining() {
-            return; // dropping tx lets idle workers finish
+            // Closing the listener refuses new connections (the kernel resets
+            // any still in the backlog); dropping tx lets idle workers finish
+            // once the queue is empty.
+            drop(listener);
+            return;
         }
         match accepted {
             Ok((stream, peer)) => {
@@ -243,6 +286,13 @@ fn serve_connection(shared: &Shared, conn: Conn) {
         } else {
             settings.keep_alive
         };
+        // Between requests, wait for the next one here rather than in
+        // read_head, so that a drain closes an idle connection within
+        // DRAIN_POLL instead of after keepAliveMs. Bytes already buffered
+        // (pipelining) are served without waiting.
+        if !first && reader.buffered() == 0 && !await_next_request(shared, reader.get_ref(), idle) {
+            return;
+        }
         first = false;
         let head = match reader.read_head(&limits, idle, settings.head_timeout) {
             Ok(head) => head,
@@ -309,6 +359,45 @@ fn serve_connection(shared: &Shared, conn: Conn) {
         );
         if !out.keep_alive() || served.client_gone {
             return;
+        }
+    }
+}
+
+/// Wait up to `idle` until the client sends the first byte of its next
+/// request; false when it closed, stayed idle, or a drain began meanwhile.
+///
+/// Bytes that arrive are left in the socket for the request reader. The drain
+/// flag is read between slices of at most [`DRAIN_POLL`], and a request that
+/// had already arrived when the drain began is still served: the client sent
+/// it before it could have known.
+fn await_next_request(shared: &Shared, stream: &TcpStream, idle: Duration) -> bool {
+    let deadline = Instant::now() + idle;
+    let mut byte = [0u8; 1];
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        if stream
+            .set_read_timeout(Some((deadline - now).min(DRAIN_POLL)))
+            .is_err()
+        {
+            return false;
+        }
+        match stream.peek(&mut byte) {
+            Ok(0) => return false,
+            Ok(_) => return true,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => return false,
+        }
+        if shared.draining() {
+            return false;
         }
     }
 }

@@ -5,6 +5,7 @@ mod util;
 
 mod cli;
 mod hostile;
+mod ops;
 mod proxy;
 mod resilience;
 mod streaming;

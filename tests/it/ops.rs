@@ -1,0 +1,432 @@
+//! Operations against the real binary and the in-process server: graceful
+//! shutdown on SIGTERM and SIGINT (streams finish, the listener closes at
+//! once, idle keep-alive connections close promptly, the grace is enforced,
+//! exit status 0), draining readiness, and logs that never show a whole key.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gaia_balancer::config::Config;
+use gaia_balancer::{routes, server};
+
+use crate::fake::{content_event, finish_events, refused_url, role_event, Reply, Step, Upstream};
+use crate::util::{chat, connect, host, post, read_response, request, test_settings, wait_for};
+
+/// The balancer binary running on a config directory, killed when dropped.
+struct Binary {
+    child: Child,
+    addr: SocketAddr,
+    /// Every stderr line so far (a reader thread appends).
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Binary {
+    /// Start the binary on `dir` with `LOG_LEVEL=level` and wait for its
+    /// "listening on" line.
+    fn start(dir: &Path, level: &str) -> Binary {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gaia-balancer"));
+        for var in ["GAIA_CONFIG_DIR", "PORT", "BIND", "NODE_ENV", "LOG_LEVEL"] {
+            cmd.env_remove(var);
+        }
+        let mut child = cmd
+            .args(["--port", "0", "--workers", "8", "--config"])
+            .arg(dir)
+            .env("LOG_LEVEL", level)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut bin = Binary {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            log,
+        };
+        let mut addr = None;
+        let found = wait_for(Duration::from_secs(10), || {
+            addr = bin.lines().iter().find_map(|l| {
+                l.split("listening on http://")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            });
+            addr.is_some()
+        });
+        assert!(found, "no listening line: {:?}", bin.lines());
+        bin.addr = addr.unwrap();
+        bin
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name} failed");
+    }
+
+    /// The exit status once the process has exited, waiting up to `limit`.
+    fn exit_within(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let mut status = None;
+        wait_for(limit, || {
+            status = self.child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        status
+    }
+
+    /// Wait until a log line contains `text`.
+    fn logged(&self, text: &str, limit: Duration) -> bool {
+        wait_for(limit, || self.lines().iter().any(|l| l.contains(text)))
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("gaia-it-ops-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A config directory with these hosts (JSON values) and `balancer.json` text.
+fn config(name: &str, hosts: &[String], balancer: &str) -> PathBuf {
+    let dir = temp_dir(name);
+    std::fs::write(
+        dir.join("hosts.json"),
+        format!(r#"{{"hosts": [{}]}}"#, hosts.join(", ")),
+    )
+    .unwrap();
+    std::fs::write(dir.join("balancer.json"), balancer).unwrap();
+    dir
+}
+
+fn quoted(url: &str) -> String {
+    format!("\"{url}\"")
+}
+
+/// A slow stream: content at once, then `pause` between further events.
+fn slow_stream(pause: Duration) -> Reply {
+    Reply::sse(vec![
+        Step::Send(role_event()),
+        Step::Send(content_event("one")),
+        Step::Sleep(pause),
+        Step::Send(content_event("two")),
+        Step::Sleep(pause),
+        Step::Send(content_event("three")),
+        Step::Sleep(pause),
+        Step::Send(finish_events()),
+    ])
+}
+
+/// The head of a streamed chat request on a keep-alive connection.
+fn stream_request() -> Vec<u8> {
+    let body = chat(true);
+    let mut all = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    all.extend_from_slice(body.as_bytes());
+    all
+}
+
+fn refused(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_err()
+}
+
+#[test]
+fn sigterm_lets_a_stream_finish_refuses_new_connections_and_exits_0() {
+    let up = Upstream::always(slow_stream(Duration::from_millis(400)));
+    let dir = config("sigterm", &[quoted(&up.url())], "{}");
+    let mut bin = Binary::start(&dir, "info");
+    let addr = bin.addr;
+
+    // A keep-alive stream with a /readyz request pipelined behind it: the
+    // second request is read only after the stream, i.e. while draining.
+    let mut s = connect(addr);
+    let mut bytes = stream_request();
+    bytes.extend_from_slice(b"GET /readyz HTTP/1.1\r\nHost: t\r\n\r\n");
+    s.write_all(&bytes).unwrap();
+    let client = std::thread::spawn(move || {
+        let mut reader = BufReader::new(s);
+        let stream = read_response(&mut reader).unwrap();
+        let ready = read_response(&mut reader).unwrap();
+        let mut rest = Vec::new();
+        let _ = reader.read_to_end(&mut rest);
+        (stream, ready, rest)
+    });
+    // The balancer is in the middle of the stream once "one" left the upstream.
+    assert!(wait_for(Duration::from_secs(10), || up.sent().len() >= 2));
+
+    bin.signal("TERM");
+    assert!(bin.logged("SIGTERM received: draining", Duration::from_secs(5)));
+    assert!(
+        wait_for(Duration::from_secs(5), || refused(addr)),
+        "new connections are still accepted after SIGTERM"
+    );
+    assert!(
+        up.sent().len() < 5,
+        "the stream ended before the refusal was observed; the test proves nothing"
+    );
+
+    let (stream, ready, rest) = client.join().unwrap();
+    assert_eq!(stream.status, 200);
+    assert!(stream.complete, "stream cut: {}", stream.text());
+    let text = stream.text();
+    assert!(
+        text.contains("three") && text.ends_with("data: [DONE]\n\n"),
+        "{text}"
+    );
+    assert_eq!(ready.status, 503);
+    assert_eq!(ready.text(), "draining\n");
+    assert_eq!(ready.header("connection"), Some("close"));
+    assert!(
+        rest.is_empty(),
+        "the connection stays closed after draining"
+    );
+
+    let status = bin.exit_within(Duration::from_secs(10));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{:?}", bin.lines());
+    assert!(bin.logged("drained in", Duration::from_secs(1)));
+}
+
+#[test]
+fn sigint_closes_idle_keep_alive_connections_and_exits_0_at_once() {
+    let up = Upstream::always(Reply::json(200, r#"{"ok":true}"#));
+    // A long keep-alive: the exit must not wait for it.
+    let dir = config("sigint", &[quoted(&up.url())], r#"{"keepAliveMs": 60000}"#);
+    let mut bin = Binary::start(&dir, "info");
+    let mut s = connect(bin.addr);
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut reader = BufReader::new(s);
+    assert_eq!(read_response(&mut reader).unwrap().status, 200);
+
+    let sent = Instant::now();
+    bin.signal("INT");
+    let status = bin.exit_within(Duration::from_secs(10));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{:?}", bin.lines());
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "exit took {:?}",
+        sent.elapsed()
+    );
+    let mut rest = Vec::new();
+    let _ = reader.read_to_end(&mut rest);
+    assert!(rest.is_empty());
+    assert!(bin.logged("SIGINT received: draining", Duration::from_secs(1)));
+}
+
+#[test]
+fn the_grace_ends_a_stream_that_runs_too_long_and_still_exits_0() {
+    let up = Upstream::always(slow_stream(Duration::from_secs(30)));
+    let dir = config("grace", &[quoted(&up.url())], r#"{"shutdownGraceMs": 300}"#);
+    let mut bin = Binary::start(&dir, "info");
+    let mut s = connect(bin.addr);
+    s.write_all(&stream_request()).unwrap();
+    let client = std::thread::spawn(move || read_response(&mut BufReader::new(s)));
+    assert!(wait_for(Duration::from_secs(10), || up.sent().len() >= 2));
+
+    let sent = Instant::now();
+    bin.signal("TERM");
+    let status = bin.exit_within(Duration::from_secs(10));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{:?}", bin.lines());
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert!(bin.logged(
+        "ran out with requests still in flight",
+        Duration::from_secs(1)
+    ));
+    // The client sees a cut-off stream, never a finished one.
+    let resp = client.join().unwrap().unwrap();
+    assert!(!resp.complete && !resp.text().contains("[DONE]"));
+}
+
+#[test]
+fn draining_in_process_refuses_connections_and_reports_not_ready() {
+    let up = Upstream::always(slow_stream(Duration::from_millis(300)));
+    // Started here rather than through util::start, so that the test owns shutdown.
+    let mut config = Config {
+        dir: PathBuf::from("test"),
+        hosts: vec![host(0, &up.url())],
+        api_keys: Vec::new(),
+        settings: test_settings(),
+    };
+    config.settings.keep_alive = Duration::from_secs(60);
+    let srv = server::start(config).unwrap();
+    let addr = srv.local_addr();
+    let shared = srv.shared().clone();
+    assert_eq!(routes::readiness(&shared, &shared.current()).0, 200);
+
+    // An idle keep-alive connection, and a stream in flight.
+    let mut idle = connect(addr);
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut idle = BufReader::new(idle);
+    assert_eq!(read_response(&mut idle).unwrap().status, 200);
+    let streaming = std::thread::spawn(move || post(addr, "/v1/chat/completions", &chat(true)));
+    assert!(wait_for(Duration::from_secs(10), || up.sent().len() >= 2));
+
+    let stopper = std::thread::spawn(move || srv.shutdown(Duration::from_secs(10)));
+    assert!(wait_for(Duration::from_secs(5), || shared.draining()));
+    assert_eq!(
+        routes::readiness(&shared, &shared.current()),
+        (503, "draining\n")
+    );
+    assert!(wait_for(Duration::from_secs(5), || refused(addr)));
+    // The idle connection is closed within a poll, not after keepAliveMs.
+    let closed_at = Instant::now();
+    let mut rest = Vec::new();
+    let _ = idle.read_to_end(&mut rest);
+    assert!(rest.is_empty());
+    assert!(closed_at.elapsed() < Duration::from_secs(2));
+
+    let resp = streaming.join().unwrap();
+    assert!(resp.complete && resp.text().ends_with("data: [DONE]\n\n"));
+    assert!(
+        stopper.join().unwrap(),
+        "workers did not finish within the grace"
+    );
+}
+
+/// True when `line` holds 6 or more consecutive characters of `key`: more
+/// than the 4-character mask shows, and enough to catch a hex dump's text
+/// column, which cuts a key into 16-byte rows.
+fn leaks(line: &str, key: &str) -> bool {
+    let chars: Vec<char> = key.chars().collect();
+    chars
+        .windows(6)
+        .any(|w| line.contains(&w.iter().collect::<String>()))
+}
+
+#[test]
+fn the_leak_check_catches_whole_keys_and_hex_dump_rows() {
+    let key = "gaia-Qm7tZ2pXv9LrK4sWnYb8";
+    assert!(leaks(&format!("Authorization: Bearer {key}"), key));
+    // A ureq_proto trace row: 16 bytes in hex, then their text.
+    assert!(leaks(
+        "6761 6961 2d51 6d37 745a 3270 5876 394c gaia-Qm7tZ2pXv9L",
+        key
+    ));
+    assert!(!leaks("key ...Ynb8 cooled", key));
+    assert!(!leaks("key ...Yb8 ...nYb8", key));
+}
+
+#[test]
+fn no_log_line_at_trace_contains_a_whole_key() {
+    let global = "gaia-Qm7tZ2pXv9LrK4sWnYb8";
+    let own = "sk-or-Hd3fJ8kLq2Wz5VnR7cTu";
+    // Requests in turn: 401 (bad key), JSON, stream; the refused host and
+    // the 401 make the balancer fail over and log its attempts.
+    let revoked = "gaia-Rv5kWq8ZtN3mLp6XcJd2";
+    // The revoked key gets a 401 (and leaves rotation); the other one works.
+    let up = Upstream::start(move |seen, _| {
+        if seen.header("authorization") == Some(&format!("Bearer {revoked}")) {
+            return Reply::json(401, r#"{"error":{"message":"invalid api key"}}"#);
+        }
+        if String::from_utf8_lossy(&seen.body).contains("\"stream\":true") {
+            slow_stream(Duration::from_millis(5))
+        } else {
+            Reply::json(200, r#"{"ok":true}"#)
+        }
+    });
+    let paid = Upstream::always(Reply::json(401, r#"{"error":"bad key"}"#));
+    let dir = config(
+        "logs",
+        &[
+            quoted(&refused_url()),
+            quoted(&up.url()),
+            format!(
+                r#"{{"url": "{}", "backup": true, "apiKeys": ["{own}"]}}"#,
+                paid.url()
+            ),
+        ],
+        "{}",
+    );
+    std::fs::write(
+        dir.join("api-keys.json"),
+        format!(
+            r#"{{"apiKeys": [{{"key": "{revoked}"}}, {{"key": "{global}", "isActive": true}}]}}"#
+        ),
+    )
+    .unwrap();
+    let mut bin = Binary::start(&dir, "trace");
+    let addr = bin.addr;
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let r = post(addr, "/v1/chat/completions", &chat(i % 2 == 1));
+        statuses.push(r.status);
+    }
+    // A client that sends a pool key as its own bearer token.
+    let r = request(
+        addr,
+        "POST",
+        "/v1/embeddings",
+        &[
+            ("Content-Type", "application/json"),
+            ("Authorization", &format!("Bearer {global}")),
+        ],
+        b"{}",
+    );
+    statuses.push(r.status);
+    assert!(statuses.contains(&200), "{statuses:?}");
+    // The key was really in play: the upstream received it.
+    assert!(up
+        .requests()
+        .iter()
+        .any(|s| s.header("authorization") == Some(&format!("Bearer {global}"))));
+
+    bin.signal("TERM");
+    assert_eq!(
+        bin.exit_within(Duration::from_secs(10))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+    let lines = bin.lines();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("TRACE") || l.contains("DEBUG")),
+        "not at trace: {lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(" POST /v1/chat/completions 200 host=")),
+        "no per-request line: {lines:?}"
+    );
+    for key in [global, own, revoked] {
+        let bad: Vec<&String> = lines.iter().filter(|l| leaks(l, key)).collect();
+        assert!(bad.is_empty(), "key material in the log: {bad:#?}");
+    }
+}
