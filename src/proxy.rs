@@ -20,6 +20,7 @@ use ureq::Body;
 use crate::cooldowns;
 use crate::hosts::{Candidate, Host, Verdict};
 use crate::keys::Key;
+use crate::model;
 use crate::response::{valid_value, Responder};
 use crate::retry::{self, KeyFault, Outcome, RetryTicket};
 use crate::state::{Balancer, Shared};
@@ -78,6 +79,9 @@ impl Trail {
             self.0.push(',');
         }
         self.0.push_str(&host.spec.name);
+        if host.spec.backup {
+            self.0.push_str("(backup)");
+        }
         if let Some(k) = key {
             self.0.push('[');
             self.0.push_str(k.masked());
@@ -406,7 +410,20 @@ fn attempt(
     let _busy = host.busy();
     let first_output = (Instant::now() + t.first_byte).min(deadline);
     watch::set_deadline(Some(first_output));
-    let response = upstream::send(&b.agent, host, key, &req.outgoing)?;
+    // A host with its own model names gets the body with only `model` changed.
+    let renamed = if host.spec.models.is_empty() {
+        None
+    } else {
+        model::rewrite_model(req.outgoing.body, &host.spec.models)
+    };
+    let outgoing = match &renamed {
+        Some(body) => Outgoing {
+            body,
+            ..req.outgoing
+        },
+        None => req.outgoing,
+    };
+    let response = upstream::send(&b.agent, host, key, &outgoing)?;
     let status = response.status().as_u16();
     let decision = retry::decide(Outcome::Status(status));
     let content_type = response

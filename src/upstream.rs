@@ -77,7 +77,9 @@ pub fn agent(settings: &Settings) -> Agent {
     Agent::with_parts(config, connector, DefaultResolver::default())
 }
 
-/// What is sent upstream, the same for every attempt of one request.
+/// What is sent upstream, the same for every attempt of one request (but
+/// for the body of a host that renames models).
+#[derive(Clone, Copy)]
 pub struct Outgoing<'a> {
     /// Request method.
     pub method: &'a str,

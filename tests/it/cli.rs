@@ -225,3 +225,36 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+#[test]
+fn the_backup_example_config_is_valid() {
+    let dir = temp_dir("backup-example");
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/hosts.backup-example.json"
+        ),
+        dir.join("hosts.json"),
+    )
+    .unwrap();
+    let out = bin()
+        .arg("check")
+        .arg("--config")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("openrouter") && text.contains("https://openrouter.ai/api"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("REPLACE-WITH-YOUR-OPENROUTER-KEY"),
+        "keys are masked: {text}"
+    );
+}

@@ -3,6 +3,7 @@
 mod fake;
 mod util;
 
+mod backup;
 mod cli;
 mod hostile;
 mod ops;
