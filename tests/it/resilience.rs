@@ -402,11 +402,12 @@ fn roll(seed: u64, n: usize) -> u64 {
     x
 }
 
-fn flaky(seed: u64) -> Upstream {
+fn flaky(seed: u64, faults: Arc<AtomicUsize>) -> Upstream {
     Upstream::start(move |seen, n| {
         let r = roll(seed, n);
         let stream = String::from_utf8_lossy(&seen.body).contains("\"stream\":true");
         if r % 100 < 30 {
+            faults.fetch_add(1, Ordering::SeqCst);
             return match (r >> 8) % 5 {
                 0 => Reply::json(500, "{}"),
                 1 => Reply::json(429, "{}").with_header("Retry-After", "1"),
@@ -432,9 +433,10 @@ fn chaos_run_every_request_succeeds() {
             Reply::json(200, OK)
         }
     };
+    let faults = Arc::new(AtomicUsize::new(0));
     let ups = [
-        flaky(0x5eed_0001),
-        flaky(0x5eed_0002),
+        flaky(0x5eed_0001, faults.clone()),
+        flaky(0x5eed_0002, faults.clone()),
         Upstream::start(steady_stream),
         Upstream::start(steady_stream),
     ];
@@ -489,6 +491,7 @@ fn chaos_run_every_request_succeeds() {
         failed.len(),
         &failed[..failed.len().min(3)]
     );
-    let faults: usize = ups[..2].iter().map(Upstream::hits).sum();
-    assert!(faults > 100, "the flaky hosts took traffic: {faults}");
+    // Faults really happened (the flaky hosts may end up ejected, as they should).
+    let injected = faults.load(Ordering::SeqCst);
+    assert!(injected >= 20, "only {injected} faults injected");
 }
