@@ -85,6 +85,17 @@ pub struct HostSpec {
     pub models: BTreeMap<String, String>,
 }
 
+/// Hedged requests (`hedge.afterMs` in balancer.json).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hedge {
+    /// No hedging (`0`).
+    Off,
+    /// Hedge after this long without output.
+    After(Duration),
+    /// Hedge after the host's recent p95 time to first byte, at least 500 ms (`"auto"`).
+    Auto,
+}
+
 /// Upstream timeouts (`timeouts.*` in balancer.json).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
@@ -119,8 +130,8 @@ pub struct Settings {
     pub max_attempts: u32,
     /// Upstream timeouts.
     pub timeouts: Timeouts,
-    /// Start a hedge attempt after this long; `None` = off. Defaults to off.
-    pub hedge_after: Option<Duration>,
+    /// When to start a hedge attempt on another host. Defaults to off.
+    pub hedge: Hedge,
     /// Largest accepted request body. Defaults to 16 MiB.
     pub max_body_bytes: u64,
     /// Time a client has to send a whole request head. Defaults to 10 s.
@@ -165,7 +176,7 @@ impl Default for Settings {
                 idle: Duration::from_millis(120_000),
                 total: Duration::from_millis(600_000),
             },
-            hedge_after: None,
+            hedge: Hedge::Off,
             max_body_bytes: 16 * 1024 * 1024,
             head_timeout: Duration::from_secs(10),
             keep_alive: Duration::from_secs(5),
@@ -418,7 +429,7 @@ fn render_into(config: &Config, out: &mut String) -> fmt::Result {
         strategy,
         max_attempts,
         timeouts,
-        hedge_after,
+        hedge,
         max_body_bytes,
         head_timeout,
         keep_alive,
@@ -441,9 +452,10 @@ fn render_into(config: &Config, out: &mut String) -> fmt::Result {
         Some(key) => mask(key),
         None => "none (admin endpoints from loopback only)".to_string(),
     };
-    let hedge = match hedge_after {
-        Some(d) => ms(d),
-        None => "0 (off)".to_string(),
+    let hedge = match hedge {
+        Hedge::Off => "0 (off)".to_string(),
+        Hedge::After(d) => ms(d),
+        Hedge::Auto => "auto (the host's p95 time to first byte, at least 500)".to_string(),
     };
     let keep_alive_after = match stream_keep_alive_after {
         Some(d) => ms(d),
@@ -1581,21 +1593,51 @@ impl Shape for TimeoutsShape<'_> {
 struct HedgeShape<'p>(&'p str);
 
 impl Shape for HedgeShape<'_> {
-    type Out = Option<Duration>;
+    type Out = Hedge;
     fn path(&self) -> &str {
         self.0
     }
     fn expected(&self) -> String {
         "an object such as {\"afterMs\": 0}".to_string()
     }
-    fn map<'de, A: MapAccess<'de>>(self, mut map: A) -> Result<Option<Duration>, A::Error> {
-        let mut after = Settings::default().hedge_after;
+    fn map<'de, A: MapAccess<'de>>(self, mut map: A) -> Result<Hedge, A::Error> {
+        let mut hedge = Settings::default().hedge;
         fields(&mut map, self.0, &HEDGE_FIELDS, |map, _, path| {
-            let d = millis(map, path, 0)?;
-            after = (!d.is_zero()).then_some(d);
+            hedge = map.next_value_seed(Via(HedgeDelay(path)))?;
             Ok(())
         })?;
-        Ok(after)
+        Ok(hedge)
+    }
+}
+
+/// `hedge.afterMs`: whole milliseconds (0 = off) or `"auto"`.
+struct HedgeDelay<'p>(&'p str);
+
+impl Shape for HedgeDelay<'_> {
+    type Out = Hedge;
+    fn path(&self) -> &str {
+        self.0
+    }
+    fn expected(&self) -> String {
+        format!("an integer from 0 to {MAX_MS}, or \"auto\"")
+    }
+    fn scalar<E: de::Error>(self, got: Scalar) -> Result<Hedge, E> {
+        match got {
+            Scalar::Str(s) if s == "auto" => Ok(Hedge::Auto),
+            Scalar::UInt(0) => Ok(Hedge::Off),
+            Scalar::UInt(n) if n <= MAX_MS => Ok(Hedge::After(Duration::from_millis(n))),
+            Scalar::UInt(n) => Err(fail(
+                self.0,
+                format!("afterMs must be an integer <= {MAX_MS} or \"auto\", got {n}"),
+            )),
+            other => Err(fail(
+                self.0,
+                format!(
+                    "afterMs must be an integer >= 0 or \"auto\", got {}",
+                    other.describe()
+                ),
+            )),
+        }
     }
 }
 
@@ -1638,7 +1680,7 @@ impl Shape for BalancerFile {
                         narrow(int(map, path, 1, u64::from(MAX_ATTEMPTS))?, MAX_ATTEMPTS)
                 }
                 "timeouts" => s.timeouts = map.next_value_seed(Via(TimeoutsShape(path)))?,
-                "hedge" => s.hedge_after = map.next_value_seed(Via(HedgeShape(path)))?,
+                "hedge" => s.hedge = map.next_value_seed(Via(HedgeShape(path)))?,
                 "maxBodyBytes" => s.max_body_bytes = int(map, path, 1, MAX_BODY_BYTES)?,
                 "headTimeoutMs" => s.head_timeout = millis(map, path, 1)?,
                 "keepAliveMs" => s.keep_alive = millis(map, path, 1)?,
@@ -1844,7 +1886,7 @@ mod tests {
                 idle: ms(3),
                 total: ms(4),
             },
-            hedge_after: Some(ms(250)),
+            hedge: Hedge::After(ms(250)),
             max_body_bytes: 1024,
             head_timeout: ms(11),
             keep_alive: ms(12),
@@ -1883,14 +1925,18 @@ mod tests {
     }
 
     #[test]
-    fn hedge_zero_is_off() {
+    fn hedge_zero_is_off_and_auto_is_auto() {
         assert_eq!(
-            settings(r#"{"hedge": {"afterMs": 0}}"#)
-                .unwrap()
-                .hedge_after,
-            None
+            settings(r#"{"hedge": {"afterMs": 0}}"#).unwrap().hedge,
+            Hedge::Off
         );
-        assert_eq!(settings(r#"{"hedge": {}}"#).unwrap().hedge_after, None);
+        assert_eq!(settings(r#"{"hedge": {}}"#).unwrap().hedge, Hedge::Off);
+        assert_eq!(
+            settings(r#"{"hedge": {"afterMs": "auto"}}"#).unwrap().hedge,
+            Hedge::Auto
+        );
+        let err = settings(r#"{"hedge": {"afterMs": "soon"}}"#).unwrap_err();
+        assert!(err.to_string().contains("auto"), "{err}");
     }
 
     #[test]
@@ -2344,7 +2390,7 @@ mod tests {
             ("{\"maxBodyBytes\": 0}", "maxBodyBytes", (1, 18), "maxBodyBytes must be an integer >= 1"),
             ("{\"timeouts\": {\"connectMs\": 0}}", "timeouts.connectMs", (1, 28), "connectMs must be an integer >= 1, got 0"),
             ("{\"timeouts\": {\"totalMs\": 86400001}}", "timeouts.totalMs", (1, 33), "totalMs must be an integer <= 86400000"),
-            ("{\"hedge\": {\"afterMs\": -1}}", "hedge.afterMs", (1, 24), "afterMs must be an integer >= 0, got -1"),
+            ("{\"hedge\": {\"afterMs\": -1}}", "hedge.afterMs", (1, 24), "afterMs must be an integer >= 0 or \"auto\", got -1"),
             ("{\"queueWaitMs\": 0}", "queueWaitMs", (1, 17), "queueWaitMs must be an integer >= 1"),
             ("{\"shutdownGraceMs\": -1}", "shutdownGraceMs", (1, 22), "shutdownGraceMs must be an integer >= 0, got -1"),
             ("{\"shutdownGraceMs\": 86400001}", "shutdownGraceMs", (1, 28), "shutdownGraceMs must be an integer <= 86400000"),
