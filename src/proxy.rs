@@ -14,10 +14,8 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ureq::http::Response;
-use ureq::Body;
-
 use crate::cooldowns;
+use crate::hedge;
 use crate::hosts::{Candidate, Host, Verdict};
 use crate::keys::Key;
 use crate::model;
@@ -61,6 +59,8 @@ pub struct Served {
 pub struct Proxied<'a> {
     /// What goes upstream.
     pub outgoing: Outgoing<'a>,
+    /// The body `outgoing` borrows, shared with a hedge thread if one starts.
+    pub body: Arc<Vec<u8>>,
     /// The client socket, watched for departure during upstream waits.
     pub client: &'a TcpStream,
     /// When the request head was complete.
@@ -71,9 +71,17 @@ pub struct Proxied<'a> {
 
 /// Trail of attempts, e.g. `asia:429,llama3b:200`.
 #[derive(Default)]
-struct Trail(String);
+pub(crate) struct Trail(String);
 
 impl Trail {
+    /// An entry for a hedge attempt.
+    fn push_hedge(&mut self, host: &Host, key: Option<&Key>, what: &str) {
+        self.push(host, key, what);
+        if let Some(colon) = self.0.rfind(':') {
+            self.0.insert_str(colon, "(hedge)");
+        }
+    }
+
     fn push(&mut self, host: &Host, key: Option<&Key>, what: &str) {
         if !self.0.is_empty() {
             self.0.push(',');
@@ -92,7 +100,7 @@ impl Trail {
     }
 }
 
-fn outcome_label(o: Outcome) -> String {
+pub(crate) fn outcome_label(o: Outcome) -> String {
     match o {
         Outcome::Connect => "connect".into(),
         Outcome::Timeout => "timeout".into(),
@@ -109,13 +117,14 @@ enum Stop {
 
 /// Serve one proxied request; every response (success or error) is written to `out`.
 pub fn serve(
-    shared: &Shared,
-    b: &Balancer,
+    shared: &Arc<Shared>,
+    b: &Arc<Balancer>,
     req: &Proxied<'_>,
     out: &mut Responder<'_, TcpStream>,
 ) -> Served {
     let _watch = watch::start(req.client.try_clone().ok());
     let _ticket = shared.budget.request();
+    shared.hedger.deposit();
     let mut served = Served::default();
     let mut trail = Trail::default();
     let result = attempts(shared, b, req, out, &mut served, &mut trail);
@@ -130,8 +139,8 @@ pub fn serve(
 }
 
 fn attempts(
-    shared: &Shared,
-    b: &Balancer,
+    shared: &Arc<Shared>,
+    b: &Arc<Balancer>,
     req: &Proxied<'_>,
     out: &mut Responder<'_, TcpStream>,
     served: &mut Served,
@@ -211,11 +220,24 @@ fn attempts(
         }
         served.attempts += 1;
         let key = c.key.as_deref();
-        let failure = match attempt(b, req, &c.host, key, deadline, out, trail) {
+        // One hedge per request, on its first attempt.
+        let slot = if served.attempts == 1 {
+            hedge::arm(shared, b, req, &c, deadline)
+        } else {
+            None
+        };
+        let result = attempt(shared, b, req, &c, deadline, slot.as_ref(), out, trail);
+        watch::clear_hedge();
+        let failure = match result {
             Ok(end) => {
+                if let Delivered::Hedged(name) = &end {
+                    served.host = Some(name.clone());
+                    served.attempts += 1;
+                    return Ok(());
+                }
                 let (verdict, detail) = match &end {
-                    Delivered::Complete => (Verdict::Success, None),
                     Delivered::Cut(why) => (Verdict::Failure, Some(why.as_str())),
+                    _ => (Verdict::Success, None),
                 };
                 b.hosts.record(&c.host, verdict, c.probe, detail);
                 if let Some(k) = &c.key {
@@ -225,13 +247,19 @@ fn attempts(
                 served.cut = matches!(end, Delivered::Cut(_));
                 return Ok(());
             }
-            Err(AttemptError::ClientGone) => {
+            Err(AttemptError::ClientGone) | Err(AttemptError::Preempted) => {
                 b.hosts.record(&c.host, Verdict::Unknown, c.probe, None);
                 return Err(Stop::ClientGone);
             }
             Err(AttemptError::Invalid(msg)) => {
                 b.hosts.record(&c.host, Verdict::Unknown, c.probe, None);
                 return Err(Stop::Invalid(msg));
+            }
+            Err(AttemptError::Recorded(f)) => {
+                // Already in the trail and learned from (a hedge was waited on).
+                served.attempts += 1;
+                last = Some(f);
+                continue;
             }
             Err(AttemptError::Failed(f)) => f,
         };
@@ -247,7 +275,7 @@ fn attempts(
 }
 
 /// Apply what a failed attempt says about its host and key.
-fn learn(b: &Balancer, c: &Candidate, f: &Failed) {
+pub(crate) fn learn(b: &Balancer, c: &Candidate, f: &Failed) {
     let decision = retry::decide(f.outcome);
     let verdict = if decision.host_failure {
         Verdict::Failure
@@ -397,35 +425,155 @@ fn pause_until(until: Instant, deadline: Instant) -> Result<(), Stop> {
     }
 }
 
+/// One attempt on the worker: run it to its commit point (a hedge may win
+/// meanwhile), then commit whichever attempt got there first.
+#[allow(clippy::too_many_arguments)]
 fn attempt(
-    b: &Balancer,
+    shared: &Shared,
+    b: &Arc<Balancer>,
     req: &Proxied<'_>,
-    host: &Arc<Host>,
-    key: Option<&Key>,
+    c: &Candidate,
     deadline: Instant,
+    hedge: Option<&Arc<hedge::Slot>>,
     out: &mut Responder<'_, TcpStream>,
     trail: &mut Trail,
 ) -> Result<Delivered, AttemptError> {
+    let first = run_to_commit(b, &req.outgoing, &c.host, c.key.as_ref(), deadline);
+    // From here on no hedge may start: this attempt has its outcome.
+    watch::clear_hedge();
+    let ready = match (first, hedge) {
+        (Ok(ready), _) => {
+            if let Some(slot) = hedge {
+                slot.cancel();
+            }
+            observe(shared, &ready);
+            ready
+        }
+        (Err(AttemptError::Preempted), Some(slot)) => {
+            // The hedge reached its commit point first; this attempt was cut.
+            b.hosts.record(&c.host, Verdict::Unknown, c.probe, None);
+            trail.push(&c.host, c.key.as_deref(), "outrun");
+            return commit_hedge(b, slot, out, trail);
+        }
+        (Err(AttemptError::Failed(f)), Some(slot)) if slot.launched() => {
+            // This attempt failed while a hedge is under way: that hedge is
+            // now the best next attempt.
+            trail.push(&c.host, c.key.as_deref(), &outcome_label(f.outcome));
+            learn(b, c, &f);
+            match slot.wait(deadline) {
+                Ok(()) => return commit_hedge(b, slot, out, trail),
+                Err(AttemptError::Failed(_)) => {
+                    hedge_trail(slot, trail);
+                    return Err(AttemptError::Recorded(f));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        (Err(e), slot) => {
+            if let Some(slot) = slot {
+                slot.cancel();
+            }
+            return Err(e);
+        }
+    };
+    commit(ready, out, trail)
+}
+
+/// Feed the time to first byte to the hedge's "auto" delay.
+fn observe(shared: &Shared, ready: &Ready) {
+    shared
+        .hedger
+        .observe(&ready.host.spec.name, ready.first_byte);
+}
+
+/// Commit the result a hedge left in `slot`.
+fn commit_hedge(
+    b: &Balancer,
+    slot: &hedge::Slot,
+    out: &mut Responder<'_, TcpStream>,
+    trail: &mut Trail,
+) -> Result<Delivered, AttemptError> {
+    let Some(ready) = slot.take_ready() else {
+        hedge_trail(slot, trail);
+        return Err(upstream::failure_text("the hedge produced nothing"));
+    };
+    let host = ready.host.clone();
+    let key = ready.key.clone();
+    let end = commit(ready, out, trail);
+    let verdict = match &end {
+        Ok(Delivered::Complete | Delivered::Hedged(_)) => Verdict::Success,
+        Ok(Delivered::Cut(_)) => Verdict::Failure,
+        Err(_) => Verdict::Unknown,
+    };
+    b.hosts.record(&host, verdict, false, None);
+    if let (Some(k), Verdict::Success) = (&key, verdict) {
+        k.succeeded();
+    }
+    end.map(|d| match d {
+        Delivered::Complete => Delivered::Hedged(host.spec.name.clone()),
+        other => other,
+    })
+}
+
+/// Put a failed hedge in the trail.
+fn hedge_trail(slot: &hedge::Slot, trail: &mut Trail) {
+    if let Some((host, key, outcome)) = slot.failure() {
+        trail.push_hedge(&host, key.as_deref(), &outcome_label(outcome));
+    }
+}
+
+/// An attempt that reached its commit point; nothing of it has reached the client.
+pub struct Ready {
+    /// The host that produced it.
+    pub host: Arc<Host>,
+    /// The key it was sent with.
+    pub key: Option<Arc<Key>>,
+    /// Upstream status.
+    pub status: u16,
+    /// Checked Content-Type, empty when absent or unsafe.
+    pub content_type: String,
+    /// An SSE stream (preamble held in `held`).
+    pub sse: bool,
+    /// Bytes read so far: the whole body, or the preamble up to the first output.
+    pub held: Vec<u8>,
+    /// The rest of the body, when it has not ended yet.
+    pub rest: Option<ureq::BodyReader<'static>>,
+    /// Time from sending the request to the response head.
+    pub first_byte: Duration,
+    /// Idle timeout for the rest of the body.
+    pub idle: Duration,
+    /// This came from a hedge attempt.
+    pub hedged: bool,
+}
+
+/// Send an attempt and read until its commit point: the whole body (up to
+/// [`JSON_HOLD_LIMIT`]), or for SSE the first event with output. Used by
+/// workers and hedge threads alike; it never touches the client.
+pub fn run_to_commit(
+    b: &Balancer,
+    outgoing: &Outgoing<'_>,
+    host: &Arc<Host>,
+    key: Option<&Arc<Key>>,
+    deadline: Instant,
+) -> Result<Ready, AttemptError> {
     let t = &b.config.settings.timeouts;
     let _busy = host.busy();
-    let first_output = (Instant::now() + t.first_byte).min(deadline);
+    let sent = Instant::now();
+    let first_output = (sent + t.first_byte).min(deadline);
     watch::set_deadline(Some(first_output));
     // A host with its own model names gets the body with only `model` changed.
     let renamed = if host.spec.models.is_empty() {
         None
     } else {
-        model::rewrite_model(req.outgoing.body, &host.spec.models)
+        model::rewrite_model(outgoing.body, &host.spec.models)
     };
     let outgoing = match &renamed {
-        Some(body) => Outgoing {
-            body,
-            ..req.outgoing
-        },
-        None => req.outgoing,
+        Some(body) => Outgoing { body, ..*outgoing },
+        None => *outgoing,
     };
-    let response = upstream::send(&b.agent, host, key, &outgoing)?;
+    let response = upstream::send(&b.agent, host, key.map(|k| &**k), &outgoing)?;
+    let first_byte = sent.elapsed();
     let status = response.status().as_u16();
-    let decision = retry::decide(Outcome::Status(status));
     let content_type = response
         .headers()
         .get("content-type")
@@ -434,7 +582,7 @@ fn attempt(
         .and_then(|v| std::str::from_utf8(v).ok())
         .unwrap_or("")
         .to_string();
-    if decision.retry {
+    if retry::decide(Outcome::Status(status)).retry {
         let retry_after = cooldowns::retry_after(response.headers());
         // Read the error (bounded): it may be the last word, and a body read
         // to its end lets the connection go back to the pool.
@@ -449,91 +597,156 @@ fn attempt(
             error_body: Some(body),
         }));
     }
-    let is_sse = (200..300).contains(&status)
+    let sse = (200..300).contains(&status)
         && content_type
             .trim_start()
             .to_ascii_lowercase()
             .starts_with("text/event-stream");
-    let ctx = Commit {
-        host,
-        key,
-        status,
-        content_type: &content_type,
-        idle: t.idle,
-        deadline: first_output,
-        total: deadline,
-    };
-    sync_early(out);
-    if is_sse {
-        forward_stream(ctx, response, out, trail)
-    } else if out.started() {
-        early_non_stream(ctx, response, out, trail)
-    } else {
-        forward_whole(ctx, response, out, trail)
+    let mut reader = response.into_body().into_reader();
+    let mut held = Vec::new();
+    let mut chunk = [0u8; READ_SIZE];
+    let mut preamble = Preamble::default();
+    if sse {
+        watch::set_deadline(Some(first_output));
     }
+    loop {
+        if !sse {
+            watch::set_deadline(Some((Instant::now() + t.idle).min(deadline)));
+        }
+        let n = reader
+            .read(&mut chunk)
+            .map_err(|e| upstream::classify_read(e, host))?;
+        if n == 0 {
+            if sse {
+                return Err(upstream::failure(
+                    Outcome::Broken,
+                    "stream ended before any output",
+                    host,
+                ));
+            }
+            break;
+        }
+        if sse {
+            match preamble.push(&chunk[..n]) {
+                Preview::Hold => continue,
+                Preview::Error(msg) => {
+                    return Err(upstream::failure(
+                        Outcome::Broken,
+                        &format!("error event before output: {msg}"),
+                        host,
+                    ))
+                }
+                Preview::Commit => {
+                    held = preamble.take();
+                    break;
+                }
+            }
+        }
+        held.extend_from_slice(&chunk[..n]);
+        if held.len() >= JSON_HOLD_LIMIT {
+            break;
+        }
+    }
+    let ended = !sse && held.len() < JSON_HOLD_LIMIT;
+    Ok(Ready {
+        host: host.clone(),
+        key: key.cloned(),
+        status,
+        content_type,
+        sse,
+        held,
+        rest: (!ended).then_some(reader),
+        first_byte,
+        idle: t.idle,
+        hedged: false,
+    })
 }
 
-/// A stream committed early (keep-alives sent) got a non-SSE answer: a 2xx
-/// body cannot become events, so try another host; an error passed through
-/// becomes the final SSE error event.
-fn early_non_stream(
-    ctx: Commit<'_>,
-    response: Response<Body>,
+/// Send what `ready` holds and pass the rest of its body through.
+fn commit(
+    ready: Ready,
     out: &mut Responder<'_, TcpStream>,
     trail: &mut Trail,
 ) -> Result<Delivered, AttemptError> {
-    if (200..300).contains(&ctx.status) {
-        return Err(upstream::failure(
-            Outcome::Broken,
-            "answered a stream request without a stream",
-            ctx.host,
-        ));
-    }
-    watch::set_deadline(Some((Instant::now() + ctx.idle).min(ctx.total)));
-    let mut reader = response.into_body().into_reader();
-    let (body, _) = read_bounded(&mut reader, ERROR_BODY_LIMIT)
-        .map_err(|e| upstream::classify_read(e, ctx.host))?;
-    trail.push(ctx.host, ctx.key, &ctx.status.to_string());
-    let message = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-        .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-    send_error(out, ctx.status, "upstream_error", &message);
-    Ok(Delivered::Complete)
-}
-
-/// What the commit needs to know about the winning attempt.
-struct Commit<'a> {
-    host: &'a Host,
-    key: Option<&'a Key>,
-    status: u16,
-    content_type: &'a str,
-    idle: Duration,
-    /// Until the commit: the first-output deadline (never past the total).
-    deadline: Instant,
-    /// The whole request's deadline, which ends at the commit.
-    total: Instant,
-}
-
-impl Commit<'_> {
-    fn headers(&self, trail: &mut Trail, sse: bool, out: &mut Responder<'_, TcpStream>) {
-        trail.push(self.host, self.key, &self.status.to_string());
-        out.add_header("x-gaia-upstream", &self.host.spec.name);
-        out.add_header("x-gaia-attempts", &trail.0);
-        if sse {
-            for (name, value) in &SSE_HEADERS[1..] {
-                out.add_header(name, value);
-            }
-        }
-    }
-
-    fn content_type_header(&self) -> Vec<(&str, &str)> {
-        if self.content_type.is_empty() {
-            Vec::new()
+    sync_early(out);
+    let Ready {
+        host,
+        key,
+        status,
+        content_type,
+        sse,
+        held,
+        rest,
+        idle,
+        hedged,
+        ..
+    } = ready;
+    let label = status.to_string();
+    let push = |trail: &mut Trail| {
+        if hedged {
+            trail.push_hedge(&host, key.as_deref(), &label);
         } else {
-            vec![("Content-Type", self.content_type)]
+            trail.push(&host, key.as_deref(), &label);
+        }
+    };
+    if out.started() && !sse {
+        // A stream committed early (keep-alives sent) got a non-SSE answer:
+        // a 2xx body cannot become events, so try another host; an error
+        // passed through becomes the final SSE error event.
+        if (200..300).contains(&status) {
+            return Err(upstream::failure(
+                Outcome::Broken,
+                "answered a stream request without a stream",
+                &host,
+            ));
+        }
+        push(trail);
+        let message = serde_json::from_slice::<serde_json::Value>(&held)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&held).into_owned());
+        send_error(out, status, "upstream_error", &message);
+        return Ok(Delivered::Complete);
+    }
+    end_early(out);
+    push(trail);
+    out.add_header("x-gaia-upstream", &host.spec.name);
+    out.add_header("x-gaia-attempts", &trail.0);
+    if sse {
+        for (name, value) in &SSE_HEADERS[1..] {
+            out.add_header(name, value);
         }
     }
+    let ct = [("Content-Type", content_type.as_str())];
+    let headers: &[(&str, &str)] = if content_type.is_empty() { &[] } else { &ct };
+    let Some(mut reader) = rest else {
+        let _ = out.send(status, headers, &held);
+        return Ok(Delivered::Complete);
+    };
+    let started = out.started() || out.start_stream(status, headers).is_ok();
+    if !started || out.chunk(&held).is_err() {
+        return Err(AttemptError::ClientGone);
+    }
+    drop(held);
+    let mut chunk = vec![0u8; READ_SIZE];
+    let name = host.spec.name.clone();
+    pump(
+        &mut reader,
+        &mut chunk,
+        idle,
+        out,
+        &host,
+        move |out, why| {
+            if sse {
+                let event = stream_error_event(&name, why);
+                let _ = out.chunk(&event);
+                let _ = out.finish();
+                out.close_after();
+            } else {
+                out.abort();
+            }
+        },
+    )
 }
 
 /// Read up to `limit` bytes; `Ok(true)` when the body ended within it.
@@ -548,110 +761,6 @@ fn read_bounded(reader: &mut impl Read, limit: usize) -> std::io::Result<(Vec<u8
         buf.extend_from_slice(&chunk[..n]);
     }
     Ok((buf, false))
-}
-
-/// A non-SSE body: held back whole (up to [`JSON_HOLD_LIMIT`]) then sent.
-fn forward_whole(
-    ctx: Commit<'_>,
-    response: Response<Body>,
-    out: &mut Responder<'_, TcpStream>,
-    trail: &mut Trail,
-) -> Result<Delivered, AttemptError> {
-    let mut reader = response.into_body().into_reader();
-    let mut held = Vec::new();
-    let mut chunk = vec![0u8; READ_SIZE];
-    loop {
-        watch::set_deadline(Some((Instant::now() + ctx.idle).min(ctx.total)));
-        let n = reader
-            .read(&mut chunk)
-            .map_err(|e| upstream::classify_read(e, ctx.host))?;
-        if n == 0 {
-            ctx.headers(trail, false, out);
-            let _ = out.send(ctx.status, &ctx.content_type_header(), &held);
-            return Ok(Delivered::Complete);
-        }
-        held.extend_from_slice(&chunk[..n]);
-        if held.len() >= JSON_HOLD_LIMIT {
-            break;
-        }
-    }
-    // Too large to hold: commit now and pass the rest through.
-    ctx.headers(trail, false, out);
-    if out
-        .start_stream(ctx.status, &ctx.content_type_header())
-        .is_err()
-        || out.chunk(&held).is_err()
-    {
-        return Err(AttemptError::ClientGone);
-    }
-    drop(held);
-    pump(
-        &mut reader,
-        &mut chunk,
-        ctx.idle,
-        out,
-        ctx.host,
-        |out, _| out.abort(),
-    )
-}
-
-/// An SSE body: preamble held back until the first event with output.
-fn forward_stream(
-    ctx: Commit<'_>,
-    response: Response<Body>,
-    out: &mut Responder<'_, TcpStream>,
-    trail: &mut Trail,
-) -> Result<Delivered, AttemptError> {
-    let mut reader = response.into_body().into_reader();
-    let mut preamble = Preamble::default();
-    let mut chunk = vec![0u8; READ_SIZE];
-    watch::set_deadline(Some(ctx.deadline));
-    loop {
-        let n = reader
-            .read(&mut chunk)
-            .map_err(|e| upstream::classify_read(e, ctx.host))?;
-        if n == 0 {
-            return Err(upstream::failure(
-                Outcome::Broken,
-                "stream ended before any output",
-                ctx.host,
-            ));
-        }
-        match preamble.push(&chunk[..n]) {
-            Preview::Hold => continue,
-            Preview::Error(msg) => {
-                return Err(upstream::failure(
-                    Outcome::Broken,
-                    &format!("error event before output: {msg}"),
-                    ctx.host,
-                ))
-            }
-            Preview::Commit => break,
-        }
-    }
-    end_early(out);
-    ctx.headers(trail, true, out);
-    let started = out.started()
-        || out
-            .start_stream(ctx.status, &ctx.content_type_header())
-            .is_ok();
-    if !started || out.chunk(&preamble.take()).is_err() {
-        return Err(AttemptError::ClientGone);
-    }
-    let name = ctx.host.spec.name.clone();
-    pump(
-        &mut reader,
-        &mut chunk,
-        ctx.idle,
-        out,
-        ctx.host,
-        move |out, why| {
-            let event = stream_error_event(&name, why);
-            let _ = out.chunk(&event);
-            let _ = out.finish();
-            out.close_after();
-        },
-    )
 }
 
 /// The SSE event that ends a stream cut off after the commit (no `[DONE]` follows).
@@ -714,6 +823,8 @@ fn pump(
 enum Delivered {
     /// The whole body reached the client.
     Complete,
+    /// A hedge attempt on this host won and its whole body reached the client.
+    Hedged(String),
     /// The upstream failed after the commit; the client saw the cut.
     Cut(String),
 }

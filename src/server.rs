@@ -252,7 +252,7 @@ fn shed(mut stream: TcpStream, why: &str) {
     let _ = stream.shutdown(std::net::Shutdown::Write);
 }
 
-fn worker(shared: &Shared, rx: &Receiver<Conn>) {
+fn worker(shared: &Arc<Shared>, rx: &Receiver<Conn>) {
     while let Ok(conn) = rx.recv() {
         let b = shared.current();
         if conn.accepted.elapsed() > b.config.settings.queue_wait {
@@ -263,7 +263,7 @@ fn worker(shared: &Shared, rx: &Receiver<Conn>) {
     }
 }
 
-fn serve_connection(shared: &Shared, conn: Conn) {
+fn serve_connection(shared: &Arc<Shared>, conn: Conn) {
     let Conn { stream, peer, .. } = conn;
     let Ok(read_half) = stream.try_clone() else {
         return;
@@ -404,8 +404,8 @@ fn await_next_request(shared: &Shared, stream: &TcpStream, idle: Duration) -> bo
 
 /// Everything one request's handler needs besides its I/O.
 struct Ctx<'a> {
-    shared: &'a Shared,
-    b: &'a Balancer,
+    shared: &'a Arc<Shared>,
+    b: &'a Arc<Balancer>,
     head: &'a Head,
     peer: SocketAddr,
     id: &'a str,
@@ -475,7 +475,8 @@ fn proxy_request(
     }
     let deadline = Instant::now() + BODY_DEADLINE;
     let body = match reader.read_body(head.framing, ctx.limits, settings.body_timeout, deadline) {
-        Ok(body) => body,
+        // Shared so a hedge thread can send it too, without a copy.
+        Ok(body) => Arc::new(body),
         Err(e) => {
             out.close_after();
             if let Some(status) = e.status() {
@@ -506,9 +507,10 @@ fn proxy_request(
             method: &head.method,
             path: &head.target,
             headers: &head.headers,
-            body: &body,
+            body: &body[..],
             request_id: ctx.id,
         },
+        body: body.clone(),
         client: reader.get_ref(),
         started: ctx.started,
         stream: probe.stream == Some(serde_json::Value::Bool(true)),

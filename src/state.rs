@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::config::Config;
+use crate::hedge::Hedger;
 use crate::hosts::Hosts;
 use crate::keys::KeyPool;
 use crate::retry::Budget;
@@ -49,6 +50,8 @@ pub struct Shared {
     pub started: Instant,
     /// The process-wide retry budget (it outlives configuration generations).
     pub budget: Budget,
+    /// Hedged requests: token bucket, thread pool, latency samples.
+    pub hedger: Hedger,
 }
 
 impl Shared {
@@ -59,6 +62,7 @@ impl Shared {
             draining: AtomicBool::new(false),
             started: Instant::now(),
             budget: Budget::default(),
+            hedger: Hedger::new(),
         }
     }
 

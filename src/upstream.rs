@@ -115,6 +115,10 @@ pub enum AttemptError {
     ClientGone,
     /// The request cannot be sent to any host (e.g. an unsendable header).
     Invalid(String),
+    /// Another attempt of the same request won (a hedge), or this hedge was cancelled.
+    Preempted,
+    /// A failure already put in the trail and learned from.
+    Recorded(Failed),
 }
 
 /// Send one attempt and wait for the response head.
@@ -159,6 +163,7 @@ pub fn classify(e: ureq::Error, host: &Host) -> AttemptError {
     if let Some(why) = watch::aborted() {
         return match why {
             Abort::ClientGone => AttemptError::ClientGone,
+            Abort::Preempted => AttemptError::Preempted,
             Abort::Deadline => failed(Outcome::Timeout, "no response before the deadline", host),
         };
     }
@@ -196,6 +201,16 @@ fn failed(outcome: Outcome, what: &str, host: &Host) -> AttemptError {
     })
 }
 
+/// A failure with no host to blame (the hedge machinery itself).
+pub fn failure_text(what: &str) -> AttemptError {
+    AttemptError::Failed(Failed {
+        outcome: Outcome::Broken,
+        detail: what.to_string(),
+        retry_after: None,
+        error_body: None,
+    })
+}
+
 /// A failure with an explanation, for outcomes found after the response head.
 pub fn failure(outcome: Outcome, what: &str, host: &Host) -> AttemptError {
     failed(outcome, what, host)
@@ -206,6 +221,7 @@ pub fn classify_read(e: std::io::Error, host: &Host) -> AttemptError {
     if let Some(why) = watch::aborted() {
         return match why {
             Abort::ClientGone => AttemptError::ClientGone,
+            Abort::Preempted => AttemptError::Preempted,
             Abort::Deadline => failed(Outcome::Timeout, "upstream went silent", host),
         };
     }

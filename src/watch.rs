@@ -14,6 +14,8 @@ use std::cell::RefCell;
 use std::fmt;
 use std::io::{self, Write};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ureq::unversioned::transport::time::Duration as UreqDuration;
@@ -22,6 +24,8 @@ use ureq::Error;
 
 /// Longest uninterrupted wait on an upstream.
 pub const TICK: Duration = Duration::from_millis(250);
+/// How often a worker looks whether its running hedge has won.
+const HEDGE_POLL: Duration = Duration::from_millis(5);
 
 /// Why a watched upstream read was abandoned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +34,8 @@ pub enum Abort {
     ClientGone,
     /// The watch deadline passed (first output or total time).
     Deadline,
+    /// A hedge of the same request won, or this hedge was cancelled.
+    Preempted,
 }
 
 /// What the current thread's upstream reads are checked against.
@@ -38,6 +44,15 @@ pub struct Watch {
     deadline: Option<Instant>,
     aborted: Option<Abort>,
     early: Option<Early>,
+    hedge: Option<WatchedHedge>,
+    cancel: Option<Arc<AtomicBool>>,
+}
+
+/// A hedge to launch at `at`, and the slot where it reports.
+struct WatchedHedge {
+    at: Instant,
+    launch: Option<Box<dyn FnOnce()>>,
+    slot: Arc<crate::hedge::Slot>,
 }
 
 /// An early commit of a slow stream: its head, then `: keep-alive` comments,
@@ -76,6 +91,8 @@ pub fn start(client: Option<TcpStream>) -> WatchGuard {
             deadline: None,
             aborted: None,
             early: None,
+            hedge: None,
+            cancel: None,
         })
     });
     WatchGuard(())
@@ -119,6 +136,38 @@ pub fn clear_early() -> bool {
     })
 }
 
+/// Launch a hedge through `launch` at `at`; abandon the upstream read once
+/// `slot` holds a hedge that reached its commit point.
+pub fn set_hedge(at: Instant, launch: Box<dyn FnOnce()>, slot: Arc<crate::hedge::Slot>) {
+    CURRENT.with(|c| {
+        if let Some(w) = c.borrow_mut().as_mut() {
+            w.hedge = Some(WatchedHedge {
+                at,
+                launch: Some(launch),
+                slot,
+            });
+        }
+    });
+}
+
+/// Forget the hedge (the attempt is over or committed).
+pub fn clear_hedge() {
+    CURRENT.with(|c| {
+        if let Some(w) = c.borrow_mut().as_mut() {
+            w.hedge = None;
+        }
+    });
+}
+
+/// Abandon upstream reads on this thread once `flag` is set (hedge threads).
+pub fn set_cancel(flag: Arc<AtomicBool>) {
+    CURRENT.with(|c| {
+        if let Some(w) = c.borrow_mut().as_mut() {
+            w.cancel = Some(flag);
+        }
+    });
+}
+
 /// Whether the early head has been sent.
 pub fn early_sent() -> bool {
     CURRENT.with(|c| {
@@ -139,6 +188,47 @@ pub fn poll_client() -> bool {
         };
         w.client.as_ref().is_some_and(peer_closed) || !keep_alive(w, Instant::now())
     })
+}
+
+/// How long the current thread's upstream wait may last before something on
+/// the watch is due (at most [`TICK`], at least 1 ms).
+fn next_wake() -> Duration {
+    CURRENT.with(|c| {
+        let slot = c.borrow();
+        let Some(w) = slot.as_ref() else {
+            return TICK;
+        };
+        let now = Instant::now();
+        // Once a hedge runs, look often whether it has won (only hedged
+        // requests, at most 5 %, pay for this).
+        let hedge = w.hedge.as_ref().map(|h| {
+            if h.launch.is_some() {
+                h.at
+            } else {
+                now + HEDGE_POLL
+            }
+        });
+        let early = w.early.as_ref().map(|e| e.next.max(e.at));
+        [w.deadline, hedge, early]
+            .into_iter()
+            .flatten()
+            .map(|at| at.saturating_duration_since(now))
+            .fold(TICK, Duration::min)
+            .max(Duration::from_millis(1))
+    })
+}
+
+/// Launch a due hedge; true once the hedge holds a result to commit.
+fn hedge_won(w: &mut Watch, now: Instant) -> bool {
+    let Some(h) = w.hedge.as_mut() else {
+        return false;
+    };
+    if now >= h.at {
+        if let Some(launch) = h.launch.take() {
+            launch();
+        }
+    }
+    h.slot.is_ready()
 }
 
 /// Write what the early commit owes the client now; false if the write failed.
@@ -191,10 +281,15 @@ fn check() -> Option<Abort> {
         let mut slot = c.borrow_mut();
         let w = slot.as_mut()?;
         let now = Instant::now();
+        // A hedge due now launches even if the first attempt's deadline is
+        // also up: it is that attempt's best replacement.
+        let won = hedge_won(w, now);
         let why = if w.deadline.is_some_and(|d| now >= d) {
             Some(Abort::Deadline)
         } else if w.client.as_ref().is_some_and(peer_closed) || !keep_alive(w, now) {
             Some(Abort::ClientGone)
+        } else if w.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) || won {
+            Some(Abort::Preempted)
         } else {
             None
         };
@@ -250,9 +345,11 @@ impl Transport for WatchedTransport {
                 UreqDuration::Exact(total) => Some(total.saturating_sub(started.elapsed())),
                 UreqDuration::NotHappening => None,
             };
-            let last = left.is_some_and(|l| l <= TICK);
+            // Wake for whatever is due first: a tick, a deadline, a hedge, a keep-alive.
+            let tick = next_wake();
+            let last = left.is_some_and(|l| l <= tick);
             let slice = NextTimeout {
-                after: UreqDuration::Exact(left.map_or(TICK, |l| l.min(TICK))),
+                after: UreqDuration::Exact(left.map_or(tick, |l| l.min(tick))),
                 reason: full.reason,
                 per_read: None,
                 per_write: timeout.per_write,
@@ -277,5 +374,7 @@ fn aborted_error(why: Abort) -> io::Error {
     match why {
         Abort::ClientGone => io::Error::new(io::ErrorKind::ConnectionAborted, "client went away"),
         Abort::Deadline => io::Error::new(io::ErrorKind::TimedOut, "deadline passed"),
+        // Not `Interrupted`: readers retry those.
+        Abort::Preempted => io::Error::other("another attempt won"),
     }
 }

@@ -1,0 +1,209 @@
+//! Hedged requests: a second attempt on another host when the first is slow.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gaia_balancer::config::Hedge;
+
+use crate::fake::{content_event, finish_events, Reply, Step, Upstream};
+use crate::util::{chat, post, start, wait_for};
+
+const OK: &str = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}]}"#;
+
+#[test]
+fn a_slow_first_attempt_is_outrun_by_a_hedge_and_closed() {
+    let slow = Upstream::always(Reply::Hang(Duration::from_secs(5)));
+    let fast = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[slow.url(), fast.url()], &[], |c| {
+        c.hosts[0].weight = 1000; // the slow host goes first
+        c.settings.hedge = Hedge::After(Duration::from_millis(200));
+    });
+    let began = Instant::now();
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), OK);
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        began.elapsed()
+    );
+    assert_eq!(r.header("x-gaia-upstream"), Some("h1"));
+    assert_eq!(r.header("x-gaia-attempts"), Some("h0:outrun,h1(hedge):200"));
+    // The loser's connection is closed at once.
+    assert!(wait_for(Duration::from_secs(2), || !slow
+        .peer_closed()
+        .is_empty()));
+}
+
+#[test]
+fn a_hedged_stream_commits_whichever_produces_output_first() {
+    let slow = Upstream::always(Reply::sse(vec![
+        Step::Sleep(Duration::from_secs(5)),
+        Step::Send(content_event("slow")),
+    ]));
+    let fast = Upstream::always(Reply::sse(vec![
+        Step::Send(content_event("fast")),
+        Step::Send(finish_events()),
+    ]));
+    let bal = start(&[slow.url(), fast.url()], &[], |c| {
+        c.hosts[0].weight = 1000;
+        c.settings.hedge = Hedge::After(Duration::from_millis(200));
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(true));
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    assert!(text.contains("fast") && !text.contains("slow"), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert!(wait_for(Duration::from_secs(2), || !slow
+        .peer_closed()
+        .is_empty()));
+}
+
+#[test]
+fn a_fast_first_attempt_cancels_the_hedge() {
+    let first_slowish = Upstream::always(Reply::sse(vec![
+        Step::Sleep(Duration::from_millis(400)),
+        Step::Send(content_event("first")),
+        Step::Send(finish_events()),
+    ]));
+    let hedge_slower = Upstream::always(Reply::sse(vec![
+        Step::Sleep(Duration::from_secs(5)),
+        Step::Send(content_event("second")),
+    ]));
+    let bal = start(&[first_slowish.url(), hedge_slower.url()], &[], |c| {
+        c.hosts[0].weight = 1000;
+        c.settings.hedge = Hedge::After(Duration::from_millis(100));
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(true));
+    assert!(
+        r.text().contains("first") && !r.text().contains("second"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(r.header("x-gaia-upstream"), Some("h0"));
+    // The hedge was started, then cancelled and its connection closed.
+    assert_eq!(hedge_slower.hits(), 1);
+    assert!(wait_for(Duration::from_secs(2), || !hedge_slower
+        .peer_closed()
+        .is_empty()));
+}
+
+#[test]
+fn hedges_stay_within_five_percent_of_requests() {
+    // Slow but successful, so it stays in rotation (never ejected).
+    let slow = Upstream::always(Reply::Chunked {
+        status: 200,
+        content_type: "application/json".into(),
+        steps: vec![
+            Step::Sleep(Duration::from_millis(100)),
+            Step::Send(OK.as_bytes().to_vec()),
+        ],
+    });
+    let fast = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[slow.url(), fast.url()], &[], |c| {
+        c.hosts[0].weight = 1000;
+        c.settings.hedge = Hedge::After(Duration::from_millis(20));
+    });
+    let n = 200;
+    let addr = bal.addr;
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut trails = Vec::new();
+                for _ in 0..n / 4 {
+                    let r = post(addr, "/v1/chat/completions", &chat(false));
+                    assert_eq!(r.status, 200);
+                    trails.push(r.header("x-gaia-attempts").unwrap_or("").to_string());
+                }
+                trails
+            })
+        })
+        .collect();
+    let trails: Vec<String> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    let hedged = trails.iter().filter(|t| t.contains("(hedge)")).count();
+    // One token to start with, a twentieth per request.
+    assert!(hedged >= 5, "hedging happened: {hedged}");
+    assert!(hedged <= 1 + n / 20, "{hedged} hedges for {n} requests");
+}
+
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
+
+/// One of three hosts stalls 2 s on 10 % of its requests: tail latency with
+/// hedging off and on, and the extra upstream requests hedging costs.
+fn stall_run(hedge: Hedge) -> (Duration, Duration, usize, usize) {
+    let n = Arc::new(AtomicUsize::new(0));
+    let calls = n.clone();
+    let stalling = Upstream::start(move |_, _| {
+        if calls.fetch_add(1, Ordering::SeqCst) % 10 == 3 {
+            Reply::Hang(Duration::from_secs(2))
+        } else {
+            Reply::json(200, OK)
+        }
+    });
+    let a = Upstream::always(Reply::json(200, OK));
+    let b = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[stalling.url(), a.url(), b.url()], &[], |c| {
+        c.settings.hedge = hedge;
+        c.settings.timeouts.first_byte = Duration::from_secs(3);
+    });
+    let addr = bal.addr;
+    let requests = 300;
+    let threads = 4;
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || {
+                (0..requests / threads)
+                    .map(|_| {
+                        let t = Instant::now();
+                        let r = post(addr, "/v1/chat/completions", &chat(false));
+                        assert_eq!(r.status, 200);
+                        t.elapsed()
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut lat: Vec<Duration> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    lat.sort();
+    let upstream = stalling.hits() + a.hits() + b.hits();
+    (
+        percentile(&lat, 50),
+        percentile(&lat, 99),
+        upstream,
+        requests,
+    )
+}
+
+#[test]
+fn hedging_cuts_the_tail_of_a_stalling_host() {
+    let (p50_off, p99_off, up_off, n) = stall_run(Hedge::Off);
+    let (p50_on, p99_on, up_on, _) = stall_run(Hedge::After(Duration::from_millis(200)));
+    println!(
+        "hedging off: p50 {p50_off:?} p99 {p99_off:?} upstream requests {up_off}/{n}; \
+         on (200 ms): p50 {p50_on:?} p99 {p99_on:?} upstream requests {up_on}/{n}"
+    );
+    // Stalled attempts that close without an answer are retried either way;
+    // hedging adds at most 5 % more (plus the starting token).
+    assert!(
+        up_on <= up_off + n / 20 + 1,
+        "{up_on} upstream requests vs {up_off} without hedging"
+    );
+    // Every stalled request was rescued: none waited the full 2 s stall.
+    assert!(
+        p99_off >= Duration::from_secs(2),
+        "the stall shows without hedging: {p99_off:?}"
+    );
+    assert!(
+        p99_on < Duration::from_secs(2),
+        "hedging cut the tail: {p99_on:?}"
+    );
+}
