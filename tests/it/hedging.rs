@@ -207,3 +207,34 @@ fn hedging_cuts_the_tail_of_a_stalling_host() {
         "hedging cut the tail: {p99_on:?}"
     );
 }
+
+#[test]
+fn auto_hedges_after_the_hosts_p95_with_a_500ms_floor() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let calls = n.clone();
+    let a = Upstream::start(move |_, _| {
+        if calls.fetch_add(1, Ordering::SeqCst) < 30 {
+            Reply::json(200, OK)
+        } else {
+            Reply::Hang(Duration::from_secs(5))
+        }
+    });
+    let b = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[a.url(), b.url()], &[], |c| {
+        c.hosts[0].weight = 1000;
+        c.settings.hedge = Hedge::Auto;
+    });
+    for _ in 0..30 {
+        let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+        assert_eq!(r.header("x-gaia-attempts"), Some("h0:200"));
+    }
+    let began = Instant::now();
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    let took = began.elapsed();
+    assert_eq!(r.header("x-gaia-attempts"), Some("h0:outrun,h1(hedge):200"));
+    assert!(
+        took >= Duration::from_millis(500),
+        "the floor holds: {took:?}"
+    );
+    assert!(took < Duration::from_secs(3), "{took:?}");
+}
