@@ -18,6 +18,7 @@ use ureq::http::Response;
 use ureq::Body;
 
 use crate::cooldowns;
+use crate::discovery;
 use crate::hosts::{Candidate, Host, Verdict};
 use crate::keys::Key;
 use crate::model;
@@ -67,6 +68,8 @@ pub struct Proxied<'a> {
     pub started: Instant,
     /// The client asked for a stream (`"stream": true`).
     pub stream: bool,
+    /// The body's top-level `model`, which decides the eligible hosts.
+    pub model: Option<Arc<str>>,
 }
 
 /// Trail of attempts, e.g. `asia:429,llama3b:200`.
@@ -140,7 +143,7 @@ fn attempts(
     let settings = &b.config.settings;
     let deadline = req.started + settings.timeouts.total;
     let mut last: Option<Failed> = None;
-    let mut candidates = b.hosts.candidates();
+    let mut candidates = b.hosts.candidates().for_model(req.model.clone());
     let mut _retry: Option<RetryTicket<'_>> = None;
     if let (true, Some(after)) = (req.stream, settings.stream_keep_alive_after) {
         // A slow first token: commit the head early and keep the line warm,
@@ -156,6 +159,11 @@ fn attempts(
     }
     while served.attempts < settings.max_attempts {
         let Some(c) = candidates.next() else {
+            // Every host said it does not know the model: no attempt can help.
+            let model = req.model.as_deref();
+            if let Some(m) = model.filter(|m| discovery::refused_everywhere(&b.hosts, m)) {
+                return finish_unknown_model(out, trail, m);
+            }
             // Every host or key is cooling (or disabled): wait if that fits.
             match candidates.retry_at() {
                 Some(at) if at < deadline => {
@@ -236,7 +244,7 @@ fn attempts(
             Err(AttemptError::Failed(f)) => f,
         };
         trail.push(&c.host, key, &outcome_label(failure.outcome));
-        learn(b, &c, &failure);
+        learn(b, &c, &failure, req.model.as_ref());
         log::debug!("attempt {} failed: {}", served.attempts, failure.detail);
         last = Some(failure);
         if Instant::now() >= deadline {
@@ -246,8 +254,8 @@ fn attempts(
     finish_failed(out, trail, served.attempts, last, false)
 }
 
-/// Apply what a failed attempt says about its host and key.
-fn learn(b: &Balancer, c: &Candidate, f: &Failed) {
+/// Apply what a failed attempt says about its host, key and model.
+fn learn(b: &Balancer, c: &Candidate, f: &Failed, model: Option<&Arc<str>>) {
     let decision = retry::decide(f.outcome);
     let verdict = if decision.host_failure {
         Verdict::Failure
@@ -273,6 +281,11 @@ fn learn(b: &Balancer, c: &Candidate, f: &Failed) {
             log::info!("429 from {}: cooling the {scope:?}", c.host.spec.name);
         }
         KeyFault::None => {}
+    }
+    if let (Outcome::Status(404), Some(m), Some(body)) = (f.outcome, model, &f.error_body) {
+        if discovery::says_model_unknown(body) {
+            discovery::exclude(b, &c.host, m);
+        }
     }
     if f.outcome == Outcome::Status(503) {
         if let Some(hint) = f.retry_after {
@@ -325,6 +338,17 @@ fn finish_unavailable(
         None => format!("no upstream host or key is usable; last: {detail}"),
     };
     send_proxy_error(out, trail, 503, "no_upstream_available", &msg)
+}
+
+fn finish_unknown_model(
+    out: &mut Responder<'_, TcpStream>,
+    trail: &Trail,
+    model: &str,
+) -> Result<(), Stop> {
+    let msg = format!(
+        "no upstream host serves the model {model:?}: each said it does not know it (they are asked again at their next model discovery)"
+    );
+    send_proxy_error(out, trail, 404, "model_not_found", &msg)
 }
 
 fn finish_timeout(
