@@ -5,6 +5,7 @@ mod util;
 
 mod backup;
 mod cli;
+mod discovery;
 mod hostile;
 mod ops;
 mod proxy;
