@@ -428,3 +428,40 @@ fn a_reload_keeps_what_was_learned_and_polls_again() {
     assert_eq!(chats(&z).len(), 6);
     assert!(chats(&a).is_empty());
 }
+
+#[test]
+fn a_stalled_list_is_cut_off_and_holds_up_no_other_host() {
+    use crate::fake::Step;
+    let stalled = Upstream::start(|seen, _| {
+        if seen.path == "/v1/models" {
+            Reply::Chunked {
+                status: 200,
+                content_type: "application/json".into(),
+                steps: vec![
+                    Step::Send(br#"{"data":[{"id":"a"},"#.to_vec()),
+                    Step::Sleep(Duration::from_secs(30)),
+                ],
+            }
+        } else {
+            Reply::json(200, OK)
+        }
+    });
+    let quick = node(&["alpha"]);
+    let started = Instant::now();
+    let bal = start(&[stalled.url(), quick.url()], &[], every(60_000));
+    answered(&bal, &[1]);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "polled side by side"
+    );
+    // The whole exchange is bounded (5 s), body included; the half list is no answer.
+    assert!(wait_for(Duration::from_secs(8), || !stalled
+        .peer_closed()
+        .is_empty()));
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(current(&bal).hosts.all()[0].catalog.models(), None);
+}
