@@ -641,6 +641,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn probe_reads_stream_and_a_single_string_model() {
+        let probe = |body: &str| serde_json::from_str::<Probe>(body);
+        let p =
+            probe(r#"{"messages":[{"model":"inner"}],"mod\u0065l":"m","stream":true}"#).unwrap();
+        assert_eq!(p.model.as_deref(), Some("m"));
+        assert_eq!(p.stream, Some(serde_json::Value::Bool(true)));
+        // Ambiguous or not a string: no model to route by, and no 400 either.
+        for body in [
+            r#"{"model":"a","model":"b"}"#,
+            r#"{"model":7}"#,
+            r#"{"model":null}"#,
+        ] {
+            assert_eq!(probe(body).unwrap().model, None, "{body}");
+        }
+        assert!(probe(r#"{"stream":true,"stream":false}"#).is_err());
+        assert!(probe("[true]").is_err(), "an object, nothing else");
+    }
+
+    #[test]
     fn limiter_caps_and_releases_per_address() {
         let limiter = Arc::new(Limiter::new(2));
         let ip: IpAddr = [192, 0, 2, 1].into();
