@@ -134,6 +134,9 @@ pub struct Settings {
     pub hedge: Hedge,
     /// Largest accepted request body. Defaults to 16 MiB.
     pub max_body_bytes: u64,
+    /// How often every host's `GET /v1/models` is polled (±10 % jitter);
+    /// `None` = model discovery off. Defaults to 60 s.
+    pub discovery_interval: Option<Duration>,
     /// Time a client has to send a whole request head. Defaults to 10 s.
     pub head_timeout: Duration,
     /// How long an idle keep-alive connection is kept. Defaults to 5 s.
@@ -178,6 +181,7 @@ impl Default for Settings {
             },
             hedge: Hedge::Off,
             max_body_bytes: 16 * 1024 * 1024,
+            discovery_interval: Some(Duration::from_secs(60)),
             head_timeout: Duration::from_secs(10),
             keep_alive: Duration::from_secs(5),
             body_timeout: Duration::from_secs(10),
@@ -281,9 +285,11 @@ pub const MAX_ATTEMPTS: u32 = 20;
 pub const MAX_WEIGHT: u32 = 1_000_000;
 /// Largest `maxBodyBytes` accepted (1 GiB).
 pub const MAX_BODY_BYTES: u64 = 1 << 30;
+/// Shortest `discoveryIntervalMs` other than 0 (off).
+pub const MIN_DISCOVERY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Every field `balancer.json` accepts at its top level, in documentation order.
-pub const BALANCER_FIELDS: [&str; 20] = [
+pub const BALANCER_FIELDS: [&str; 21] = [
     "bind",
     "port",
     "workers",
@@ -295,6 +301,7 @@ pub const BALANCER_FIELDS: [&str; 20] = [
     "timeouts",
     "hedge",
     "maxBodyBytes",
+    "discoveryIntervalMs",
     "headTimeoutMs",
     "keepAliveMs",
     "bodyTimeoutMs",
@@ -431,6 +438,7 @@ fn render_into(config: &Config, out: &mut String) -> fmt::Result {
         timeouts,
         hedge,
         max_body_bytes,
+        discovery_interval,
         head_timeout,
         keep_alive,
         body_timeout,
@@ -461,7 +469,11 @@ fn render_into(config: &Config, out: &mut String) -> fmt::Result {
         Some(d) => ms(d),
         None => "0 (off)".to_string(),
     };
-    let rows: [(&str, String); 23] = [
+    let discovery = match discovery_interval {
+        Some(d) => ms(d),
+        None => "0 (off)".to_string(),
+    };
+    let rows: [(&str, String); 24] = [
         ("bind", bind.to_string()),
         ("port", port.to_string()),
         ("workers", workers.to_string()),
@@ -476,6 +488,7 @@ fn render_into(config: &Config, out: &mut String) -> fmt::Result {
         ("timeouts.totalMs", ms(total)),
         ("hedge.afterMs", hedge),
         ("maxBodyBytes", max_body_bytes.to_string()),
+        ("discoveryIntervalMs", discovery),
         ("headTimeoutMs", ms(head_timeout)),
         ("keepAliveMs", ms(keep_alive)),
         ("bodyTimeoutMs", ms(body_timeout)),
@@ -1641,6 +1654,43 @@ impl Shape for HedgeDelay<'_> {
     }
 }
 
+/// `discoveryIntervalMs`: 0 (off) or at least [`MIN_DISCOVERY_INTERVAL`],
+/// since polling faster than once a second only loads the hosts.
+struct DiscoveryInterval<'p>(&'p str);
+
+impl Shape for DiscoveryInterval<'_> {
+    type Out = Option<Duration>;
+    fn path(&self) -> &str {
+        self.0
+    }
+    fn expected(&self) -> String {
+        format!(
+            "0 (off) or an integer from {} to {MAX_MS}",
+            MIN_DISCOVERY_INTERVAL.as_millis()
+        )
+    }
+    fn scalar<E: de::Error>(self, got: Scalar) -> Result<Option<Duration>, E> {
+        let ms = Int {
+            path: self.0,
+            min: 0,
+            max: MAX_MS,
+        }
+        .scalar(got)?;
+        let d = Duration::from_millis(ms);
+        if !d.is_zero() && d < MIN_DISCOVERY_INTERVAL {
+            return Err(fail(
+                self.0,
+                format!(
+                    "{} must be 0 (off) or an integer >= {}, got {ms}",
+                    leaf(self.0),
+                    MIN_DISCOVERY_INTERVAL.as_millis()
+                ),
+            ));
+        }
+        Ok((!d.is_zero()).then_some(d))
+    }
+}
+
 /// The whole of `balancer.json`, over [`Settings::default`].
 struct BalancerFile;
 
@@ -1682,6 +1732,9 @@ impl Shape for BalancerFile {
                 "timeouts" => s.timeouts = map.next_value_seed(Via(TimeoutsShape(path)))?,
                 "hedge" => s.hedge = map.next_value_seed(Via(HedgeShape(path)))?,
                 "maxBodyBytes" => s.max_body_bytes = int(map, path, 1, MAX_BODY_BYTES)?,
+                "discoveryIntervalMs" => {
+                    s.discovery_interval = map.next_value_seed(Via(DiscoveryInterval(path)))?
+                }
                 "headTimeoutMs" => s.head_timeout = millis(map, path, 1)?,
                 "keepAliveMs" => s.keep_alive = millis(map, path, 1)?,
                 "bodyTimeoutMs" => s.body_timeout = millis(map, path, 1)?,
@@ -1862,7 +1915,7 @@ mod tests {
               "open": true, "adminKey": "admin-key-cccccccc", "strategy": "least-loaded",
               "maxAttempts": 3,
               "timeouts": {"connectMs": 1, "firstByteMs": 2, "idleMs": 3, "totalMs": 4},
-              "hedge": {"afterMs": 250}, "maxBodyBytes": 1024,
+              "hedge": {"afterMs": 250}, "maxBodyBytes": 1024, "discoveryIntervalMs": 5000,
               "headTimeoutMs": 11, "keepAliveMs": 12, "bodyTimeoutMs": 13,
               "maxConnectionsPerClient": 7, "queueSize": 8, "queueWaitMs": 14,
               "streamKeepAliveAfterMs": 15, "streamKeepAliveEveryMs": 16,
@@ -1888,6 +1941,7 @@ mod tests {
             },
             hedge: Hedge::After(ms(250)),
             max_body_bytes: 1024,
+            discovery_interval: Some(ms(5000)),
             head_timeout: ms(11),
             keep_alive: ms(12),
             body_timeout: ms(13),
@@ -1901,6 +1955,8 @@ mod tests {
         assert_eq!(s, expected);
         let off = settings(r#"{"streamKeepAliveAfterMs": 0}"#).unwrap();
         assert_eq!(off.stream_keep_alive_after, None);
+        let off = settings(r#"{"discoveryIntervalMs": 0}"#).unwrap();
+        assert_eq!(off.discovery_interval, None);
     }
 
     #[test]
@@ -2392,6 +2448,8 @@ mod tests {
             ("{\"timeouts\": {\"totalMs\": 86400001}}", "timeouts.totalMs", (1, 33), "totalMs must be an integer <= 86400000"),
             ("{\"hedge\": {\"afterMs\": -1}}", "hedge.afterMs", (1, 24), "afterMs must be an integer >= 0 or \"auto\", got -1"),
             ("{\"queueWaitMs\": 0}", "queueWaitMs", (1, 17), "queueWaitMs must be an integer >= 1"),
+            ("{\"discoveryIntervalMs\": 999}", "discoveryIntervalMs", (1, 27), "discoveryIntervalMs must be 0 (off) or an integer >= 1000, got 999"),
+            ("{\"discoveryIntervalMs\": -1}", "discoveryIntervalMs", (1, 26), "discoveryIntervalMs must be an integer >= 0, got -1"),
             ("{\"shutdownGraceMs\": -1}", "shutdownGraceMs", (1, 22), "shutdownGraceMs must be an integer >= 0, got -1"),
             ("{\"shutdownGraceMs\": 86400001}", "shutdownGraceMs", (1, 28), "shutdownGraceMs must be an integer <= 86400000"),
             ("{\"queueSize\": 0}", "queueSize", (1, 15), "queueSize must be an integer >= 1"),

@@ -264,6 +264,7 @@ struct Job {
     headers: Vec<Header>,
     body: Arc<Vec<u8>>,
     request_id: String,
+    model: Option<Arc<str>>,
     exclude: usize,
     deadline: Instant,
     slot: Arc<Slot>,
@@ -298,6 +299,7 @@ pub fn arm(
         headers: req.outgoing.headers.to_vec(),
         body: req.body.clone(),
         request_id: req.outgoing.request_id.to_string(),
+        model: req.model.clone(),
         exclude: c.host.index,
         deadline,
         slot: slot.clone(),
@@ -316,7 +318,7 @@ fn run(job: Job) {
     let _watch = watch::start(None);
     watch::set_cancel(job.slot.cancelled.clone());
     let b = &job.b;
-    let mut candidates = b.hosts.candidates();
+    let mut candidates = b.hosts.candidates().for_model(job.model.clone());
     let mut chosen = None;
     for _ in 0..b.hosts.all().len() {
         let Some(c) = candidates.next() else { break };
@@ -344,7 +346,7 @@ fn run(job: Job) {
             job.slot.finish(SlotState::Ready(Box::new(ready)));
         }
         Err(AttemptError::Failed(f)) => {
-            proxy::learn(b, &c, &f);
+            proxy::learn(b, &c, &f, job.model.as_ref());
             job.slot
                 .finish(SlotState::Failed(c.host.clone(), c.key.clone(), f.outcome));
         }

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::HostSpec;
 use crate::cooldowns::Cooldown;
+use crate::discovery::{self, Catalog};
 use crate::keys::{Key, KeyPool, EVIDENCE_WINDOW};
 use crate::rng;
 
@@ -94,6 +95,8 @@ pub struct Host {
     pub failures: AtomicU64,
     /// Attempts that produced output.
     pub successes: AtomicU64,
+    /// Models it serves, as model discovery learned them.
+    pub catalog: Catalog,
     health: Mutex<Health>,
 }
 
@@ -173,6 +176,7 @@ impl Hosts {
                     in_flight: AtomicUsize::new(0),
                     failures: AtomicU64::new(0),
                     successes: AtomicU64::new(0),
+                    catalog: Catalog::default(),
                     health: Mutex::new(Health {
                         state: HostState::Up,
                         consecutive: 0,
@@ -221,6 +225,7 @@ impl Hosts {
             hosts: self,
             tried: vec![false; self.hosts.len()],
             retry_at: None,
+            model: None,
         }
     }
 
@@ -329,7 +334,7 @@ impl Hosts {
     }
 
     /// Panic mode: fewer than half the primaries are free of ejection.
-    fn panic_mode(&self, now: Instant) -> bool {
+    pub fn panic_mode(&self, now: Instant) -> bool {
         let (mut total, mut routable) = (0, 0);
         for h in self.hosts.iter().filter(|h| !h.spec.backup) {
             total += 1;
@@ -385,9 +390,16 @@ pub struct Candidates<'a> {
     hosts: &'a Hosts,
     tried: Vec<bool>,
     retry_at: Option<Instant>,
+    model: Option<Arc<str>>,
 }
 
 impl Candidates<'_> {
+    /// Keep to the hosts that may serve `model` (see [`crate::discovery`]).
+    pub fn for_model(mut self, model: Option<Arc<str>>) -> Self {
+        self.model = model;
+        self
+    }
+
     /// After `next()` gave `None`: the earliest moment a cooling host or key
     /// frees up, if any will.
     pub fn retry_at(&self) -> Option<Instant> {
@@ -474,8 +486,13 @@ impl Iterator for Candidates<'_> {
         let hosts = self.hosts;
         let n = hosts.hosts.len();
         let mut usable = vec![false; n];
+        let model = self.model.clone();
+        let by_model = model
+            .as_deref()
+            .map(|m| (m, discovery::declared_anywhere(&hosts.hosts, m, now)));
         for host in &hosts.hosts {
-            usable[host.index] = self.usable(host, now, panic).is_some();
+            usable[host.index] = by_model.is_none_or(|(m, d)| discovery::admits(host, m, d, now))
+                && self.usable(host, now, panic).is_some();
         }
         // Untried primaries, untried backups, then round again in the same order.
         for (backup, repeat) in [(false, false), (true, false), (false, true), (true, true)] {

@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod cooldowns;
+pub mod discovery;
 pub mod hedge;
 pub mod hosts;
 pub mod keys;

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::cooldowns;
+use crate::discovery;
 use crate::hedge;
 use crate::hosts::{Candidate, Host, Verdict};
 use crate::keys::Key;
@@ -67,6 +68,8 @@ pub struct Proxied<'a> {
     pub started: Instant,
     /// The client asked for a stream (`"stream": true`).
     pub stream: bool,
+    /// The body's top-level `model`, which decides the eligible hosts.
+    pub model: Option<Arc<str>>,
 }
 
 /// Trail of attempts, e.g. `asia:429,llama3b:200`.
@@ -149,7 +152,7 @@ fn attempts(
     let settings = &b.config.settings;
     let deadline = req.started + settings.timeouts.total;
     let mut last: Option<Failed> = None;
-    let mut candidates = b.hosts.candidates();
+    let mut candidates = b.hosts.candidates().for_model(req.model.clone());
     let mut _retry: Option<RetryTicket<'_>> = None;
     if let (true, Some(after)) = (req.stream, settings.stream_keep_alive_after) {
         // A slow first token: commit the head early and keep the line warm,
@@ -165,6 +168,11 @@ fn attempts(
     }
     while served.attempts < settings.max_attempts {
         let Some(c) = candidates.next() else {
+            // Every host said it does not know the model: no attempt can help.
+            let model = req.model.as_deref();
+            if let Some(m) = model.filter(|m| discovery::refused_everywhere(&b.hosts, m)) {
+                return finish_unknown_model(out, trail, m);
+            }
             // Every host or key is cooling (or disabled): wait if that fits.
             match candidates.retry_at() {
                 Some(at) if at < deadline => {
@@ -264,7 +272,7 @@ fn attempts(
             Err(AttemptError::Failed(f)) => f,
         };
         trail.push(&c.host, key, &outcome_label(failure.outcome));
-        learn(b, &c, &failure);
+        learn(b, &c, &failure, req.model.as_ref());
         log::debug!("attempt {} failed: {}", served.attempts, failure.detail);
         last = Some(failure);
         if Instant::now() >= deadline {
@@ -274,8 +282,8 @@ fn attempts(
     finish_failed(out, trail, served.attempts, last, false)
 }
 
-/// Apply what a failed attempt says about its host and key.
-pub(crate) fn learn(b: &Balancer, c: &Candidate, f: &Failed) {
+/// Apply what a failed attempt says about its host, key and model.
+pub(crate) fn learn(b: &Balancer, c: &Candidate, f: &Failed, model: Option<&Arc<str>>) {
     let decision = retry::decide(f.outcome);
     let verdict = if decision.host_failure {
         Verdict::Failure
@@ -301,6 +309,11 @@ pub(crate) fn learn(b: &Balancer, c: &Candidate, f: &Failed) {
             log::info!("429 from {}: cooling the {scope:?}", c.host.spec.name);
         }
         KeyFault::None => {}
+    }
+    if let (Outcome::Status(404), Some(m), Some(body)) = (f.outcome, model, &f.error_body) {
+        if discovery::says_model_unknown(body) {
+            discovery::exclude(b, &c.host, m);
+        }
     }
     if f.outcome == Outcome::Status(503) {
         if let Some(hint) = f.retry_after {
@@ -353,6 +366,17 @@ fn finish_unavailable(
         None => format!("no upstream host or key is usable; last: {detail}"),
     };
     send_proxy_error(out, trail, 503, "no_upstream_available", &msg)
+}
+
+fn finish_unknown_model(
+    out: &mut Responder<'_, TcpStream>,
+    trail: &Trail,
+    model: &str,
+) -> Result<(), Stop> {
+    let msg = format!(
+        "no upstream host serves the model {model:?}: each said it does not know it (they are asked again at their next model discovery)"
+    );
+    send_proxy_error(out, trail, 404, "model_not_found", &msg)
 }
 
 fn finish_timeout(
@@ -459,7 +483,7 @@ fn attempt(
             // This attempt failed while a hedge is under way: that hedge is
             // now the best next attempt.
             trail.push(&c.host, c.key.as_deref(), &outcome_label(f.outcome));
-            learn(b, c, &f);
+            learn(b, c, &f, req.model.as_ref());
             match slot.wait(deadline) {
                 Ok(()) => return commit_hedge(b, slot, out, trail),
                 Err(AttemptError::Failed(_)) => {

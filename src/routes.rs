@@ -22,6 +22,8 @@ pub enum Route {
     Readyz,
     /// `GET /status` (admin).
     Status,
+    /// `GET /v1/models`, answered from model discovery (client rules of `/v1/*`).
+    Models,
 }
 
 /// A request refused before its body is read.
@@ -107,7 +109,11 @@ pub fn route(b: &Balancer, head: &Head, peer: IpAddr) -> Result<Route, Rejection
                     ..reject(405, "method_not_allowed", "/v1/models accepts GET only")
                 });
             }
-            Route::Proxy
+            if p == "/v1/models" && settings.discovery_interval.is_some() {
+                Route::Models
+            } else {
+                Route::Proxy
+            }
         }
         _ => {
             return Err(reject(
@@ -216,6 +222,7 @@ pub fn status_json(shared: &Shared, b: &Balancer) -> Vec<u8> {
                 "ejectedSeconds": ejected_for,
                 "cooldownSeconds": cooling,
                 "lastFailure": health.last_failure,
+                "models": h.catalog.models(),
                 "keys": own_keys,
             })
         })
@@ -365,7 +372,20 @@ mod tests {
         );
         assert_eq!(
             route(&b, &head("GET", "/v1/models?x=1", None), LOCAL),
-            Ok(Route::Proxy)
+            Ok(Route::Models)
+        );
+        let off = balancer(|s| s.discovery_interval = None);
+        assert_eq!(
+            route(&off, &head("GET", "/v1/models", None), LOCAL),
+            Ok(Route::Proxy),
+            "discovery off: forwarded"
+        );
+        assert_eq!(
+            route(&b, &head("GET", "/v1/models", None), REMOTE)
+                .unwrap_err()
+                .status,
+            403,
+            "the client rules of /v1/* apply"
         );
         assert_eq!(
             route(&b, &head("POST", "/v1/../admin", None), LOCAL)

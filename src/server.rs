@@ -23,9 +23,11 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 
 use crate::config::Config;
+use crate::discovery;
 use crate::proxy::{self, Proxied};
 use crate::request::{Framing, Head, Limits, Reader};
 use crate::response::{valid_value, Responder};
@@ -76,6 +78,7 @@ pub fn start(config: Config) -> io::Result<Server> {
     let listener = TcpListener::bind((settings.bind, settings.port))?;
     let addr = listener.local_addr()?;
     let shared = Arc::new(Shared::new(Balancer::new(config)));
+    discovery::start(&shared)?;
     let (tx, rx) = crossbeam_channel::bounded::<Conn>(settings.queue_size.max(1));
     let mut workers = Vec::with_capacity(settings.workers);
     for i in 0..settings.workers.max(1) {
@@ -414,10 +417,77 @@ struct Ctx<'a> {
 }
 
 /// The fields of a JSON request body the balancer reads; the rest is skipped.
-#[derive(Deserialize, Default)]
+#[derive(Default)]
 struct Probe {
-    #[serde(default)]
     stream: Option<serde_json::Value>,
+    /// The top-level `model` when it is a string given once: parsers
+    /// disagree on which of two wins, so a repeated one routes nowhere in
+    /// particular (as in [`crate::model`]).
+    model: Option<Arc<str>>,
+}
+
+/// A top-level member name of a request body.
+enum Member {
+    Stream,
+    Model,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Member {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Member, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Member;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_str<E: de::Error>(self, name: &str) -> Result<Member, E> {
+                Ok(match name {
+                    "stream" => Member::Stream,
+                    "model" => Member::Model,
+                    _ => Member::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Probe {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Probe, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Probe;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Probe, A::Error> {
+                let mut probe = Probe::default();
+                let mut models = 0u32;
+                while let Some(member) = map.next_key::<Member>()? {
+                    match member {
+                        Member::Stream if probe.stream.is_some() => {
+                            return Err(de::Error::duplicate_field("stream"));
+                        }
+                        Member::Stream => probe.stream = Some(map.next_value()?),
+                        Member::Model => {
+                            models += 1;
+                            let value: serde_json::Value = map.next_value()?;
+                            probe.model = value.as_str().map(Arc::from);
+                        }
+                        Member::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                if models > 1 {
+                    probe.model = None;
+                }
+                Ok(probe)
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 fn handle(
@@ -456,6 +526,9 @@ fn handle(
         }
         Route::Status => {
             let _ = out.send(200, &json, &routes::status_json(ctx.shared, ctx.b));
+        }
+        Route::Models => {
+            let _ = out.send(200, &json, &discovery::models_json(ctx.b));
         }
         Route::Proxy => return proxy_request(ctx, reader, out),
     }
@@ -514,6 +587,7 @@ fn proxy_request(
         client: reader.get_ref(),
         started: ctx.started,
         stream: probe.stream == Some(serde_json::Value::Bool(true)),
+        model: probe.model,
     };
     proxy::serve(ctx.shared, ctx.b, &req, out)
 }
@@ -567,6 +641,25 @@ impl Drop for Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn probe_reads_stream_and_a_single_string_model() {
+        let probe = |body: &str| serde_json::from_str::<Probe>(body);
+        let p =
+            probe(r#"{"messages":[{"model":"inner"}],"mod\u0065l":"m","stream":true}"#).unwrap();
+        assert_eq!(p.model.as_deref(), Some("m"));
+        assert_eq!(p.stream, Some(serde_json::Value::Bool(true)));
+        // Ambiguous or not a string: no model to route by, and no 400 either.
+        for body in [
+            r#"{"model":"a","model":"b"}"#,
+            r#"{"model":7}"#,
+            r#"{"model":null}"#,
+        ] {
+            assert_eq!(probe(body).unwrap().model, None, "{body}");
+        }
+        assert!(probe(r#"{"stream":true,"stream":false}"#).is_err());
+        assert!(probe("[true]").is_err(), "an object, nothing else");
+    }
 
     #[test]
     fn limiter_caps_and_releases_per_address() {

@@ -5,6 +5,7 @@ mod util;
 
 mod backup;
 mod cli;
+mod discovery;
 mod hedging;
 mod hostile;
 mod ops;

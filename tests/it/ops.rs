@@ -115,6 +115,10 @@ fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// `balancer.json` for tests that count upstream traffic: model discovery's
+/// polls of `/v1/models` would add to it.
+const NO_DISCOVERY: &str = r#"{"discoveryIntervalMs": 0}"#;
+
 /// A config directory with these hosts (JSON values) and `balancer.json` text.
 fn config(name: &str, hosts: &[String], balancer: &str) -> PathBuf {
     let dir = temp_dir(name);
@@ -164,7 +168,7 @@ fn refused(addr: SocketAddr) -> bool {
 #[test]
 fn sigterm_lets_a_stream_finish_refuses_new_connections_and_exits_0() {
     let up = Upstream::always(slow_stream(Duration::from_millis(400)));
-    let dir = config("sigterm", &[quoted(&up.url())], "{}");
+    let dir = config("sigterm", &[quoted(&up.url())], NO_DISCOVERY);
     let mut bin = Binary::start(&dir, "info");
     let addr = bin.addr;
 
@@ -221,7 +225,11 @@ fn sigterm_lets_a_stream_finish_refuses_new_connections_and_exits_0() {
 fn sigint_closes_idle_keep_alive_connections_and_exits_0_at_once() {
     let up = Upstream::always(Reply::json(200, r#"{"ok":true}"#));
     // A long keep-alive: the exit must not wait for it.
-    let dir = config("sigint", &[quoted(&up.url())], r#"{"keepAliveMs": 60000}"#);
+    let dir = config(
+        "sigint",
+        &[quoted(&up.url())],
+        r#"{"keepAliveMs": 60000, "discoveryIntervalMs": 0}"#,
+    );
     let mut bin = Binary::start(&dir, "info");
     let mut s = connect(bin.addr);
     s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -247,7 +255,11 @@ fn sigint_closes_idle_keep_alive_connections_and_exits_0_at_once() {
 #[test]
 fn the_grace_ends_a_stream_that_runs_too_long_and_still_exits_0() {
     let up = Upstream::always(slow_stream(Duration::from_secs(30)));
-    let dir = config("grace", &[quoted(&up.url())], r#"{"shutdownGraceMs": 300}"#);
+    let dir = config(
+        "grace",
+        &[quoted(&up.url())],
+        r#"{"shutdownGraceMs": 300, "discoveryIntervalMs": 0}"#,
+    );
     let mut bin = Binary::start(&dir, "info");
     let mut s = connect(bin.addr);
     s.write_all(&stream_request()).unwrap();
