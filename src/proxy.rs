@@ -424,6 +424,7 @@ fn attempt(
         None => req.outgoing,
     };
     let response = upstream::send(&b.agent, host, key, &outgoing)?;
+    _busy.first_byte();
     let status = response.status().as_u16();
     let decision = retry::decide(Outcome::Status(status));
     let content_type = response
