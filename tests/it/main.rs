@@ -9,4 +9,5 @@ mod hostile;
 mod ops;
 mod proxy;
 mod resilience;
+mod strategies;
 mod streaming;
