@@ -11,8 +11,8 @@
 //! not a host failure; it cools the host, the key or the pair (host, key),
 //! whichever the evidence points at.
 //!
-//! Selection follows the configured strategy ([`selection`](crate::selection)).
-//! Failover is an iterator of [`Candidate`]s: each `next()` picks among routable hosts this
+//! Selection follows `strategy` ([`selection`](crate::selection)). Failover is
+//! an iterator of [`Candidate`]s: each `next()` picks among routable hosts this
 //! request has not tried, primaries before backups, each with a usable key;
 //! only when every host has been tried does it go round again.
 

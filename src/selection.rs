@@ -12,7 +12,7 @@
 //! weight (the configured weight, scaled by [`SCALE`], reduced during slow
 //! start and never below 1); a pick allocates nothing and takes at most one
 //! short lock per host it reads (smooth round-robin's state is one lock); all
-//! randomness comes from [`rng`](crate::rng), so a seeded thread picks the
+//! randomness comes from [`rng`], so a seeded thread picks the
 //! same sequence every time.
 //!
 //! - `round-robin`: smooth weighted round-robin (nginx's algorithm): exact
