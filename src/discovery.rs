@@ -542,7 +542,11 @@ mod tests {
                 models: BTreeMap::new(),
             })
             .collect();
-        Hosts::new(&specs, &Arc::new(KeyPool::new(&[])))
+        Hosts::new(
+            &specs,
+            &Arc::new(KeyPool::new(&[])),
+            crate::config::Strategy::RoundRobin,
+        )
     }
 
     fn ids(list: &[&str]) -> Option<HashSet<Box<str>>> {

@@ -11,7 +11,7 @@
 //! not a host failure; it cools the host, the key or the pair (host, key),
 //! whichever the evidence points at.
 //!
-//! Selection is smooth weighted round-robin (nginx's algorithm). Failover is
+//! Selection follows `strategy` ([`selection`](crate::selection)). Failover is
 //! an iterator of [`Candidate`]s: each `next()` picks among routable hosts this
 //! request has not tried, primaries before backups, each with a usable key;
 //! only when every host has been tried does it go round again.
@@ -20,11 +20,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::config::HostSpec;
+use crate::config::{HostSpec, Strategy};
 use crate::cooldowns::Cooldown;
 use crate::discovery::{self, Catalog};
 use crate::keys::{Key, KeyPool, EVIDENCE_WINDOW};
 use crate::rng;
+use crate::selection::{HostSignals, Selector};
 
 /// Consecutive host failures that eject a host.
 pub const EJECT_AFTER: u32 = 5;
@@ -97,6 +98,8 @@ pub struct Host {
     pub successes: AtomicU64,
     /// Models it serves, as model discovery learned them.
     pub catalog: Catalog,
+    /// Latency estimate and slow start, read by the strategies.
+    pub signals: HostSignals,
     health: Mutex<Health>,
 }
 
@@ -104,7 +107,7 @@ impl Host {
     /// Count this host busy until the guard drops.
     pub fn busy(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
+        InFlight(self.clone(), Instant::now())
     }
 
     /// The URL for a request path such as `/v1/chat/completions?x=1`.
@@ -127,9 +130,16 @@ impl Host {
     }
 }
 
-/// Decrements a host's in-flight count when dropped.
+/// Decrements a host's in-flight count when dropped; knows when it began.
 #[derive(Debug)]
-pub struct InFlight(Arc<Host>);
+pub struct InFlight(Arc<Host>, Instant);
+
+impl InFlight {
+    /// The upstream's response head arrived: feed the latency estimate.
+    pub fn first_byte(&self) {
+        self.0.observe_first_byte(self.1.elapsed());
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -141,8 +151,8 @@ impl Drop for InFlight {
 #[derive(Debug)]
 pub struct Hosts {
     hosts: Vec<Arc<Host>>,
-    /// Smooth weighted round-robin "current weights", one per host.
-    current: Mutex<Vec<i64>>,
+    /// The strategy and its state.
+    selector: Selector,
     /// Hosts ejected or probing now.
     ejected: AtomicUsize,
 }
@@ -160,7 +170,7 @@ pub enum Scope {
 
 impl Hosts {
     /// Build the table; hosts without their own keys share `global`.
-    pub fn new(specs: &[HostSpec], global: &Arc<KeyPool>) -> Self {
+    pub fn new(specs: &[HostSpec], global: &Arc<KeyPool>, strategy: Strategy) -> Self {
         let hosts: Vec<Arc<Host>> = specs
             .iter()
             .enumerate()
@@ -177,6 +187,7 @@ impl Hosts {
                     failures: AtomicU64::new(0),
                     successes: AtomicU64::new(0),
                     catalog: Catalog::default(),
+                    signals: HostSignals::new(),
                     health: Mutex::new(Health {
                         state: HostState::Up,
                         consecutive: 0,
@@ -191,10 +202,10 @@ impl Hosts {
                 })
             })
             .collect();
-        let current = Mutex::new(vec![0; hosts.len()]);
+        let selector = Selector::new(strategy, hosts.len());
         Hosts {
             hosts,
-            current,
+            selector,
             ejected: AtomicUsize::new(0),
         }
     }
@@ -250,11 +261,13 @@ impl Hosts {
                     h.state = HostState::Up;
                     h.in_a_row = 0;
                     self.ejected.fetch_sub(1, Ordering::Relaxed);
+                    host.signals.slow_start.begin(now);
                     log::info!("host {} readmitted", host.spec.name);
                 }
             }
             Verdict::Failure => {
                 host.failures.fetch_add(1, Ordering::Relaxed);
+                host.signals.ttfb.penalize(now);
                 h.consecutive = h.consecutive.saturating_add(1);
                 h.last_failure = detail.map(str::to_string);
                 match h.state {
@@ -345,30 +358,10 @@ impl Hosts {
         routable * 2 < total
     }
 
-    fn lock_weights(&self) -> MutexGuard<'_, Vec<i64>> {
-        // A panic while holding this lock leaves valid weights behind.
-        self.current.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Smooth weighted round-robin over the hosts `eligible` accepts.
-    fn pick(&self, eligible: &[bool]) -> Option<Arc<Host>> {
-        let mut current = self.lock_weights();
-        let mut total = 0i64;
-        let mut best: Option<usize> = None;
-        for host in &self.hosts {
-            if !eligible.get(host.index).copied().unwrap_or(false) {
-                continue;
-            }
-            let w = i64::from(host.spec.weight);
-            current[host.index] += w;
-            total += w;
-            if best.is_none_or(|b| current[host.index] > current[b]) {
-                best = Some(host.index);
-            }
-        }
-        let best = best?;
-        current[best] -= total;
-        Some(self.hosts[best].clone())
+    /// The configured strategy's pick among the hosts `eligible` accepts.
+    fn pick(&self, eligible: &[bool], now: Instant) -> Option<Arc<Host>> {
+        let best = self.selector.pick(&self.hosts, eligible, now)?;
+        self.hosts.get(best).cloned()
     }
 }
 
@@ -503,7 +496,7 @@ impl Iterator for Candidates<'_> {
                     usable[h.index] && h.spec.backup == backup && self.tried[h.index] == repeat
                 })
                 .collect();
-            if let Some(host) = hosts.pick(&eligible) {
+            if let Some(host) = hosts.pick(&eligible, now) {
                 if let Some(c) = self.take(host, now, repeat) {
                     return Some(c);
                 }
@@ -533,7 +526,7 @@ mod tests {
         let pool = Arc::new(KeyPool::new(
             &keys.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
         ));
-        Hosts::new(specs, &pool)
+        Hosts::new(specs, &pool, Strategy::RoundRobin)
     }
 
     fn names(hosts: &Hosts, n: usize) -> Vec<String> {
@@ -653,7 +646,11 @@ mod tests {
         hosts.record(&a, Verdict::Success, true, None);
         assert_eq!(a.health().state, HostState::Up);
         assert_eq!(hosts.ejected(), 0);
-        assert!(names(&hosts, 4).contains(&"a".to_string()));
+        // Readmitted in slow start: a tenth of its weight at first.
+        assert!(a.signals.slow_start.began().is_some());
+        let picks = names(&hosts, 40);
+        let a_picks = picks.iter().filter(|n| *n == "a").count();
+        assert!((1..=6).contains(&a_picks), "{picks:?}");
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod response;
 pub mod retry;
 pub mod rng;
 pub mod routes;
+pub mod selection;
 pub mod server;
 pub mod state;
 pub mod streaming;

@@ -596,6 +596,7 @@ pub fn run_to_commit(
         None => *outgoing,
     };
     let response = upstream::send(&b.agent, host, key.map(|k| &**k), &outgoing)?;
+    _busy.first_byte();
     let first_byte = sent.elapsed();
     let status = response.status().as_u16();
     let content_type = response

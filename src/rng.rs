@@ -8,10 +8,10 @@ use std::hash::{BuildHasher, Hasher};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 thread_local! {
-    static STATE: Cell<u64> = Cell::new(seed());
+    static STATE: Cell<u64> = Cell::new(initial());
 }
 
-fn seed() -> u64 {
+fn initial() -> u64 {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
@@ -46,4 +46,16 @@ pub fn below(n: u64) -> u64 {
 /// A fresh request id: 16 lowercase hex digits.
 pub fn request_id() -> String {
     format!("{:016x}", next_u64())
+}
+
+/// Make this thread's sequence repeatable (tests); 0 is replaced, since
+/// xorshift would stay at 0 forever.
+pub fn seed(seed: u64) {
+    STATE.with(|s| {
+        s.set(if seed == 0 {
+            0x9e37_79b9_7f4a_7c15
+        } else {
+            seed
+        })
+    });
 }

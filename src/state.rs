@@ -31,7 +31,7 @@ impl Balancer {
     /// Build everything a configuration describes.
     pub fn new(config: Config) -> Self {
         let keys = Arc::new(KeyPool::new(&config.api_keys));
-        let hosts = Hosts::new(&config.hosts, &keys);
+        let hosts = Hosts::new(&config.hosts, &keys, config.settings.strategy);
         let agent = upstream::agent(&config.settings);
         Balancer {
             config,

@@ -58,6 +58,8 @@ pub enum Reply {
     Hang(Duration),
     /// Close the connection without answering.
     Close,
+    /// Say nothing for this long (the response head included), then reply.
+    Delayed(Duration, Box<Reply>),
 }
 
 impl Reply {
@@ -248,6 +250,9 @@ fn watch_sleep(stream: &TcpStream, d: Duration) -> bool {
             Err(_) => return true,
         }
     }
+    // The socket is shared with the request reader: a short timeout left
+    // behind would make it drop the next keep-alive request.
+    let _ = stream.set_read_timeout(None);
     false
 }
 
@@ -261,7 +266,15 @@ fn serve(stream: TcpStream, inner: &Inner) {
         };
         let n = inner.count.fetch_add(1, Ordering::SeqCst);
         inner.seen.lock().unwrap().push(seen.clone());
-        match (inner.handler)(&seen, n) {
+        let mut reply = (inner.handler)(&seen, n);
+        while let Reply::Delayed(d, next) = reply {
+            if watch_sleep(&out, d) {
+                inner.peer_closed.lock().unwrap().push(Instant::now());
+                return;
+            }
+            reply = *next;
+        }
+        match reply {
             Reply::Full {
                 status,
                 headers,
@@ -327,6 +340,7 @@ fn serve(stream: TcpStream, inner: &Inner) {
                 let _ = out.shutdown(Shutdown::Both);
                 return;
             }
+            Reply::Delayed(..) => unreachable!("unwrapped above"),
         }
     }
 }

@@ -11,4 +11,5 @@ mod hostile;
 mod ops;
 mod proxy;
 mod resilience;
+mod strategies;
 mod streaming;

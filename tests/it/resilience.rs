@@ -353,13 +353,16 @@ fn an_early_committed_stream_that_cannot_be_saved_ends_with_an_error_event() {
 
 #[test]
 fn a_cut_after_commit_counts_against_the_host() {
+    // The pause lets the content be read before the cut (a reset can
+    // discard unread bytes).
     let up = Upstream::always(Reply::sse(vec![
         Step::Send(content_event("part")),
+        Step::Sleep(Duration::from_millis(50)),
         Step::Cut,
     ]));
     let bal = start(&[up.url()], &[], |_| {});
     let r = post(bal.addr, "/v1/chat/completions", &chat(true));
-    assert!(r.text().contains("stream_interrupted"));
+    assert!(r.text().contains("stream_interrupted"), "{}", r.text());
     assert_eq!(host_field(bal.addr, 0, "failures"), 1);
 }
 
