@@ -20,6 +20,7 @@ use ureq::Body;
 use crate::cooldowns;
 use crate::hosts::{Candidate, Host, Verdict};
 use crate::keys::Key;
+use crate::metrics;
 use crate::response::{valid_value, Responder};
 use crate::retry::{self, KeyFault, Outcome, RetryTicket};
 use crate::state::{Balancer, Shared};
@@ -207,7 +208,10 @@ fn attempts(
         }
         served.attempts += 1;
         let key = c.key.as_deref();
-        let failure = match attempt(b, req, &c.host, key, deadline, out, trail) {
+        let begun = metrics::attempt_begins();
+        let result = attempt(b, req, &c.host, key, deadline, out, trail);
+        observe(b, &c.host, begun, &result);
+        let failure = match result {
             Ok(end) => {
                 let (verdict, detail) = match &end {
                     Delivered::Complete => (Verdict::Success, None),
@@ -266,6 +270,7 @@ fn learn(b: &Balancer, c: &Candidate, f: &Failed) {
             let scope = b
                 .hosts
                 .rate_limited(&c.host, c.key.as_deref(), f.retry_after);
+            b.metrics.cooldown(scope);
             log::info!("429 from {}: cooling the {scope:?}", c.host.spec.name);
         }
         KeyFault::None => {}
@@ -274,6 +279,7 @@ fn learn(b: &Balancer, c: &Candidate, f: &Failed) {
         if let Some(hint) = f.retry_after {
             b.hosts
                 .cool_host(&c.host, hint.max(crate::cooldowns::MIN_COOLDOWN));
+            b.metrics.cooldown(crate::hosts::Scope::Host);
         }
     }
 }
@@ -408,6 +414,7 @@ fn attempt(
     watch::set_deadline(Some(first_output));
     let response = upstream::send(&b.agent, host, key, &req.outgoing)?;
     let status = response.status().as_u16();
+    metrics::mark_head(status);
     let decision = retry::decide(Outcome::Status(status));
     let content_type = response
         .headers()
@@ -612,6 +619,7 @@ fn forward_stream(
             Preview::Commit => break,
         }
     }
+    metrics::mark_first_event();
     end_early(out);
     ctx.headers(trail, true, out);
     let started = out.started()
@@ -699,4 +707,17 @@ enum Delivered {
     Complete,
     /// The upstream failed after the commit; the client saw the cut.
     Cut(String),
+}
+
+/// Metrics hook: count one attempt on `host` by how it ended. A client that
+/// left says nothing about the host, so that attempt gets no outcome.
+fn observe(b: &Balancer, host: &Host, begun: Instant, result: &Result<Delivered, AttemptError>) {
+    let outcome = match result {
+        // Refined by the head's status: a 4xx passed through is status_4xx.
+        Ok(Delivered::Complete) => Some(metrics::AttemptOutcome::Ok),
+        Ok(Delivered::Cut(_)) => Some(metrics::AttemptOutcome::Broken),
+        Err(AttemptError::Failed(f)) => Some(metrics::AttemptOutcome::of(f.outcome)),
+        Err(_) => None,
+    };
+    b.metrics.attempt(b, host, begun, outcome, result.is_ok());
 }
