@@ -270,9 +270,14 @@ impl Reloader {
             return Check::Unchanged;
         }
         let summary = describe(&old.config, &config, keys_changed);
+        let keys_gone = config.api_keys.is_empty() && !old.config.api_keys.is_empty();
         let generation = self.shared.replace(rebuild(&old, config, keys_changed));
         self.shared.reload.applied.fetch_add(1, Ordering::Relaxed);
-        log::info!("configuration reloaded (generation {generation}): {summary}");
+        if keys_gone {
+            log::warn!("configuration reloaded (generation {generation}): {summary}");
+        } else {
+            log::info!("configuration reloaded (generation {generation}): {summary}");
+        }
         Check::Applied(generation)
     }
 
@@ -374,9 +379,11 @@ fn describe(old: &Config, new: &Config, keys_changed: bool) -> String {
     if added.is_empty() && removed.is_empty() && old.hosts != new.hosts {
         parts.push("host settings changed".into());
     }
-    if keys_changed || old.api_keys != new.api_keys {
+    if (keys_changed || old.api_keys != new.api_keys) && new.api_keys.is_empty() {
+        parts.push("no active key any more: requests go upstream without Authorization".into());
+    } else if keys_changed || old.api_keys != new.api_keys {
         parts.push(format!(
-            "key file changed ({} active keys; every key back in rotation)",
+            "key file changed ({} active keys, every one in rotation)",
             new.api_keys.len()
         ));
     }

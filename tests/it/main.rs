@@ -5,7 +5,9 @@ mod util;
 
 mod cli;
 mod hostile;
+mod metrics;
 mod ops;
 mod proxy;
+mod reload;
 mod resilience;
 mod streaming;
