@@ -368,6 +368,19 @@ mod tests {
         );
         let ok = head("GET", "/status", Some("Bearer admin-secret"));
         assert_eq!(route(&keyed, &ok, REMOTE), Ok(Route::Status));
+        // /metrics follows the same rule.
+        assert_eq!(
+            route(&b, &head("GET", "/metrics", None), LOCAL),
+            Ok(Route::Metrics)
+        );
+        assert_eq!(
+            route(&b, &head("GET", "/metrics", None), REMOTE)
+                .unwrap_err()
+                .status,
+            403
+        );
+        let ok = head("GET", "/metrics", Some("Bearer admin-secret"));
+        assert_eq!(route(&keyed, &ok, REMOTE), Ok(Route::Metrics));
     }
 
     #[test]
