@@ -46,7 +46,7 @@ pub enum HostState {
 }
 
 /// A host's health, behind its mutex.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Health {
     /// Up, ejected or probing.
     pub state: HostState,
@@ -90,8 +90,9 @@ pub struct Host {
     pub spec: HostSpec,
     /// Keys this host may be sent (its own, or the global pool).
     pub keys: Arc<KeyPool>,
-    /// Requests currently being sent to or read from this host.
-    pub in_flight: AtomicUsize,
+    /// Requests currently being sent to or read from this host (shared with
+    /// the same host in older generations, see [`Hosts::reloaded`]).
+    pub in_flight: Arc<AtomicUsize>,
     /// Attempts that ended in a host failure.
     pub failures: AtomicU64,
     /// Attempts that produced output.
@@ -99,7 +100,7 @@ pub struct Host {
     /// Models it serves, as model discovery learned them.
     pub catalog: Catalog,
     /// Latency estimate and slow start, read by the strategies.
-    pub signals: HostSignals,
+    pub signals: Arc<HostSignals>,
     health: Mutex<Health>,
 }
 
@@ -183,11 +184,11 @@ impl Hosts {
                     index,
                     spec: spec.clone(),
                     keys,
-                    in_flight: AtomicUsize::new(0),
+                    in_flight: Arc::new(AtomicUsize::new(0)),
                     failures: AtomicU64::new(0),
                     successes: AtomicU64::new(0),
                     catalog: Catalog::default(),
-                    signals: HostSignals::new(),
+                    signals: Arc::new(HostSignals::new()),
                     health: Mutex::new(Health {
                         state: HostState::Up,
                         consecutive: 0,
@@ -362,6 +363,72 @@ impl Hosts {
     fn pick(&self, eligible: &[bool], now: Instant) -> Option<Arc<Host>> {
         let best = self.selector.pick(&self.hosts, eligible, now)?;
         self.hosts.get(best).cloned()
+    }
+}
+
+// Hot reload hook (see crate::reload); kept apart from the selection logic above.
+impl Hosts {
+    /// The table for a reloaded `specs`, where each host whose name and URL
+    /// are unchanged from `old` keeps what was learned about it: health
+    /// (ejection, cooldowns, failure counts), counters, and its in-flight
+    /// count, which stays one counter shared with the old generation so that
+    /// requests still running there are counted and released. Its own key
+    /// pool is kept while its `apiKeys` are unchanged; evidence about keys
+    /// (pair cooldowns, 429s per key) is dropped when its pool is new.
+    ///
+    /// The host objects are new even for unchanged hosts, because a host's
+    /// index is its position in the table; health is copied at the swap, so a
+    /// verdict from a request still running on the old generation stays there.
+    pub fn reloaded(
+        specs: &[HostSpec],
+        global: &Arc<KeyPool>,
+        old: &Hosts,
+        strategy: Strategy,
+    ) -> Hosts {
+        let mut table = Hosts::new(specs, global, strategy);
+        let mut out = 0;
+        let mut added = Vec::new();
+        for slot in &mut table.hosts {
+            let Some(prev) = old
+                .hosts
+                .iter()
+                .find(|p| p.spec.name == slot.spec.name && p.spec.base_url == slot.spec.base_url)
+            else {
+                added.push(slot.index);
+                continue;
+            };
+            // Just built, so never shared yet.
+            let Some(host) = Arc::get_mut(slot) else {
+                continue;
+            };
+            if host.spec.api_keys.is_some() && host.spec.api_keys == prev.spec.api_keys {
+                host.keys = prev.keys.clone();
+            }
+            let same_keys = Arc::ptr_eq(&host.keys, &prev.keys);
+            host.in_flight = prev.in_flight.clone();
+            // Latency estimate and slow start belong to the host, not the generation.
+            host.signals = prev.signals.clone();
+            host.failures = AtomicU64::new(prev.failures.load(Ordering::Relaxed));
+            host.successes = AtomicU64::new(prev.successes.load(Ordering::Relaxed));
+            let mut health = prev.health().clone();
+            // A probe still running reports to the old host object: let a
+            // request of this generation probe instead of waiting for it.
+            health.probe_in_flight = false;
+            if !same_keys {
+                health.limited_keys.clear();
+                health.pairs.clear();
+            }
+            if health.state != HostState::Up {
+                out += 1;
+            }
+            *host.health.get_mut().unwrap_or_else(|e| e.into_inner()) = health;
+        }
+        table.ejected = AtomicUsize::new(out);
+        // A host new to the table ramps up instead of taking its full share at once.
+        for index in added {
+            table.mark_new(index);
+        }
+        table
     }
 }
 

@@ -78,13 +78,14 @@ fn run(inv: &cli::Invocation) -> ExitCode {
             config.dir.join(config::API_KEYS_FILE).display()
         );
     }
-    let server = match server::start(config) {
-        Ok(server) => server,
-        Err(e) => {
-            eprintln!("gaia-balancer: cannot listen: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let server =
+        match server::start_with_reload(config, inv.config_dir.clone(), inv.overrides.clone()) {
+            Ok(server) => server,
+            Err(e) => {
+                eprintln!("gaia-balancer: cannot listen: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
     let Some(signal) = signals.forever().next() else {
         // The iterator only ends when closed through a handle, which nothing does.
         server.wait();

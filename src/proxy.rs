@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 use crate::cooldowns;
 use crate::discovery;
 use crate::hedge;
-use crate::hosts::{Candidate, Host, Verdict};
+use crate::hosts::{Candidate, Host, InFlight, Verdict};
 use crate::keys::Key;
+use crate::metrics;
 use crate::model;
 use crate::response::{valid_value, Responder};
 use crate::retry::{self, KeyFault, Outcome, RetryTicket};
@@ -234,8 +235,10 @@ fn attempts(
         } else {
             None
         };
+        let begun = metrics::attempt_begins();
         let result = attempt(shared, b, req, &c, deadline, slot.as_ref(), out, trail);
         watch::clear_hedge();
+        observe(b, &c.host, begun, &result);
         let failure = match result {
             Ok(end) => {
                 if let Delivered::Hedged(name) = &end {
@@ -306,6 +309,7 @@ pub(crate) fn learn(b: &Balancer, c: &Candidate, f: &Failed, model: Option<&Arc<
             let scope = b
                 .hosts
                 .rate_limited(&c.host, c.key.as_deref(), f.retry_after);
+            b.metrics.cooldown(scope);
             log::info!("429 from {}: cooling the {scope:?}", c.host.spec.name);
         }
         KeyFault::None => {}
@@ -319,6 +323,7 @@ pub(crate) fn learn(b: &Balancer, c: &Candidate, f: &Failed, model: Option<&Arc<
         if let Some(hint) = f.retry_after {
             b.hosts
                 .cool_host(&c.host, hint.max(crate::cooldowns::MIN_COOLDOWN));
+            b.metrics.cooldown(crate::hosts::Scope::Host);
         }
     }
 }
@@ -470,7 +475,7 @@ fn attempt(
             if let Some(slot) = hedge {
                 slot.cancel();
             }
-            observe(shared, &ready);
+            note_first_byte(shared, &ready);
             ready
         }
         (Err(AttemptError::Preempted), Some(slot)) => {
@@ -504,7 +509,7 @@ fn attempt(
 }
 
 /// Feed the time to first byte to the hedge's "auto" delay.
-fn observe(shared: &Shared, ready: &Ready) {
+fn note_first_byte(shared: &Shared, ready: &Ready) {
     shared
         .hedger
         .observe(&ready.host.spec.name, ready.first_byte);
@@ -568,6 +573,8 @@ pub struct Ready {
     pub idle: Duration,
     /// This came from a hedge attempt.
     pub hedged: bool,
+    /// Keeps the host counted in flight until the body has been passed on.
+    pub busy: InFlight,
 }
 
 /// Send an attempt and read until its commit point: the whole body (up to
@@ -581,7 +588,7 @@ pub fn run_to_commit(
     deadline: Instant,
 ) -> Result<Ready, AttemptError> {
     let t = &b.config.settings.timeouts;
-    let _busy = host.busy();
+    let _busy = host.busy(); // moved into `Ready`: counted until the body is passed on
     let sent = Instant::now();
     let first_output = (sent + t.first_byte).min(deadline);
     watch::set_deadline(Some(first_output));
@@ -599,6 +606,7 @@ pub fn run_to_commit(
     _busy.first_byte();
     let first_byte = sent.elapsed();
     let status = response.status().as_u16();
+    metrics::mark_head(status);
     let content_type = response
         .headers()
         .get("content-type")
@@ -684,6 +692,7 @@ pub fn run_to_commit(
         first_byte,
         idle: t.idle,
         hedged: false,
+        busy: _busy,
     })
 }
 
@@ -704,6 +713,7 @@ fn commit(
         rest,
         idle,
         hedged,
+        busy: _busy,
         ..
     } = ready;
     let label = status.to_string();
@@ -732,6 +742,9 @@ fn commit(
             .unwrap_or_else(|| String::from_utf8_lossy(&held).into_owned());
         send_error(out, status, "upstream_error", &message);
         return Ok(Delivered::Complete);
+    }
+    if sse {
+        metrics::mark_first_event();
     }
     end_early(out);
     push(trail);
@@ -852,4 +865,21 @@ enum Delivered {
     Hedged(String),
     /// The upstream failed after the commit; the client saw the cut.
     Cut(String),
+}
+
+/// Metrics hook: count one attempt on `host` by how it ended. A client that
+/// left says nothing about the host, so that attempt gets no outcome.
+fn observe(b: &Balancer, host: &Host, begun: Instant, result: &Result<Delivered, AttemptError>) {
+    let outcome = match result {
+        // Refined by the head's status: a 4xx passed through is status_4xx.
+        Ok(Delivered::Complete) => Some(metrics::AttemptOutcome::Ok),
+        Ok(Delivered::Cut(_)) => Some(metrics::AttemptOutcome::Broken),
+        Err(AttemptError::Failed(f) | AttemptError::Recorded(f)) => {
+            Some(metrics::AttemptOutcome::of(f.outcome))
+        }
+        // Outrun by its hedge: the host was only slower, not wrong.
+        Ok(Delivered::Hedged(_)) => None,
+        Err(_) => None,
+    };
+    b.metrics.attempt(b, host, begun, outcome, result.is_ok());
 }

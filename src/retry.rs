@@ -6,7 +6,7 @@
 //! Backoff is only ever slept when the next attempt goes to the same host: a
 //! different host is tried at once.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -103,6 +103,10 @@ pub struct Budget {
     freed: Condvar,
     in_flight: AtomicUsize,
     started: Instant,
+    /// Retries granted since start (for metrics and `/status`).
+    granted: AtomicU64,
+    /// Requests refused a retry since start.
+    refused: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -159,6 +163,8 @@ impl Default for Budget {
             freed: Condvar::new(),
             in_flight: AtomicUsize::new(0),
             started: Instant::now(),
+            granted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
         }
     }
 }
@@ -181,11 +187,16 @@ impl Budget {
         RequestTicket(self)
     }
 
-    /// Whether the ratio part of the budget would allow a retry now (no slot taken).
+    /// Whether the ratio part of the budget would allow a retry now (no slot
+    /// taken). A `false` counts as a refusal: the caller stops retrying.
     pub fn allows(&self) -> bool {
         let st = self.lock();
         let (requests, retries) = st.totals(self.second(Instant::now()));
-        retries < Self::allowed(requests)
+        let allowed = retries < Self::allowed(requests);
+        if !allowed {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        allowed
     }
 
     fn allowed(requests: usize) -> usize {
@@ -203,15 +214,18 @@ impl Budget {
             let allowed =
                 (requests as f64 * BUDGET_RATIO) as usize + BUDGET_MIN_PER_SEC * BUDGET_WINDOW_SECS;
             if retries >= allowed {
+                self.refused.fetch_add(1, Ordering::Relaxed);
                 return None;
             }
             let concurrent = BUDGET_MIN_CONCURRENT.max(self.in_flight.load(Ordering::Relaxed) / 5);
             if st.retrying < concurrent {
                 st.retrying += 1;
                 st.slot(second).2 += 1;
+                self.granted.fetch_add(1, Ordering::Relaxed);
                 return Some(RetryTicket(self));
             }
             if now >= wait_until {
+                self.refused.fetch_add(1, Ordering::Relaxed);
                 return None;
             }
             st = self
@@ -224,6 +238,16 @@ impl Budget {
     /// Retries under way now.
     pub fn retrying(&self) -> usize {
         self.lock().retrying
+    }
+
+    /// Retries granted since start.
+    pub fn retries(&self) -> u64 {
+        self.granted.load(Ordering::Relaxed)
+    }
+
+    /// Retries refused since start (each ends one request's retrying).
+    pub fn refusals(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 }
 
@@ -317,6 +341,9 @@ mod tests {
             }
         }
         assert_eq!(granted, 300);
+        assert_eq!((b.retries(), b.refusals()), (300, 1));
+        assert!(!b.allows());
+        assert_eq!(b.refusals(), 2);
         drop(tickets);
     }
 

@@ -4,7 +4,9 @@
 //! rejected request never costs a body read: unknown path 404, wrong method
 //! 405, protected mode 403, missing or wrong client key 401, admin endpoints
 //! without the admin key (or loopback) 403. Client keys are compared in
-//! constant time.
+//! constant time. `/status` and `/metrics` follow the admin rule: with
+//! `adminKey` set they need `Authorization: Bearer <adminKey>` from any peer,
+//! loopback included; without it they answer loopback peers only.
 
 use std::net::IpAddr;
 
@@ -24,6 +26,8 @@ pub enum Route {
     Status,
     /// `GET /v1/models`, answered from model discovery (client rules of `/v1/*`).
     Models,
+    /// `GET /metrics` (admin).
+    Metrics,
 }
 
 /// A request refused before its body is read.
@@ -95,6 +99,7 @@ pub fn route(b: &Balancer, head: &Head, peer: IpAddr) -> Result<Route, Rejection
         "/healthz" => return get_only(Route::Healthz),
         "/readyz" => return get_only(Route::Readyz),
         "/status" => get_only(Route::Status)?,
+        "/metrics" => get_only(Route::Metrics)?,
         p if p == "/v1" || p.starts_with("/v1/") => {
             if p.split('/').any(|seg| seg == "." || seg == "..") || p.contains("//") {
                 return Err(reject(
@@ -123,7 +128,7 @@ pub fn route(b: &Balancer, head: &Head, peer: IpAddr) -> Result<Route, Rejection
             ))
         }
     };
-    if route == Route::Status {
+    if matches!(route, Route::Status | Route::Metrics) {
         return match (&settings.admin_key, bearer(head)) {
             (Some(key), Some(token)) if same_secret(key, token) => Ok(route),
             (Some(_), _) => Err(reject(401, "invalid_admin_key", "this endpoint needs Authorization: Bearer <adminKey>")),
@@ -188,6 +193,8 @@ pub fn status_json(shared: &Shared, b: &Balancer) -> Vec<u8> {
         .all()
         .iter()
         .map(|h| {
+            let series = b.series.get(h.index);
+            let latency = series.and_then(|s| s.latency());
             let health = h.health();
             let cooling = health
                 .cooldown
@@ -224,10 +231,17 @@ pub fn status_json(shared: &Shared, b: &Balancer) -> Vec<u8> {
                 "lastFailure": health.last_failure,
                 "models": h.catalog.models(),
                 "keys": own_keys,
+                "attempts": series.map(|s| s.attempts()),
+                "latencyMs": latency.map(|(avg, _)| (avg * 1e6).round() / 1e3),
+                "lastLatencyMs": latency.map(|(_, last)| (last * 1e6).round() / 1e3),
             })
         })
         .collect();
     let keys: Vec<serde_json::Value> = b.keys.keys().iter().map(|k| key_json(k, now)).collect();
+    let loaded = b
+        .loaded_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let body = serde_json::json!({
         "uptimeSeconds": shared.started.elapsed().as_secs(),
         "draining": shared.draining(),
@@ -237,7 +251,21 @@ pub fn status_json(shared: &Shared, b: &Balancer) -> Vec<u8> {
         "totals": {
             "hosts": b.hosts.all().len(),
             "ejected": b.hosts.ejected(),
+            "requests": shared.metrics.proxied_requests(),
+            "requestsInFlight": shared.metrics.requests_in_flight(),
+            "queueDepth": shared.metrics.queue_depth(),
+            "retries": shared.budget.retries(),
             "retriesInFlight": shared.budget.retrying(),
+            "budgetRefusals": shared.budget.refusals(),
+        },
+        "config": {
+            "dir": b.config.dir.display().to_string(),
+            "generation": b.generation,
+            "loadedAtUnixSeconds": loaded,
+            "loadedSecondsAgo": b.loaded_at.elapsed().map_or(0, |d| d.as_secs()),
+            "reloads": shared.reload.applied(),
+            "reloadErrors": shared.reload.failed(),
+            "lastReloadError": shared.reload.last_error(),
         },
     });
     let mut out = body.to_string().into_bytes();
@@ -347,6 +375,19 @@ mod tests {
         );
         let ok = head("GET", "/status", Some("Bearer admin-secret"));
         assert_eq!(route(&keyed, &ok, REMOTE), Ok(Route::Status));
+        // /metrics follows the same rule.
+        assert_eq!(
+            route(&b, &head("GET", "/metrics", None), LOCAL),
+            Ok(Route::Metrics)
+        );
+        assert_eq!(
+            route(&b, &head("GET", "/metrics", None), REMOTE)
+                .unwrap_err()
+                .status,
+            403
+        );
+        let ok = head("GET", "/metrics", Some("Bearer admin-secret"));
+        assert_eq!(route(&keyed, &ok, REMOTE), Ok(Route::Metrics));
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //! has `TCP_NODELAY` and read/write timeouts; a panic while serving a request
 //! ends that request and its connection, never the worker.
 //!
+//! [`start_with_reload`] also runs the config reloader ([`crate::reload`]) on
+//! its own thread; it stops when the server drains.
+//!
 //! Shutdown ([`Server::shutdown`]) drains: the listener is closed at once (new
 //! connections are refused, so a load balancer in front fails over instead of
 //! queueing), requests in flight run to their end, connections that were
@@ -18,6 +21,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -26,9 +30,11 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 
-use crate::config::Config;
+use crate::config::{Config, Overrides};
 use crate::discovery;
+use crate::metrics::{self, Shed};
 use crate::proxy::{self, Proxied};
+use crate::reload::{self, Reloader};
 use crate::request::{Framing, Head, Limits, Reader};
 use crate::response::{valid_value, Responder};
 use crate::rng;
@@ -62,6 +68,8 @@ pub struct Server {
     workers: Vec<JoinHandle<()>>,
     /// A handle on the queue, to report its depth.
     queue: Receiver<Conn>,
+    /// The config reloader, when started with [`start_with_reload`].
+    reloader: Option<reload::Handle>,
 }
 
 /// One accepted connection waiting for a worker.
@@ -104,7 +112,22 @@ pub fn start(config: Config) -> io::Result<Server> {
         acceptor: Some(acceptor),
         workers,
         queue: rx,
+        reloader: None,
     })
+}
+
+/// Start serving `config`, and reload it from `dir` (with the command line's
+/// `overrides`, as `config` was loaded) whenever its files change.
+pub fn start_with_reload(config: Config, dir: PathBuf, overrides: Overrides) -> io::Result<Server> {
+    let mut server = start(config)?;
+    match Reloader::new(server.shared.clone(), dir, overrides).spawn() {
+        Ok(handle) => server.reloader = Some(handle),
+        Err(e) => {
+            server.shutdown(Duration::ZERO);
+            return Err(e);
+        }
+    }
+    Ok(server)
 }
 
 impl Server {
@@ -142,6 +165,10 @@ impl Server {
         // No deadline at all for a grace too large to add (never from config).
         let deadline = Instant::now().checked_add(grace);
         self.shared.start_draining();
+        // No reload may swap a configuration in while draining.
+        if let Some(r) = self.reloader.take() {
+            r.stop();
+        }
         // Wake the acceptor out of accept() with a connection of our own; it
         // sees the flag, returns, and drops the listener. Retried, because a
         // wake-up connection can fail (descriptors exhausted, backlog full) and
@@ -214,6 +241,7 @@ fn accept_loop(listener: TcpListener, shared: &Shared, tx: &Sender<Conn>, limite
                     match limiter.admit(peer.ip()) {
                         Some(slot) => Some(slot),
                         None => {
+                            shared.metrics.shed(Shed::PerClient);
                             shed(stream, "too many connections from your address");
                             continue;
                         }
@@ -225,10 +253,19 @@ fn accept_loop(listener: TcpListener, shared: &Shared, tx: &Sender<Conn>, limite
                     accepted: Instant::now(),
                     _slot: slot,
                 };
+                // Counted before the send, so a worker's dequeue never comes first.
+                shared.metrics.queued();
                 match tx.try_send(conn) {
                     Ok(()) => {}
-                    Err(TrySendError::Full(c)) => shed(c.stream, "every worker is busy"),
-                    Err(TrySendError::Disconnected(_)) => return,
+                    Err(TrySendError::Full(c)) => {
+                        shared.metrics.dequeued();
+                        shared.metrics.shed(Shed::QueueFull);
+                        shed(c.stream, "every worker is busy");
+                    }
+                    Err(TrySendError::Disconnected(_)) => {
+                        shared.metrics.dequeued();
+                        return;
+                    }
                 }
             }
             Err(e) => {
@@ -257,8 +294,10 @@ fn shed(mut stream: TcpStream, why: &str) {
 
 fn worker(shared: &Arc<Shared>, rx: &Receiver<Conn>) {
     while let Ok(conn) = rx.recv() {
+        shared.metrics.dequeued();
         let b = shared.current();
         if conn.accepted.elapsed() > b.config.settings.queue_wait {
+            shared.metrics.shed(Shed::QueueWait);
             shed(conn.stream, "waited too long for a worker");
             continue;
         }
@@ -304,11 +343,27 @@ fn serve_connection(shared: &Arc<Shared>, conn: Conn) {
                     let mut out = Responder::new(&mut writer, false, false, false);
                     let _ = out.send_error(status, "bad_request", &e.to_string());
                     log::debug!("{peer}: refused request: {e}");
+                    metrics::begin_request();
+                    shared.metrics.request(
+                        metrics::Route::Unknown,
+                        status,
+                        Instant::now(),
+                        false,
+                        false,
+                    );
                 }
                 return;
             }
         };
         let started = Instant::now();
+        metrics::begin_request();
+        // A configuration swapped in while this connection sat idle applies
+        // to the request that just arrived.
+        let b = shared.current();
+        let limits = Limits {
+            max_body: b.config.settings.max_body_bytes,
+            ..limits
+        };
         let id = head
             .header_str("x-request-id")
             .map(str::trim)
@@ -352,6 +407,14 @@ fn serve_connection(shared: &Arc<Shared>, conn: Conn) {
         } else {
             out.status()
         };
+        // Status 0: nothing was sent (the connection broke); count it as the client's.
+        shared.metrics.request(
+            metrics::Route::of(routes::path_of(&head.target)),
+            if status == 0 { 499 } else { status },
+            started,
+            served.cut,
+            served.client_gone,
+        );
         log::info!(
             "{id} {} {} {status} host={} attempts={} {}ms",
             head.method,
@@ -530,6 +593,11 @@ fn handle(
         Route::Models => {
             let _ = out.send(200, &json, &discovery::models_json(ctx.b));
         }
+        Route::Metrics => {
+            let exposition = [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")];
+            let body = metrics::render(ctx.shared, ctx.b);
+            let _ = out.send(200, &exposition, body.as_bytes());
+        }
         Route::Proxy => return proxy_request(ctx, reader, out),
     }
     proxy::Served::default()
@@ -542,11 +610,13 @@ fn proxy_request(
 ) -> proxy::Served {
     let head = ctx.head;
     let settings = &ctx.b.config.settings;
+    let _in_flight = ctx.shared.metrics.in_flight();
     if head.expect_continue && head.framing != Framing::None && out.continue_100().is_err() {
         out.close_after();
         return proxy::Served::default();
     }
-    let deadline = Instant::now() + BODY_DEADLINE;
+    let body_started = Instant::now();
+    let deadline = body_started + BODY_DEADLINE;
     let body = match reader.read_body(head.framing, ctx.limits, settings.body_timeout, deadline) {
         // Shared so a hedge thread can send it too, without a copy.
         Ok(body) => Arc::new(body),
@@ -575,6 +645,13 @@ fn proxy_request(
             }
         }
     }
+    let stream = probe.stream == Some(serde_json::Value::Bool(true));
+    let kind = if stream {
+        metrics::Kind::Stream
+    } else {
+        metrics::Kind::Json
+    };
+    metrics::mark_proxied(kind, body_started.elapsed());
     let req = Proxied {
         outgoing: Outgoing {
             method: &head.method,
@@ -586,7 +663,7 @@ fn proxy_request(
         body: body.clone(),
         client: reader.get_ref(),
         started: ctx.started,
-        stream: probe.stream == Some(serde_json::Value::Bool(true)),
+        stream,
         model: probe.model,
     };
     proxy::serve(ctx.shared, ctx.b, &req, out)

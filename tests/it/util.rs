@@ -17,6 +17,15 @@ pub struct Running {
 }
 
 impl Running {
+    /// Wrap a server started some other way (e.g. with reload).
+    pub fn from_server(server: Server) -> Running {
+        let addr = server.local_addr();
+        Running {
+            server: Some(server),
+            addr,
+        }
+    }
+
     pub fn server(&self) -> &Server {
         self.server.as_ref().expect("running")
     }
