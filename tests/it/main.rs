@@ -5,6 +5,7 @@ mod util;
 
 mod cli;
 mod hostile;
+mod matrix;
 mod ops;
 mod proxy;
 mod resilience;
