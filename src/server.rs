@@ -1,9 +1,11 @@
-//! The HTTP/1.1 server: one acceptor thread, a bounded queue, a fixed pool of
-//! worker threads, and the keep-alive loop of one connection.
+//! The HTTP/1.1 server: one acceptor thread, a bounded queue, a dispatcher
+//! thread that hands queued connections to a fixed pool of worker threads,
+//! and the keep-alive loop of one connection.
 //!
 //! Guarantees: the acceptor never exits on an accept error (EMFILE included:
 //! it backs off 5 ms doubling to 1 s and goes on); a full queue, a connection
-//! that waited too long for a worker, or a client over its connection limit
+//! that waited `queueWaitMs` for a worker (answered at that moment, even while
+//! every worker is busy for minutes), or a client over its connection limit
 //! gets an immediate 503 with `Retry-After` instead of silence; every socket
 //! has `TCP_NODELAY` and read/write timeouts; a panic while serving a request
 //! ends that request and its connection, never the worker.
@@ -18,11 +20,12 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TrySendError};
 use serde::Deserialize;
 
 use crate::config::Config;
@@ -60,6 +63,8 @@ pub struct Server {
     workers: Vec<JoinHandle<()>>,
     /// A handle on the queue, to report its depth.
     queue: Receiver<Conn>,
+    /// The dispatcher holds a connection that no worker has taken yet.
+    waiting: Arc<AtomicBool>,
 }
 
 /// One accepted connection waiting for a worker.
@@ -76,16 +81,32 @@ pub fn start(config: Config) -> io::Result<Server> {
     let listener = TcpListener::bind((settings.bind, settings.port))?;
     let addr = listener.local_addr()?;
     let shared = Arc::new(Shared::new(Balancer::new(config)));
-    let (tx, rx) = crossbeam_channel::bounded::<Conn>(settings.queue_size.max(1));
-    let mut workers = Vec::with_capacity(settings.workers);
+    // The queue holds queueSize connections: queueSize - 1 in the channel
+    // and one in the dispatcher's hand.
+    let (tx, rx) = crossbeam_channel::bounded::<Conn>(settings.queue_size.max(1) - 1);
+    // Rendezvous: a connection passes only to a worker that is ready for it.
+    let (handoff_tx, handoff_rx) = crossbeam_channel::bounded::<Conn>(0);
+    let waiting = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::with_capacity(settings.workers + 1);
     for i in 0..settings.workers.max(1) {
-        let rx = rx.clone();
+        let rx = handoff_rx.clone();
         let shared = shared.clone();
         let handle = thread::Builder::new()
             .name(format!("worker-{i}"))
             .stack_size(WORKER_STACK)
             .spawn(move || worker(&shared, &rx))?;
         workers.push(handle);
+    }
+    let worker_count = workers.len();
+    {
+        let (rx, shared, waiting) = (rx.clone(), shared.clone(), waiting.clone());
+        // Counted with the workers: a drain waits for it like for them.
+        workers.push(
+            thread::Builder::new()
+                .name("dispatcher".into())
+                .stack_size(WORKER_STACK)
+                .spawn(move || dispatch(&rx, &handoff_tx, &shared, &waiting))?,
+        );
     }
     let limiter = Arc::new(Limiter::new(settings.max_connections_per_client));
     let acceptor = {
@@ -94,13 +115,14 @@ pub fn start(config: Config) -> io::Result<Server> {
             .name("acceptor".into())
             .spawn(move || accept_loop(listener, &shared, &tx, &limiter))?
     };
-    log::info!("listening on http://{addr} with {} workers", workers.len());
+    log::info!("listening on http://{addr} with {worker_count} workers");
     Ok(Server {
         addr,
         shared,
         acceptor: Some(acceptor),
         workers,
         queue: rx,
+        waiting,
     })
 }
 
@@ -112,7 +134,7 @@ impl Server {
 
     /// Accepted connections waiting for a worker.
     pub fn queue_depth(&self) -> usize {
-        self.queue.len()
+        self.queue.len() + usize::from(self.waiting.load(Ordering::Relaxed))
     }
 
     /// The shared state (for reloads and tests).
@@ -250,6 +272,31 @@ fn shed(mut stream: TcpStream, why: &str) {
         &format!("gaia-balancer is overloaded ({why}); retry shortly"),
     );
     let _ = stream.shutdown(std::net::Shutdown::Write);
+}
+
+/// Hand queued connections to workers in order, and answer 503 to one that
+/// has waited `queueWaitMs` without a worker taking it, at that moment (not
+/// whenever a worker frees up, which can be minutes with long streams).
+///
+/// Returns when the acceptor is gone and the queue is empty; dropping the
+/// handoff then lets idle workers finish.
+fn dispatch(rx: &Receiver<Conn>, handoff: &Sender<Conn>, shared: &Shared, waiting: &AtomicBool) {
+    while let Ok(conn) = rx.recv() {
+        waiting.store(true, Ordering::Relaxed);
+        let left = shared
+            .current()
+            .config
+            .settings
+            .queue_wait
+            .saturating_sub(conn.accepted.elapsed());
+        let sent = handoff.send_timeout(conn, left);
+        waiting.store(false, Ordering::Relaxed);
+        match sent {
+            Ok(()) => {}
+            Err(SendTimeoutError::Timeout(c)) => shed(c.stream, "waited too long for a worker"),
+            Err(SendTimeoutError::Disconnected(_)) => return,
+        }
+    }
 }
 
 fn worker(shared: &Shared, rx: &Receiver<Conn>) {

@@ -174,3 +174,32 @@ fn a_panic_ends_the_request_not_the_worker() {
         assert_eq!(post(bal.addr, "/v1/embeddings", "{}").status, 200);
     }
 }
+
+#[test]
+fn a_queued_connection_gets_503_at_queue_wait_while_every_worker_is_busy() {
+    // The only worker is held by a stream that stays silent for seconds; a
+    // queued connection must not wait for it to end.
+    let up = Upstream::always(Reply::sse(vec![Step::Sleep(Duration::from_secs(4))]));
+    let bal = start(&[up.url()], &[], |c| {
+        c.settings.workers = 1;
+        c.settings.queue_wait = Duration::from_millis(500);
+    });
+    let mut busy = connect(bal.addr);
+    let body = chat(true);
+    write!(
+        busy,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    assert!(crate::util::wait_for(Duration::from_secs(3), || up.hits() == 1));
+    let began = Instant::now();
+    let resp = raw(bal.addr, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+    let waited = began.elapsed();
+    assert_eq!(status_of(&resp), 503, "{resp}");
+    assert!(resp.contains("Retry-After: 1"), "{resp}");
+    assert!(
+        waited >= Duration::from_millis(450) && waited < Duration::from_millis(1500),
+        "answered after {waited:?}, queueWaitMs is 500"
+    );
+}
