@@ -17,7 +17,7 @@
 //! within [`DRAIN_POLL`].
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, Read};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,7 +30,7 @@ use serde::Deserialize;
 
 use crate::config::Config;
 use crate::proxy::{self, Proxied};
-use crate::request::{Framing, Head, Limits, Reader};
+use crate::request::{Framing, Head, Limits, Reader, RequestError, Source};
 use crate::response::{valid_value, Responder};
 use crate::rng;
 use crate::routes::{self, Route};
@@ -52,6 +52,14 @@ const WORKER_STACK: usize = 256 * 1024;
 /// Longest time an idle keep-alive connection goes without looking at the
 /// drain flag, so that a shutdown is not held up by `keepAliveMs`.
 pub const DRAIN_POLL: Duration = Duration::from_millis(250);
+/// While another connection waits for a worker, how long a connection may
+/// hold its worker without a complete request head: counted from its accept
+/// (first request) or from the end of its previous response (keep-alive).
+/// Past it, an idle connection is closed (a fresh one gets 503) and a partial
+/// head gets 408, so idle and slowloris connections cannot starve the pool.
+pub const HEAD_GRACE: Duration = Duration::from_secs(1);
+/// How often a worker past [`HEAD_GRACE`] looks whether someone is waiting.
+const PRESSURE_POLL: Duration = Duration::from_millis(100);
 /// How long [`Server::shutdown`] keeps trying to wake the acceptor.
 const WAKE_LIMIT: Duration = Duration::from_secs(3);
 
@@ -94,7 +102,10 @@ pub fn start(config: Config) -> io::Result<Server> {
         let handle = thread::Builder::new()
             .name(format!("worker-{i}"))
             .stack_size(WORKER_STACK)
-            .spawn(move || worker(&shared, &rx))?;
+            .spawn({
+                let waiting = waiting.clone();
+                move || worker(&shared, &rx, &waiting)
+            })?;
         workers.push(handle);
     }
     let worker_count = workers.len();
@@ -263,8 +274,13 @@ fn accept_loop(listener: TcpListener, shared: &Shared, tx: &Sender<Conn>, limite
 
 /// Refuse a connection at once with 503 and `Retry-After`.
 fn shed(mut stream: TcpStream, why: &str) {
+    overloaded(&mut stream, why);
+}
+
+/// Answer 503 with `Retry-After` and close the sending side.
+fn overloaded(stream: &mut TcpStream, why: &str) {
     let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-    let mut out = Responder::new(&mut stream, false, false, false);
+    let mut out = Responder::new(stream, false, false, false);
     out.add_header("Retry-After", "1");
     let _ = out.send_error(
         503,
@@ -299,25 +315,102 @@ fn dispatch(rx: &Receiver<Conn>, handoff: &Sender<Conn>, shared: &Shared, waitin
     }
 }
 
-fn worker(shared: &Shared, rx: &Receiver<Conn>) {
+fn worker(shared: &Shared, rx: &Receiver<Conn>, waiting: &AtomicBool) {
     while let Ok(conn) = rx.recv() {
         let b = shared.current();
         if conn.accepted.elapsed() > b.config.settings.queue_wait {
             shed(conn.stream, "waited too long for a worker");
             continue;
         }
-        serve_connection(shared, conn);
+        serve_connection(shared, conn, waiting);
     }
 }
 
-fn serve_connection(shared: &Shared, conn: Conn) {
-    let Conn { stream, peer, .. } = conn;
+/// The client socket as the request reader sees it. While `yield_at` is set
+/// (a request head is awaited) and has passed, and another connection waits
+/// for a worker, a read that finds nothing fails as a timeout at once, so
+/// the worker moves on to the waiting connection.
+struct Client<'a> {
+    stream: TcpStream,
+    waiting: &'a AtomicBool,
+    yield_at: Option<Instant>,
+    /// The timeout the reader asked for.
+    timeout: Option<Duration>,
+    /// The last read gave up for a waiting connection.
+    yielded: bool,
+}
+
+impl Read for Client<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(at) = self.yield_at else {
+            return self.stream.read(buf);
+        };
+        let end = self.timeout.map(|t| Instant::now() + t);
+        loop {
+            let now = Instant::now();
+            let left = end.map(|e| e.saturating_duration_since(now));
+            if left.is_some_and(|l| l.is_zero()) {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            let pressed = now >= at && self.waiting.load(Ordering::Relaxed);
+            let slice = if pressed {
+                // Take what has arrived, wait for nothing more.
+                Duration::from_millis(1)
+            } else if now >= at {
+                PRESSURE_POLL
+            } else {
+                at - now
+            };
+            let wait = left
+                .map_or(slice, |l| l.min(slice))
+                .max(Duration::from_millis(1));
+            self.stream.set_read_timeout(Some(wait))?;
+            match self.stream.read(buf) {
+                Err(e) if is_timeout(&e) => {
+                    if pressed {
+                        self.yielded = true;
+                        return Err(e);
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+impl Source for Client<'_> {
+    fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.timeout = timeout;
+        self.stream.set_read_timeout(timeout)
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+fn serve_connection(shared: &Shared, conn: Conn, waiting: &AtomicBool) {
+    let Conn {
+        stream,
+        peer,
+        accepted,
+        ..
+    } = conn;
     let Ok(read_half) = stream.try_clone() else {
         return;
     };
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let mut writer = stream;
-    let mut reader = Reader::new(read_half);
+    let mut reader = Reader::new(Client {
+        stream: read_half,
+        waiting,
+        yield_at: Some(accepted + HEAD_GRACE),
+        timeout: None,
+        yielded: false,
+    });
     let mut first = true;
     loop {
         let b = shared.current();
@@ -337,12 +430,26 @@ fn serve_connection(shared: &Shared, conn: Conn) {
         // read_head, so that a drain closes an idle connection within
         // DRAIN_POLL instead of after keepAliveMs. Bytes already buffered
         // (pipelining) are served without waiting.
-        if !first && reader.buffered() == 0 && !await_next_request(shared, reader.get_ref(), idle) {
+        if !first
+            && reader.buffered() == 0
+            && !await_next_request(shared, &reader.get_ref().stream, idle, waiting)
+        {
             return;
         }
-        first = false;
-        let head = match reader.read_head(&limits, idle, settings.head_timeout) {
+        if !first {
+            reader.get_mut().yield_at = Some(Instant::now() + HEAD_GRACE);
+        }
+        let fresh = std::mem::replace(&mut first, false);
+        let head = reader.read_head(&limits, idle, settings.head_timeout);
+        let client = reader.get_mut();
+        client.yield_at = None;
+        let head = match head {
             Ok(head) => head,
+            Err(RequestError::Idle) if fresh && client.yielded => {
+                // It never sent a byte; it may yet, so say why it was dropped.
+                overloaded(&mut writer, "every worker is busy");
+                return;
+            }
             Err(e) => {
                 if let Some(status) = e.status() {
                     let mut out = Responder::new(&mut writer, false, false, false);
@@ -411,22 +518,35 @@ fn serve_connection(shared: &Shared, conn: Conn) {
 }
 
 /// Wait up to `idle` until the client sends the first byte of its next
-/// request; false when it closed, stayed idle, or a drain began meanwhile.
+/// request; false when it closed, stayed idle, a drain began meanwhile, or
+/// it stayed idle [`HEAD_GRACE`] while another connection waits for a worker.
 ///
 /// Bytes that arrive are left in the socket for the request reader. The drain
 /// flag is read between slices of at most [`DRAIN_POLL`], and a request that
 /// had already arrived when the drain began is still served: the client sent
 /// it before it could have known.
-fn await_next_request(shared: &Shared, stream: &TcpStream, idle: Duration) -> bool {
-    let deadline = Instant::now() + idle;
+fn await_next_request(
+    shared: &Shared,
+    stream: &TcpStream,
+    idle: Duration,
+    waiting: &AtomicBool,
+) -> bool {
+    let began = Instant::now();
+    let deadline = began + idle;
+    let grace = began + HEAD_GRACE;
     let mut byte = [0u8; 1];
     loop {
         let now = Instant::now();
         if now >= deadline {
             return false;
         }
+        let slice = if now >= grace {
+            PRESSURE_POLL
+        } else {
+            DRAIN_POLL.min(grace - now)
+        };
         if stream
-            .set_read_timeout(Some((deadline - now).min(DRAIN_POLL)))
+            .set_read_timeout(Some((deadline - now).min(slice)))
             .is_err()
         {
             return false;
@@ -443,7 +563,7 @@ fn await_next_request(shared: &Shared, stream: &TcpStream, idle: Duration) -> bo
                 ) => {}
             Err(_) => return false,
         }
-        if shared.draining() {
+        if shared.draining() || (Instant::now() >= grace && waiting.load(Ordering::Relaxed)) {
             return false;
         }
     }
@@ -469,7 +589,7 @@ struct Probe {
 
 fn handle(
     ctx: &Ctx<'_>,
-    reader: &mut Reader<TcpStream>,
+    reader: &mut Reader<Client<'_>>,
     out: &mut Responder<'_, TcpStream>,
 ) -> proxy::Served {
     let head = ctx.head;
@@ -511,7 +631,7 @@ fn handle(
 
 fn proxy_request(
     ctx: &Ctx<'_>,
-    reader: &mut Reader<TcpStream>,
+    reader: &mut Reader<Client<'_>>,
     out: &mut Responder<'_, TcpStream>,
 ) -> proxy::Served {
     let head = ctx.head;
@@ -556,7 +676,7 @@ fn proxy_request(
             body: &body,
             request_id: ctx.id,
         },
-        client: reader.get_ref(),
+        client: &reader.get_ref().stream,
         started: ctx.started,
         stream: probe.stream == Some(serde_json::Value::Bool(true)),
     };
