@@ -45,8 +45,6 @@ pub const MAX_HEAD: usize = 32 * 1024;
 pub const MAX_HEADERS: usize = 100;
 /// Longest time to receive a whole request body.
 pub const BODY_DEADLINE: Duration = Duration::from_secs(120);
-/// Longest time one response write may block on a client that does not read.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Stack of each worker thread; requests are shallow, so small stacks keep RSS low.
 const WORKER_STACK: usize = 256 * 1024;
 /// Longest time an idle keep-alive connection goes without looking at the
@@ -402,7 +400,8 @@ fn serve_connection(shared: &Shared, conn: Conn, waiting: &AtomicBool) {
     let Ok(read_half) = stream.try_clone() else {
         return;
     };
-    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    let write_timeout = shared.current().config.settings.write_timeout;
+    let _ = stream.set_write_timeout(Some(write_timeout));
     let mut writer = stream;
     let mut reader = Reader::new(Client {
         stream: read_half,
