@@ -4,9 +4,12 @@ mod fake;
 mod util;
 
 mod cli;
+mod flood;
+mod fuzz;
 mod hostile;
 mod matrix;
 mod ops;
+mod process;
 mod proxy;
 mod resilience;
 mod streaming;

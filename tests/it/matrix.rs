@@ -17,17 +17,17 @@ use crate::util::{connect, post, start};
 const SMUGGLED: &[u8] = b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}";
 
 /// What came back on one connection.
-struct Exchange {
-    text: String,
+pub struct Exchange {
+    pub text: String,
     /// The status of every response, in order.
-    statuses: Vec<u16>,
+    pub statuses: Vec<u16>,
     /// The server closed the connection (EOF or reset) within the deadline.
-    closed: bool,
+    pub closed: bool,
 }
 
 /// Write `bytes` in one go (optionally half-closing), then read until the
 /// server closes or `limit` passes.
-fn exchange(addr: SocketAddr, bytes: &[u8], half_close: bool, limit: Duration) -> Exchange {
+pub fn exchange(addr: SocketAddr, bytes: &[u8], half_close: bool, limit: Duration) -> Exchange {
     let mut s = connect(addr);
     let _ = s.write_all(bytes);
     if half_close {
@@ -74,7 +74,7 @@ fn read_until_close(s: &mut TcpStream, limit: Duration) -> Exchange {
 
 /// The status of each response in `bytes`, walking them by their framing
 /// (Content-Length, chunked, or to the end); stops at anything unparsable.
-fn statuses(mut bytes: &[u8]) -> Vec<u16> {
+pub fn statuses(mut bytes: &[u8]) -> Vec<u16> {
     let mut out = Vec::new();
     for _ in 0..100 {
         let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") else {
