@@ -397,7 +397,10 @@ fn serve_connection(shared: &Shared, conn: Conn, waiting: &AtomicBool) {
         accepted,
         ..
     } = conn;
+    let mut stream = stream;
     let Ok(read_half) = stream.try_clone() else {
+        // Descriptors ran out (EMFILE): say so instead of closing silently.
+        overloaded(&mut stream, "out of file descriptors");
         return;
     };
     let write_timeout = shared.current().config.settings.write_timeout;
