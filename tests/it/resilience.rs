@@ -490,5 +490,8 @@ fn chaos_run_every_request_succeeds() {
         &failed[..failed.len().min(3)]
     );
     let faults: usize = ups[..2].iter().map(Upstream::hits).sum();
-    assert!(faults > 100, "the flaky hosts took traffic: {faults}");
+    // The fault sequence of each flaky host is fixed by its seed, so each is
+    // ejected at its first run of failures, about its 50th request: the total
+    // is 98-102 from run to run (measured), and `> 100` failed half the time.
+    assert!(faults > 60, "the flaky hosts took traffic: {faults}");
 }
