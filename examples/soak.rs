@@ -5,7 +5,7 @@
 //! It starts three fake upstreams in this process (each answer has a small
 //! chance of a 500, a 429, a close without answer, a stream or body cut
 //! before the commit point, or a slow start, and one upstream goes through a
-//! 15 s outage every 2 minutes), starts `target/release/gaia-balancer` on a
+//! 15 s outage every 2 minutes unless `--no-outage`), starts `target/release/gaia-balancer` on a
 //! free loopback port in front of them, and runs keep-alive clients that
 //! check every answer (status 200; a stream ends with `data: [DONE]`; a JSON
 //! body is whole). Some clients walk away in the middle of a stream on
@@ -16,7 +16,7 @@
 //! ```sh
 //! cargo build --release && cargo run --release --example soak             # 10 minutes
 //! SOAK_SECS=60 cargo run --release --example soak                         # 1 minute
-//! cargo run --release --example soak -- --secs 60 --clients 8 --workers 32
+//! cargo run --release --example soak -- --secs 60 --clients 8 --workers 32 --no-outage
 //! ```
 //!
 //! Exit status 0 when no request was lost and memory, threads and
@@ -50,6 +50,7 @@ impl Rng {
 
 struct Opts {
     secs: u64,
+    outage: bool,
     clients: usize,
     workers: usize,
     bin: PathBuf,
@@ -68,6 +69,7 @@ fn opts() -> Opts {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(600),
+        outage: true,
         clients: 16,
         workers: 32,
         bin,
@@ -80,9 +82,10 @@ fn opts() -> Opts {
             "--clients" => o.clients = value().parse().unwrap_or(o.clients),
             "--workers" => o.workers = value().parse().unwrap_or(o.workers),
             "--bin" => o.bin = PathBuf::from(value()),
+            "--no-outage" => o.outage = false,
             _ => {
                 eprintln!(
-                    "usage: soak [--secs N] [--clients N] [--workers N] [--bin PATH] (or SOAK_SECS=N)"
+                    "usage: soak [--secs N] [--clients N] [--workers N] [--no-outage] [--bin PATH] (or SOAK_SECS=N)"
                 );
                 std::process::exit(2);
             }
@@ -441,7 +444,7 @@ fn main() {
     let stop = Arc::new(AtomicBool::new(false));
     let faults = Arc::new(Faults::default());
     let urls: Vec<String> = (0..3)
-        .map(|i| start_upstream(0x5eed + i, i == 0, faults.clone(), stop.clone()))
+        .map(|i| start_upstream(0x5eed + i, o.outage && i == 0, faults.clone(), stop.clone()))
         .collect();
     let dir = std::env::temp_dir().join(format!("gaia-soak-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -481,8 +484,11 @@ fn main() {
         thread::sleep(Duration::from_millis(20));
     }
     println!(
-        "soak: {} s, {} clients, {} workers, balancer pid {pid} on {addr}, upstreams {urls:?}",
-        o.secs, o.clients, o.workers
+        "soak: {} s, {} clients, {} workers, outages {}, balancer pid {pid} on {addr}, upstreams {urls:?}",
+        o.secs,
+        o.clients,
+        o.workers,
+        if o.outage { "on" } else { "off" }
     );
     let began = Instant::now();
     let end = began + Duration::from_secs(o.secs);

@@ -124,7 +124,7 @@ fn answered(conns: &mut [TcpStream]) -> std::collections::BTreeMap<String, usize
     out
 }
 
-fn normal_client_was_served(normal: &crate::process::ProbeReport) {
+fn normal_client_was_served(normal: &crate::process::ProbeReport, bound: Duration) {
     assert!(normal.results.len() >= 3, "{}", normal.summary());
     assert_eq!(
         normal.ok(),
@@ -132,7 +132,7 @@ fn normal_client_was_served(normal: &crate::process::ProbeReport) {
         "every normal request succeeds: {}",
         normal.summary()
     );
-    assert!(normal.max_served() < NORMAL_LATENCY, "{}", normal.summary());
+    assert!(normal.max_served() < bound, "{}", normal.summary());
     assert!(
         normal.max_connect() < CONNECT_LATENCY,
         "{}",
@@ -156,6 +156,10 @@ fn two_thousand_idle_connections() {
     let mut flood = open_many(bal.addr, 2_000);
     let opened = began.elapsed();
     let normal = normal.join().unwrap();
+    // And once the whole flood is open and held.
+    let held = probe(bal.addr, Duration::from_millis(100), Duration::from_secs(2))
+        .join()
+        .unwrap();
     let n = flood.len();
     let fates = answered(&mut flood);
     drop(flood);
@@ -166,9 +170,14 @@ fn two_thousand_idle_connections() {
         base,
         peak,
         after,
-        &normal.summary(),
+        &format!(
+            "while opening: {}; once open: {}",
+            normal.summary(),
+            held.summary()
+        ),
     );
-    normal_client_was_served(&normal);
+    normal_client_was_served(&normal, NORMAL_LATENCY);
+    normal_client_was_served(&held, NORMAL_LATENCY);
     caps(WORKERS, peak);
     assert!(peak.rss_kib <= 64 * 1024, "RSS {peak:?}");
 }
@@ -211,7 +220,7 @@ fn five_hundred_slow_head_clients() {
         after,
         &normal.summary(),
     );
-    normal_client_was_served(&normal);
+    normal_client_was_served(&normal, NORMAL_LATENCY);
     caps(WORKERS, peak);
     assert!(peak.rss_kib <= 64 * 1024, "RSS {peak:?}");
     assert_eq!(
@@ -273,7 +282,9 @@ fn two_hundred_clients_that_never_read() {
         after,
         &normal.summary(),
     );
-    normal_client_was_served(&normal);
+    // Nothing holds the normal client back here (256 workers, 200 taken):
+    // its latency is the CPU shared with 200 streams of 16 MiB.
+    normal_client_was_served(&normal, 2 * NORMAL_LATENCY);
     caps(workers, peak);
     assert!(peak.rss_kib <= 160 * 1024, "RSS {peak:?}");
 }
