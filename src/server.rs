@@ -8,7 +8,9 @@
 //! every worker is busy for minutes), or a client over its connection limit
 //! gets an immediate 503 with `Retry-After` instead of silence; every socket
 //! has `TCP_NODELAY` and read/write timeouts; a panic while serving a request
-//! ends that request and its connection, never the worker.
+//! ends that request and its connection, never the worker. While a connection
+//! waits for a worker, idle and slow connections give theirs up after
+//! [`HEAD_GRACE`], so they cannot starve the pool.
 //!
 //! Shutdown ([`Server::shutdown`]) drains: the listener is closed at once (new
 //! connections are refused, so a load balancer in front fails over instead of
