@@ -143,6 +143,9 @@ pub struct Settings {
     pub keep_alive: Duration,
     /// Longest silence while reading a request body. Defaults to 10 s.
     pub body_timeout: Duration,
+    /// Longest time one response write may block on a client that does not
+    /// read; then the connection is dropped. Defaults to 30 s.
+    pub write_timeout: Duration,
     /// Connections one client address may hold open at once. Defaults to 64.
     pub max_connections_per_client: usize,
     /// Accepted connections that may wait for a free worker. Defaults to 1024.
@@ -185,6 +188,7 @@ impl Default for Settings {
             head_timeout: Duration::from_secs(10),
             keep_alive: Duration::from_secs(5),
             body_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
             max_connections_per_client: 64,
             queue_size: 1024,
             queue_wait: Duration::from_secs(3),
@@ -289,7 +293,7 @@ pub const MAX_BODY_BYTES: u64 = 1 << 30;
 pub const MIN_DISCOVERY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Every field `balancer.json` accepts at its top level, in documentation order.
-pub const BALANCER_FIELDS: [&str; 21] = [
+pub const BALANCER_FIELDS: [&str; 22] = [
     "bind",
     "port",
     "workers",
@@ -305,6 +309,7 @@ pub const BALANCER_FIELDS: [&str; 21] = [
     "headTimeoutMs",
     "keepAliveMs",
     "bodyTimeoutMs",
+    "writeTimeoutMs",
     "maxConnectionsPerClient",
     "queueSize",
     "queueWaitMs",
@@ -442,6 +447,7 @@ fn render_into(config: &Config, out: &mut String) -> fmt::Result {
         head_timeout,
         keep_alive,
         body_timeout,
+        write_timeout,
         max_connections_per_client,
         queue_size,
         queue_wait,
@@ -473,7 +479,7 @@ fn render_into(config: &Config, out: &mut String) -> fmt::Result {
         Some(d) => ms(d),
         None => "0 (off)".to_string(),
     };
-    let rows: [(&str, String); 24] = [
+    let rows: [(&str, String); 25] = [
         ("bind", bind.to_string()),
         ("port", port.to_string()),
         ("workers", workers.to_string()),
@@ -492,6 +498,7 @@ fn render_into(config: &Config, out: &mut String) -> fmt::Result {
         ("headTimeoutMs", ms(head_timeout)),
         ("keepAliveMs", ms(keep_alive)),
         ("bodyTimeoutMs", ms(body_timeout)),
+        ("writeTimeoutMs", ms(write_timeout)),
         (
             "maxConnectionsPerClient",
             max_connections_per_client.to_string(),
@@ -1738,6 +1745,7 @@ impl Shape for BalancerFile {
                 "headTimeoutMs" => s.head_timeout = millis(map, path, 1)?,
                 "keepAliveMs" => s.keep_alive = millis(map, path, 1)?,
                 "bodyTimeoutMs" => s.body_timeout = millis(map, path, 1)?,
+                "writeTimeoutMs" => s.write_timeout = millis(map, path, 1)?,
                 "maxConnectionsPerClient" => {
                     s.max_connections_per_client =
                         narrow(int(map, path, 1, MAX_CONNECTIONS as u64)?, MAX_CONNECTIONS)
@@ -1917,6 +1925,7 @@ mod tests {
               "timeouts": {"connectMs": 1, "firstByteMs": 2, "idleMs": 3, "totalMs": 4},
               "hedge": {"afterMs": 250}, "maxBodyBytes": 1024, "discoveryIntervalMs": 5000,
               "headTimeoutMs": 11, "keepAliveMs": 12, "bodyTimeoutMs": 13,
+              "writeTimeoutMs": 18,
               "maxConnectionsPerClient": 7, "queueSize": 8, "queueWaitMs": 14,
               "streamKeepAliveAfterMs": 15, "streamKeepAliveEveryMs": 16,
               "shutdownGraceMs": 17
@@ -1945,6 +1954,7 @@ mod tests {
             head_timeout: ms(11),
             keep_alive: ms(12),
             body_timeout: ms(13),
+            write_timeout: ms(18),
             max_connections_per_client: 7,
             queue_size: 8,
             queue_wait: ms(14),
@@ -2457,6 +2467,7 @@ mod tests {
             ("{\"headTimeoutMs\": 0}", "headTimeoutMs", (1, 19), ">= 1, got 0"),
             ("{\"keepAliveMs\": 0}", "keepAliveMs", (1, 17), ">= 1, got 0"),
             ("{\"bodyTimeoutMs\": 0}", "bodyTimeoutMs", (1, 19), ">= 1, got 0"),
+            ("{\"writeTimeoutMs\": 0}", "writeTimeoutMs", (1, 20), ">= 1, got 0"),
             ("{\"strategy\": \"fastest\"}", "strategy", (1, 22), "strategy must be one of \"round-robin\", \"least-loaded\", \"latency\", \"random\", got \"fastest\""),
             ("{\"bind\": \"localhost\"}", "bind", (1, 20), "bind must be an IP address"),
             ("{\"adminKey\": \"\"}", "adminKey", (1, 15), "adminKey must not be an empty string"),

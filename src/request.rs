@@ -1844,6 +1844,8 @@ mod tests {
             match result {
                 Ok((h, body)) => {
                     assert!(body.len() as u64 <= lim.max_body);
+                    // Memory follows the bytes received, never the length declared.
+                    assert!(body.capacity() <= 2 * (body.len() + BODY_STEP as usize));
                     assert!(h.headers.len() <= lim.max_headers);
                     assert!(h.target.starts_with('/') || h.target == "*");
                     served.push((h.target, body));
@@ -1894,5 +1896,44 @@ mod tests {
         eprintln!("fuzz: 100000 cases in {elapsed:?}, {served} served, {refused} refused");
         // The mutator must keep reaching both valid and invalid requests.
         assert!(served > 20_000 && refused > 20_000, "{served} {refused}");
+    }
+
+    /// Requests that declare large bodies (within and beyond the limit) and
+    /// send little of them.
+    const BIG_SEEDS: &[&[u8]] = &[
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: a\r\nContent-Length: 16000000\r\n\r\n{\"input\":",
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nfffff\r\n{\"a\":1}",
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999\r\n\r\n{}",
+    ];
+
+    #[test]
+    fn fuzz_with_the_server_limits() {
+        // The server's real limits (8 KiB line, 32 KiB head, 100 headers,
+        // 16 MiB body): declared sizes within the body limit are accepted
+        // and must cost memory only as bytes arrive.
+        let lim = Limits {
+            max_line: 8 * 1024,
+            max_head: 32 * 1024,
+            max_headers: 100,
+            max_body: 16 * 1024 * 1024,
+        };
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        let mut refused = 0;
+        let mut input = Vec::new();
+        for _ in 0..20_000 {
+            input.clear();
+            let all = SEEDS.len() + BIG_SEEDS.len();
+            let i = rng.below(all);
+            input.extend_from_slice(
+                SEEDS
+                    .get(i)
+                    .copied()
+                    .unwrap_or_else(|| BIG_SEEDS[i - SEEDS.len()]),
+            );
+            mutate(&mut rng, &mut input);
+            let outcome = run_case(&mut Reader::new(&input[..]), &lim);
+            refused += usize::from(outcome.refused.is_some());
+        }
+        assert!(refused > 5_000, "{refused}");
     }
 }

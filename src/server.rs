@@ -1,12 +1,16 @@
-//! The HTTP/1.1 server: one acceptor thread, a bounded queue, a fixed pool of
-//! worker threads, and the keep-alive loop of one connection.
+//! The HTTP/1.1 server: one acceptor thread, a bounded queue, a dispatcher
+//! thread that hands queued connections to a fixed pool of worker threads,
+//! and the keep-alive loop of one connection.
 //!
 //! Guarantees: the acceptor never exits on an accept error (EMFILE included:
 //! it backs off 5 ms doubling to 1 s and goes on); a full queue, a connection
-//! that waited too long for a worker, or a client over its connection limit
+//! that waited `queueWaitMs` for a worker (answered at that moment, even while
+//! every worker is busy for minutes), or a client over its connection limit
 //! gets an immediate 503 with `Retry-After` instead of silence; every socket
 //! has `TCP_NODELAY` and read/write timeouts; a panic while serving a request
-//! ends that request and its connection, never the worker.
+//! ends that request and its connection, never the worker. While a connection
+//! waits for a worker, idle and slow connections give theirs up after
+//! [`HEAD_GRACE`], so they cannot starve the pool.
 //!
 //! [`start_with_reload`] also runs the config reloader ([`crate::reload`]) on
 //! its own thread; it stops when the server drains.
@@ -18,15 +22,16 @@
 //! within [`DRAIN_POLL`].
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, Read};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TrySendError};
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 
@@ -35,7 +40,7 @@ use crate::discovery;
 use crate::metrics::{self, Shed};
 use crate::proxy::{self, Proxied};
 use crate::reload::{self, Reloader};
-use crate::request::{Framing, Head, Limits, Reader};
+use crate::request::{Framing, Head, Limits, Reader, RequestError, Source};
 use crate::response::{valid_value, Responder};
 use crate::rng;
 use crate::routes::{self, Route};
@@ -50,13 +55,19 @@ pub const MAX_HEAD: usize = 32 * 1024;
 pub const MAX_HEADERS: usize = 100;
 /// Longest time to receive a whole request body.
 pub const BODY_DEADLINE: Duration = Duration::from_secs(120);
-/// Longest time one response write may block on a client that does not read.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Stack of each worker thread; requests are shallow, so small stacks keep RSS low.
 const WORKER_STACK: usize = 256 * 1024;
 /// Longest time an idle keep-alive connection goes without looking at the
 /// drain flag, so that a shutdown is not held up by `keepAliveMs`.
 pub const DRAIN_POLL: Duration = Duration::from_millis(250);
+/// While another connection waits for a worker, how long a connection may
+/// hold its worker without a complete request head: counted from its accept
+/// (first request) or from the end of its previous response (keep-alive).
+/// Past it, an idle connection is closed (a fresh one gets 503) and a partial
+/// head gets 408, so idle and slowloris connections cannot starve the pool.
+pub const HEAD_GRACE: Duration = Duration::from_secs(1);
+/// How often a worker past [`HEAD_GRACE`] looks whether someone is waiting.
+const PRESSURE_POLL: Duration = Duration::from_millis(100);
 /// How long [`Server::shutdown`] keeps trying to wake the acceptor.
 const WAKE_LIMIT: Duration = Duration::from_secs(3);
 
@@ -70,6 +81,8 @@ pub struct Server {
     queue: Receiver<Conn>,
     /// The config reloader, when started with [`start_with_reload`].
     reloader: Option<reload::Handle>,
+    /// The dispatcher holds a connection that no worker has taken yet.
+    waiting: Arc<AtomicBool>,
 }
 
 /// One accepted connection waiting for a worker.
@@ -87,16 +100,35 @@ pub fn start(config: Config) -> io::Result<Server> {
     let addr = listener.local_addr()?;
     let shared = Arc::new(Shared::new(Balancer::new(config)));
     discovery::start(&shared)?;
-    let (tx, rx) = crossbeam_channel::bounded::<Conn>(settings.queue_size.max(1));
-    let mut workers = Vec::with_capacity(settings.workers);
+    // The queue holds queueSize connections: queueSize - 1 in the channel
+    // and one in the dispatcher's hand.
+    let (tx, rx) = crossbeam_channel::bounded::<Conn>(settings.queue_size.max(1) - 1);
+    // Rendezvous: a connection passes only to a worker that is ready for it.
+    let (handoff_tx, handoff_rx) = crossbeam_channel::bounded::<Conn>(0);
+    let waiting = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::with_capacity(settings.workers + 1);
     for i in 0..settings.workers.max(1) {
-        let rx = rx.clone();
+        let rx = handoff_rx.clone();
         let shared = shared.clone();
         let handle = thread::Builder::new()
             .name(format!("worker-{i}"))
             .stack_size(WORKER_STACK)
-            .spawn(move || worker(&shared, &rx))?;
+            .spawn({
+                let waiting = waiting.clone();
+                move || worker(&shared, &rx, &waiting)
+            })?;
         workers.push(handle);
+    }
+    let worker_count = workers.len();
+    {
+        let (rx, shared, waiting) = (rx.clone(), shared.clone(), waiting.clone());
+        // Counted with the workers: a drain waits for it like for them.
+        workers.push(
+            thread::Builder::new()
+                .name("dispatcher".into())
+                .stack_size(WORKER_STACK)
+                .spawn(move || dispatch(&rx, &handoff_tx, &shared, &waiting))?,
+        );
     }
     let limiter = Arc::new(Limiter::new(settings.max_connections_per_client));
     let acceptor = {
@@ -105,7 +137,7 @@ pub fn start(config: Config) -> io::Result<Server> {
             .name("acceptor".into())
             .spawn(move || accept_loop(listener, &shared, &tx, &limiter))?
     };
-    log::info!("listening on http://{addr} with {} workers", workers.len());
+    log::info!("listening on http://{addr} with {worker_count} workers");
     Ok(Server {
         addr,
         shared,
@@ -113,6 +145,7 @@ pub fn start(config: Config) -> io::Result<Server> {
         workers,
         queue: rx,
         reloader: None,
+        waiting,
     })
 }
 
@@ -138,7 +171,7 @@ impl Server {
 
     /// Accepted connections waiting for a worker.
     pub fn queue_depth(&self) -> usize {
-        self.queue.len()
+        self.queue.len() + usize::from(self.waiting.load(Ordering::Relaxed))
     }
 
     /// The shared state (for reloads and tests).
@@ -281,8 +314,13 @@ fn accept_loop(listener: TcpListener, shared: &Shared, tx: &Sender<Conn>, limite
 
 /// Refuse a connection at once with 503 and `Retry-After`.
 fn shed(mut stream: TcpStream, why: &str) {
+    overloaded(&mut stream, why);
+}
+
+/// Answer 503 with `Retry-After` and close the sending side.
+fn overloaded(stream: &mut TcpStream, why: &str) {
     let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-    let mut out = Responder::new(&mut stream, false, false, false);
+    let mut out = Responder::new(stream, false, false, false);
     out.add_header("Retry-After", "1");
     let _ = out.send_error(
         503,
@@ -292,7 +330,32 @@ fn shed(mut stream: TcpStream, why: &str) {
     let _ = stream.shutdown(std::net::Shutdown::Write);
 }
 
-fn worker(shared: &Arc<Shared>, rx: &Receiver<Conn>) {
+/// Hand queued connections to workers in order, and answer 503 to one that
+/// has waited `queueWaitMs` without a worker taking it, at that moment (not
+/// whenever a worker frees up, which can be minutes with long streams).
+///
+/// Returns when the acceptor is gone and the queue is empty; dropping the
+/// handoff then lets idle workers finish.
+fn dispatch(rx: &Receiver<Conn>, handoff: &Sender<Conn>, shared: &Shared, waiting: &AtomicBool) {
+    while let Ok(conn) = rx.recv() {
+        waiting.store(true, Ordering::Relaxed);
+        let left = shared
+            .current()
+            .config
+            .settings
+            .queue_wait
+            .saturating_sub(conn.accepted.elapsed());
+        let sent = handoff.send_timeout(conn, left);
+        waiting.store(false, Ordering::Relaxed);
+        match sent {
+            Ok(()) => {}
+            Err(SendTimeoutError::Timeout(c)) => shed(c.stream, "waited too long for a worker"),
+            Err(SendTimeoutError::Disconnected(_)) => return,
+        }
+    }
+}
+
+fn worker(shared: &Arc<Shared>, rx: &Receiver<Conn>, waiting: &AtomicBool) {
     while let Ok(conn) = rx.recv() {
         shared.metrics.dequeued();
         let b = shared.current();
@@ -301,18 +364,99 @@ fn worker(shared: &Arc<Shared>, rx: &Receiver<Conn>) {
             shed(conn.stream, "waited too long for a worker");
             continue;
         }
-        serve_connection(shared, conn);
+        serve_connection(shared, conn, waiting);
     }
 }
 
-fn serve_connection(shared: &Arc<Shared>, conn: Conn) {
-    let Conn { stream, peer, .. } = conn;
+/// The client socket as the request reader sees it. While `yield_at` is set
+/// (a request head is awaited) and has passed, and another connection waits
+/// for a worker, a read that finds nothing fails as a timeout at once, so
+/// the worker moves on to the waiting connection.
+struct Client<'a> {
+    stream: TcpStream,
+    waiting: &'a AtomicBool,
+    yield_at: Option<Instant>,
+    /// The timeout the reader asked for.
+    timeout: Option<Duration>,
+    /// The last read gave up for a waiting connection.
+    yielded: bool,
+}
+
+impl Read for Client<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(at) = self.yield_at else {
+            return self.stream.read(buf);
+        };
+        let end = self.timeout.map(|t| Instant::now() + t);
+        loop {
+            let now = Instant::now();
+            let left = end.map(|e| e.saturating_duration_since(now));
+            if left.is_some_and(|l| l.is_zero()) {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            let pressed = now >= at && self.waiting.load(Ordering::Relaxed);
+            let slice = if pressed {
+                // Take what has arrived, wait for nothing more.
+                Duration::from_millis(1)
+            } else if now >= at {
+                PRESSURE_POLL
+            } else {
+                at - now
+            };
+            let wait = left
+                .map_or(slice, |l| l.min(slice))
+                .max(Duration::from_millis(1));
+            self.stream.set_read_timeout(Some(wait))?;
+            match self.stream.read(buf) {
+                Err(e) if is_timeout(&e) => {
+                    if pressed {
+                        self.yielded = true;
+                        return Err(e);
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+impl Source for Client<'_> {
+    fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.timeout = timeout;
+        self.stream.set_read_timeout(timeout)
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+fn serve_connection(shared: &Arc<Shared>, conn: Conn, waiting: &AtomicBool) {
+    let Conn {
+        stream,
+        peer,
+        accepted,
+        ..
+    } = conn;
+    let mut stream = stream;
     let Ok(read_half) = stream.try_clone() else {
+        // Descriptors ran out (EMFILE): say so instead of closing silently.
+        overloaded(&mut stream, "out of file descriptors");
         return;
     };
-    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    let write_timeout = shared.current().config.settings.write_timeout;
+    let _ = stream.set_write_timeout(Some(write_timeout));
     let mut writer = stream;
-    let mut reader = Reader::new(read_half);
+    let mut reader = Reader::new(Client {
+        stream: read_half,
+        waiting,
+        yield_at: Some(accepted + HEAD_GRACE),
+        timeout: None,
+        yielded: false,
+    });
     let mut first = true;
     loop {
         let b = shared.current();
@@ -332,12 +476,26 @@ fn serve_connection(shared: &Arc<Shared>, conn: Conn) {
         // read_head, so that a drain closes an idle connection within
         // DRAIN_POLL instead of after keepAliveMs. Bytes already buffered
         // (pipelining) are served without waiting.
-        if !first && reader.buffered() == 0 && !await_next_request(shared, reader.get_ref(), idle) {
+        if !first
+            && reader.buffered() == 0
+            && !await_next_request(shared, &reader.get_ref().stream, idle, waiting)
+        {
             return;
         }
-        first = false;
-        let head = match reader.read_head(&limits, idle, settings.head_timeout) {
+        if !first {
+            reader.get_mut().yield_at = Some(Instant::now() + HEAD_GRACE);
+        }
+        let fresh = std::mem::replace(&mut first, false);
+        let head = reader.read_head(&limits, idle, settings.head_timeout);
+        let client = reader.get_mut();
+        client.yield_at = None;
+        let head = match head {
             Ok(head) => head,
+            Err(RequestError::Idle) if fresh && client.yielded => {
+                // It never sent a byte; it may yet, so say why it was dropped.
+                overloaded(&mut writer, "every worker is busy");
+                return;
+            }
             Err(e) => {
                 if let Some(status) = e.status() {
                     let mut out = Responder::new(&mut writer, false, false, false);
@@ -430,22 +588,35 @@ fn serve_connection(shared: &Arc<Shared>, conn: Conn) {
 }
 
 /// Wait up to `idle` until the client sends the first byte of its next
-/// request; false when it closed, stayed idle, or a drain began meanwhile.
+/// request; false when it closed, stayed idle, a drain began meanwhile, or
+/// it stayed idle [`HEAD_GRACE`] while another connection waits for a worker.
 ///
 /// Bytes that arrive are left in the socket for the request reader. The drain
 /// flag is read between slices of at most [`DRAIN_POLL`], and a request that
 /// had already arrived when the drain began is still served: the client sent
 /// it before it could have known.
-fn await_next_request(shared: &Shared, stream: &TcpStream, idle: Duration) -> bool {
-    let deadline = Instant::now() + idle;
+fn await_next_request(
+    shared: &Shared,
+    stream: &TcpStream,
+    idle: Duration,
+    waiting: &AtomicBool,
+) -> bool {
+    let began = Instant::now();
+    let deadline = began + idle;
+    let grace = began + HEAD_GRACE;
     let mut byte = [0u8; 1];
     loop {
         let now = Instant::now();
         if now >= deadline {
             return false;
         }
+        let slice = if now >= grace {
+            PRESSURE_POLL
+        } else {
+            DRAIN_POLL.min(grace - now)
+        };
         if stream
-            .set_read_timeout(Some((deadline - now).min(DRAIN_POLL)))
+            .set_read_timeout(Some((deadline - now).min(slice)))
             .is_err()
         {
             return false;
@@ -462,7 +633,7 @@ fn await_next_request(shared: &Shared, stream: &TcpStream, idle: Duration) -> bo
                 ) => {}
             Err(_) => return false,
         }
-        if shared.draining() {
+        if shared.draining() || (Instant::now() >= grace && waiting.load(Ordering::Relaxed)) {
             return false;
         }
     }
@@ -555,7 +726,7 @@ impl<'de> Deserialize<'de> for Probe {
 
 fn handle(
     ctx: &Ctx<'_>,
-    reader: &mut Reader<TcpStream>,
+    reader: &mut Reader<Client<'_>>,
     out: &mut Responder<'_, TcpStream>,
 ) -> proxy::Served {
     let head = ctx.head;
@@ -605,7 +776,7 @@ fn handle(
 
 fn proxy_request(
     ctx: &Ctx<'_>,
-    reader: &mut Reader<TcpStream>,
+    reader: &mut Reader<Client<'_>>,
     out: &mut Responder<'_, TcpStream>,
 ) -> proxy::Served {
     let head = ctx.head;
@@ -661,7 +832,7 @@ fn proxy_request(
             request_id: ctx.id,
         },
         body: body.clone(),
-        client: reader.get_ref(),
+        client: &reader.get_ref().stream,
         started: ctx.started,
         stream,
         model: probe.model,

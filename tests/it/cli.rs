@@ -184,6 +184,36 @@ fn descriptor_exhaustion_does_not_stop_accepting() {
     let up = Upstream::always(Reply::json(200, r#"{"ok":true}"#));
     let (_child, addr, log) = spawn(&config_for("emfile", &up), "ulimit -n 48 &&");
     assert_eq!(post(addr, "/v1/embeddings", "{}").status, 200);
+    // A busy keep-alive client, connected and served before the flood: one
+    // request every 100 ms (an idle one would give way to the waiting flood).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let statuses = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let busy = {
+        let (stop, statuses) = (stop.clone(), statuses.clone());
+        let ka = std::net::TcpStream::connect(addr).unwrap();
+        std::thread::spawn(move || {
+            ka.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut reader = BufReader::new(ka.try_clone().unwrap());
+            let mut writer = ka;
+            for _ in 0..300 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let sent = std::io::Write::write_all(
+                    &mut writer,
+                    b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n",
+                );
+                let status = sent
+                    .ok()
+                    .and_then(|()| crate::util::read_response(&mut reader).ok())
+                    .map_or(0, |r| r.status);
+                statuses.lock().unwrap().push(status);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let served = || statuses.lock().unwrap().len();
+    assert!(wait_for(Duration::from_secs(5), || served() >= 1));
     // Far more idle connections than the process has descriptors.
     let flood: Vec<_> = (0..150)
         .filter_map(|_| std::net::TcpStream::connect(addr).ok())
@@ -193,8 +223,13 @@ fn descriptor_exhaustion_does_not_stop_accepting() {
         log.try_iter().any(|l| l.contains("Too many open files"))
     });
     assert!(exhausted, "the flood never exhausted descriptors");
+    // Two more requests on the open connection while descriptors are out.
+    let before = served();
+    assert!(wait_for(Duration::from_secs(5), || served() >= before + 2));
     drop(flood);
-    // Once the flood is gone it serves again at once (after at most one backoff).
+    let dropped = std::time::Instant::now();
+    // Once the flood is gone it serves again at once (after at most one
+    // accept backoff, 1 s).
     let back = wait_for(Duration::from_secs(10), || {
         let mut s = match std::net::TcpStream::connect(addr) {
             Ok(s) => s,
@@ -212,6 +247,18 @@ fn descriptor_exhaustion_does_not_stop_accepting() {
     assert!(
         back,
         "the balancer stopped accepting after descriptor exhaustion"
+    );
+    let recovered = dropped.elapsed();
+    eprintln!("descriptor exhaustion (ulimit -n 48, 150 connections): serving new connections {recovered:?} after the flood ended");
+    assert!(recovered < Duration::from_secs(3), "{recovered:?}");
+    // The connection that was open all along was served throughout (it
+    // needs no new descriptor for /healthz).
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    busy.join().unwrap();
+    let statuses = statuses.lock().unwrap();
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "keep-alive client: {statuses:?}"
     );
     assert_eq!(post(addr, "/v1/embeddings", "{}").status, 200);
 }

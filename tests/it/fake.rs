@@ -33,6 +33,9 @@ impl Seen {
 pub enum Step {
     /// Send these bytes as one chunk, flushed.
     Send(Vec<u8>),
+    /// Send these bytes as a chunk this many times (large bodies without
+    /// holding them in memory).
+    Repeat(Vec<u8>, usize),
     /// Stay silent this long (while watching for the peer closing).
     Sleep(Duration),
     /// Close the connection here, without the final chunk.
@@ -312,6 +315,17 @@ fn serve(stream: TcpStream, inner: &Inner) {
                             if out.write_all(&chunk).is_err() {
                                 inner.peer_closed.lock().unwrap().push(Instant::now());
                                 return;
+                            }
+                        }
+                        Step::Repeat(bytes, times) => {
+                            let mut chunk = format!("{:x}\r\n", bytes.len()).into_bytes();
+                            chunk.extend_from_slice(&bytes);
+                            chunk.extend_from_slice(b"\r\n");
+                            for _ in 0..times {
+                                if out.write_all(&chunk).is_err() {
+                                    inner.peer_closed.lock().unwrap().push(Instant::now());
+                                    return;
+                                }
                             }
                         }
                         Step::Sleep(d) => {

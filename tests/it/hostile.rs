@@ -174,3 +174,103 @@ fn a_panic_ends_the_request_not_the_worker() {
         assert_eq!(post(bal.addr, "/v1/embeddings", "{}").status, 200);
     }
 }
+
+#[test]
+fn a_queued_connection_gets_503_at_queue_wait_while_every_worker_is_busy() {
+    // The only worker is held by a stream that stays silent for seconds; a
+    // queued connection must not wait for it to end.
+    let up = Upstream::always(Reply::sse(vec![Step::Sleep(Duration::from_secs(4))]));
+    let bal = start(&[up.url()], &[], |c| {
+        c.settings.workers = 1;
+        c.settings.queue_wait = Duration::from_millis(500);
+    });
+    let mut busy = connect(bal.addr);
+    let body = chat(true);
+    write!(
+        busy,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    assert!(crate::util::wait_for(Duration::from_secs(3), || up.hits() == 1));
+    let began = Instant::now();
+    let resp = raw(bal.addr, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+    let waited = began.elapsed();
+    assert_eq!(status_of(&resp), 503, "{resp}");
+    assert!(resp.contains("Retry-After: 1"), "{resp}");
+    assert!(
+        waited >= Duration::from_millis(450) && waited < Duration::from_millis(1500),
+        "answered after {waited:?}, queueWaitMs is 500"
+    );
+}
+
+#[test]
+fn idle_and_slow_connections_give_way_to_a_waiting_one() {
+    let up = Upstream::always(Reply::json(200, "{}"));
+    let bal = start(&[up.url()], &[], |c| c.settings.workers = 1);
+    let grace = gaia_balancer::server::HEAD_GRACE;
+    let served_within = |what: &str| {
+        let began = Instant::now();
+        let r = post(bal.addr, "/v1/embeddings", "{}");
+        let took = began.elapsed();
+        assert_eq!(r.status, 200, "{what}");
+        assert!(took < grace + Duration::from_secs(1), "{what}: {took:?}");
+    };
+    let read_all = |mut s: std::net::TcpStream| {
+        let mut out = String::new();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+
+    // An idle keep-alive connection holds the only worker: closed silently.
+    let ka = connect(bal.addr);
+    let mut w = ka.try_clone().unwrap();
+    let mut reader = BufReader::new(ka.try_clone().unwrap());
+    w.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut reader).unwrap().status, 200);
+    served_within("behind an idle keep-alive connection");
+    assert_eq!(read_all(ka), "");
+
+    // A fresh connection that sends nothing: 503, so a late request learns why.
+    let idle = connect(bal.addr);
+    served_within("behind a silent new connection");
+    let out = read_all(idle);
+    assert_eq!(status_of(&out), 503, "{out}");
+    assert!(out.contains("Retry-After: 1"));
+
+    // A head that trickles in: 408.
+    let mut slow = connect(bal.addr);
+    slow.write_all(b"POST /v1/embeddings HTTP/1.1\r\nHo")
+        .unwrap();
+    served_within("behind a slow head");
+    let out = read_all(slow);
+    assert_eq!(status_of(&out), 408, "{out}");
+    assert_eq!(up.hits(), 3);
+}
+
+#[test]
+fn without_a_waiting_connection_idle_ones_keep_their_time() {
+    // No pressure: an idle keep-alive connection is kept for keepAliveMs,
+    // well past HEAD_GRACE.
+    let bal = start(&[crate::fake::refused_url()], &[], |c| {
+        c.settings.workers = 2;
+        c.settings.keep_alive = Duration::from_secs(3);
+    });
+    let ka = connect(bal.addr);
+    let mut w = ka.try_clone().unwrap();
+    let mut reader = BufReader::new(ka);
+    w.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut reader).unwrap().status, 200);
+    let began = Instant::now();
+    let mut byte = [0u8; 1];
+    let n = reader.get_mut().read(&mut byte).unwrap_or(0);
+    assert_eq!(n, 0);
+    let held = began.elapsed();
+    assert!(
+        held > Duration::from_millis(2_500) && held < Duration::from_secs(5),
+        "closed after {held:?}"
+    );
+}
