@@ -330,7 +330,7 @@ fn run(args: &Args, dir: &Path) -> Result<(), String> {
             }
         },
         None => {
-            eprintln!("bench: nginx not installed; its column is left out");
+            eprintln!("bench: no nginx (not installed, or --no-nginx); its column is left out");
             None
         }
     };
