@@ -10,7 +10,6 @@
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -410,11 +409,19 @@ fn client_loop(
     (hist, ok, errors)
 }
 
-/// Concurrent SSE streams, all started at once.
+/// Concurrent SSE streams from `n` clients, each on one keep-alive connection.
+///
+/// Client `i` starts at `i * stagger / n` and runs `rounds` streams back to
+/// back; only the last round is measured. With `stagger` about one stream's
+/// length and two rounds, every measured stream runs while about `n` others
+/// are open: a steady state, not the thundering herd of `n` simultaneous
+/// starts (which mostly measures how fast `n` connections can be set up).
 pub struct Streams {
     pub n: usize,
-    /// Longest life of one stream.
+    /// Longest life of one run.
     pub limit: Duration,
+    pub stagger: Duration,
+    pub rounds: usize,
 }
 
 /// What one run of concurrent streams measured.
@@ -504,15 +511,18 @@ pub fn streams(
     spec: &Streams,
     hold: Option<&dyn Fn(usize)>,
 ) -> StreamStats {
-    let stop = Arc::new(AtomicBool::new(false));
-    let started = Arc::new(AtomicUsize::new(0));
+    let (stop, started) = (AtomicBool::new(false), AtomicUsize::new(0));
+    let (stop, started) = (&stop, &started);
     let deadline = Instant::now() + spec.limit;
     let seen: Vec<Option<Seen>> = thread::scope(|s| {
         let handles: Vec<_> = (0..spec.n)
-            .map(|_| {
+            .map(|i| {
                 thread::Builder::new()
                     .stack_size(CLIENT_STACK)
-                    .spawn_scoped(s, || one_stream(addr, request, deadline, &stop, &started))
+                    .spawn_scoped(s, move || {
+                        let offset = spec.stagger.mul_f64(i as f64 / spec.n.max(1) as f64);
+                        client_streams(addr, request, spec.rounds, offset, deadline, stop, started)
+                    })
                     .ok()
             })
             .collect();
@@ -562,7 +572,44 @@ fn exact_quantile(sorted: &[u64], q: f64) -> f64 {
     sorted[rank - 1] as f64
 }
 
+/// One client: wait for its turn, then `rounds` streams on one connection;
+/// what the last round saw.
+fn client_streams(
+    addr: SocketAddr,
+    request: &[u8],
+    rounds: usize,
+    offset: Duration,
+    deadline: Instant,
+    stop: &AtomicBool,
+    started: &AtomicUsize,
+) -> Seen {
+    let start = Instant::now() + offset;
+    while Instant::now() < start.min(deadline) && !stop.load(Ordering::Relaxed) {
+        thread::sleep((start - Instant::now().min(start)).min(TICK));
+    }
+    let mut conn: Option<Conn> = None;
+    let mut seen = Seen::default();
+    let never = AtomicUsize::new(0);
+    for round in 0..rounds.max(1) {
+        let last = round + 1 == rounds.max(1);
+        seen = one_stream(
+            &mut conn,
+            addr,
+            request,
+            deadline,
+            stop,
+            if last { started } else { &never },
+        );
+        if !seen.done {
+            break;
+        }
+    }
+    seen
+}
+
+/// One stream on `conn` (opened, or reopened after a failure, as needed).
 fn one_stream(
+    conn: &mut Option<Conn>,
     addr: SocketAddr,
     request: &[u8],
     deadline: Instant,
@@ -570,27 +617,34 @@ fn one_stream(
     started: &AtomicUsize,
 ) -> Seen {
     let mut seen = Seen::default();
-    let Ok(mut conn) = Conn::open(addr) else {
+    if conn.is_none() {
+        *conn = Conn::open(addr).ok();
+    }
+    let Some(c) = conn.as_mut() else {
         return seen;
     };
     let sent = Instant::now();
-    if conn.stream.write_all(request).is_err() {
+    if c.stream.write_all(request).is_err() {
+        *conn = None;
         return seen;
     }
-    let ended = match conn.head(deadline, stop) {
-        Ok((200, framing)) => {
+    let ended = match c.head(deadline, stop) {
+        Ok((200, framing)) if framing != Framing::Close => {
             let mut sse = Sse {
                 pending: Vec::new(),
                 sent,
                 seen: &mut seen,
                 started,
             };
-            conn.body(framing, deadline, stop, &mut |d| sse.push(d))
+            c.body(framing, deadline, stop, &mut |d| sse.push(d))
                 .is_ok()
         }
         _ => false,
     };
     seen.done &= ended;
+    if !seen.done {
+        *conn = None;
+    }
     seen
 }
 

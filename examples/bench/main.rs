@@ -361,7 +361,7 @@ fn run(args: &Args, dir: &Path) -> Result<(), String> {
         max_requests: 10_000_000,
         conns: vec![1, 16, 64],
         streams: vec![10, 200],
-        stream_limit: Duration::from_secs(30),
+        stream_length: Duration::from_millis(50 * (chunks as u64 + 1)),
         wrk: args.wrk.clone(),
         work_dir: dir.to_path_buf(),
         warmup: Duration::from_millis(500),
@@ -397,6 +397,8 @@ fn memory_per_stream(args: &Args, dir: &Path) -> Result<String, String> {
     let spec = load::Streams {
         n: MEMORY_STREAMS,
         limit: Duration::from_secs(15),
+        stagger: Duration::ZERO,
+        rounds: 1,
     };
     let sampled = std::sync::Mutex::new((0usize, 0u64));
     load::streams(

@@ -33,8 +33,8 @@ pub struct Plan {
     pub conns: Vec<usize>,
     /// Concurrent streams for the streaming runs.
     pub streams: Vec<usize>,
-    /// Longest life of one stream.
-    pub stream_limit: Duration,
+    /// How long one stream of the upstream lasts (starts are staggered over it).
+    pub stream_length: Duration,
     /// Use wrk for non-streaming runs (else our own generator).
     pub wrk: Option<PathBuf>,
     /// Where wrk's script goes.
@@ -153,7 +153,9 @@ pub fn measure(targets: &[Target], plan: &Plan, progress: &mut dyn FnMut(&str)) 
             for (ti, t) in targets.iter().enumerate() {
                 let spec = Streams {
                     n,
-                    limit: plan.stream_limit,
+                    limit: plan.stream_length * 4 + Duration::from_secs(10),
+                    stagger: plan.stream_length,
+                    rounds: 2,
                 };
                 let stats = load::streams(t.addr, &stream, &spec, None);
                 progress(&format!(

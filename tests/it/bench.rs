@@ -53,7 +53,7 @@ fn bench_measures_and_prints_its_table() {
         max_requests: 100,
         conns: vec![1, 4],
         streams: vec![4],
-        stream_limit: Duration::from_secs(10),
+        stream_length: Duration::from_millis(20),
         wrk: None,
         work_dir: work,
         warmup: Duration::from_millis(50),
