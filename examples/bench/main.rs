@@ -9,7 +9,8 @@
 //! the load generator are the same for every column.
 //!
 //! Usage: `bench [--reps N] [--secs S] [--quick] [--no-nginx] [--no-wrk]
-//! [--balancer PATH] [--fake PATH] [--nginx PATH] [--wrk PATH] [--keep]`
+//! [--no-memory] [--memory-only] [--balancer PATH] [--fake PATH] [--nginx PATH]
+//! [--wrk PATH] [--keep]`
 
 mod load;
 mod suite;
@@ -34,6 +35,7 @@ struct Args {
     nginx: Option<PathBuf>,
     wrk: Option<PathBuf>,
     keep: bool,
+    table: bool,
     memory: bool,
 }
 
@@ -43,7 +45,7 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("bench: {e}");
             eprintln!(
-                "usage: bench [--reps N] [--secs S] [--quick] [--no-nginx] [--no-wrk] [--no-memory] \
+                "usage: bench [--reps N] [--secs S] [--quick] [--no-nginx] [--no-wrk] [--no-memory] [--memory-only] \
                  [--balancer PATH] [--fake PATH] [--nginx PATH] [--wrk PATH] [--keep]"
             );
             return ExitCode::from(2);
@@ -78,6 +80,7 @@ fn parse_args() -> Result<Args, String> {
         nginx: which("nginx"),
         wrk: which("wrk"),
         keep: false,
+        table: true,
         memory: true,
     };
     let mut it = std::env::args().skip(1);
@@ -97,6 +100,7 @@ fn parse_args() -> Result<Args, String> {
             "--no-nginx" => a.nginx = None,
             "--no-wrk" => a.wrk = None,
             "--no-memory" => a.memory = false,
+            "--memory-only" => a.table = false,
             "--keep" => a.keep = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -318,6 +322,22 @@ http {{
 
 fn run(args: &Args, dir: &Path) -> Result<(), String> {
     fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let started = Instant::now();
+    let mut report = String::new();
+    if args.table {
+        report.push_str(&table(args, dir)?);
+    }
+    if args.memory {
+        report.push_str(&memory_per_stream(args, dir)?);
+    }
+    report.push_str(&machine(args));
+    let _ = writeln_time(&mut report, started.elapsed());
+    println!("\n{report}");
+    Ok(())
+}
+
+/// The side-by-side table: direct, balancer, nginx.
+fn table(args: &Args, dir: &Path) -> Result<String, String> {
     let chunks = 20;
     let (fake, up) = start_fake(args, dir, "fake", chunks)?;
     let (bal, bal_port) = start_balancer(args, dir, "balancer", up, 256)?;
@@ -366,19 +386,11 @@ fn run(args: &Args, dir: &Path) -> Result<(), String> {
         work_dir: dir.to_path_buf(),
         warmup: Duration::from_millis(500),
     };
-    let started = Instant::now();
     let results = suite::measure(&targets, &plan, &mut |l| eprintln!("{l}"));
     drop(nginx);
     drop(bal);
     drop(fake);
-    let mut report = suite::render(&results);
-    if args.memory {
-        report.push_str(&memory_per_stream(args, dir)?);
-    }
-    report.push_str(&machine(args));
-    let _ = writeln_time(&mut report, started.elapsed());
-    println!("\n{report}");
-    Ok(())
+    Ok(suite::render(&results))
 }
 
 fn writeln_time(s: &mut String, d: Duration) -> std::fmt::Result {

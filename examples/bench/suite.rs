@@ -113,7 +113,13 @@ pub fn measure(targets: &[Target], plan: &Plan, progress: &mut dyn FnMut(&str)) 
             for (ti, t) in targets.iter().enumerate() {
                 let before = t.pid.and_then(cpu_secs);
                 let stats = match (&plan.wrk, &wrk_script) {
-                    (Some(wrk), Some(script)) => wrk_run(wrk, script, t.addr, conns, plan.secs),
+                    (Some(wrk), Some(script)) => {
+                        let run = wrk_run(wrk, script, t.addr, conns, plan.secs);
+                        if run.is_none() {
+                            progress("wrk failed; this run uses the bench's own client");
+                        }
+                        run
+                    }
                     _ => None,
                 }
                 .unwrap_or_else(|| {
