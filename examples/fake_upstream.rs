@@ -3,18 +3,27 @@
 //! `/v1/chat/completions` (JSON, or SSE when `"stream": true`),
 //! `/v1/completions`, `/v1/embeddings` and `/v1/models`.
 //!
-//! Usage: `cargo run --release --example fake_upstream -- [PORT ...] [--chunks N] [--delay-ms MS]`
+//! Usage: `cargo run --release --example fake_upstream -- [PORT ...] [--chunks N] [--delay-ms MS] [--stamp]`
 //! (default port 8080; one listener per port, each named after its port).
+//! `--stamp` adds `"x_sent_ns"` (Unix time in ns when the event was written)
+//! to every streamed event, so the benchmark can measure per-chunk lag
+//! across processes. Each response and each chunk leaves in one `write`, so
+//! the fake itself adds no extra packets or syscalls to what is measured.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// How streamed answers are shaped.
 #[derive(Clone, Copy)]
-struct Opts {
-    chunks: usize,
-    delay: Duration,
+pub struct Opts {
+    /// Content events per stream.
+    pub chunks: usize,
+    /// Pause before each content event.
+    pub delay: Duration,
+    /// Add `"x_sent_ns"` to every streamed event.
+    pub stamp: bool,
 }
 
 fn main() {
@@ -22,6 +31,7 @@ fn main() {
     let mut opts = Opts {
         chunks: 8,
         delay: Duration::from_millis(50),
+        stamp: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -31,13 +41,16 @@ fn main() {
                 opts.delay =
                     Duration::from_millis(args.next().and_then(|v| v.parse().ok()).unwrap_or(50))
             }
-            p => match p.parse::<u16>() {
-                Ok(port) => ports.push(port),
-                Err(_) => {
-                    eprintln!("usage: fake_upstream [PORT ...] [--chunks N] [--delay-ms MS]");
-                    std::process::exit(2);
+            "--stamp" => opts.stamp = true,
+            p => {
+                match p.parse::<u16>() {
+                    Ok(port) => ports.push(port),
+                    Err(_) => {
+                        eprintln!("usage: fake_upstream [PORT ...] [--chunks N] [--delay-ms MS] [--stamp]");
+                        std::process::exit(2);
+                    }
                 }
-            },
+            }
         }
     }
     if ports.is_empty() {
@@ -54,16 +67,20 @@ fn main() {
         };
         let port = listener.local_addr().map(|a| a.port()).unwrap_or(port);
         eprintln!("fake upstream listening on http://127.0.0.1:{port}");
-        handles.push(thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                thread::spawn(move || {
-                    let _ = serve(stream, port, opts);
-                });
-            }
-        }));
+        handles.push(thread::spawn(move || serve_listener(listener, opts)));
     }
     for h in handles {
         let _ = h.join();
+    }
+}
+
+/// Serve every connection of `listener`, one thread each, forever.
+pub fn serve_listener(listener: TcpListener, opts: Opts) {
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    for stream in listener.incoming().flatten() {
+        thread::spawn(move || {
+            let _ = serve(stream, port, opts);
+        });
     }
 }
 
@@ -129,11 +146,13 @@ fn serve(stream: TcpStream, port: u16, opts: Opts) -> std::io::Result<()> {
                 }
                 _ => {
                     let body = r#"{"error":{"message":"not found","type":"invalid_request_error"}}"#;
-                    write!(out, "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
+                    let whole = format!("HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                    out.write_all(whole.as_bytes())?;
                     continue;
                 }
             };
-            write!(out, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
+            let whole = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            out.write_all(whole.as_bytes())?;
         }
         if req.close {
             return Ok(());
@@ -143,22 +162,31 @@ fn serve(stream: TcpStream, port: u16, opts: Opts) -> std::io::Result<()> {
 }
 
 fn chunk(out: &mut TcpStream, data: &str) -> std::io::Result<()> {
-    write!(out, "{:x}\r\n{data}\r\n", data.len())?;
-    out.flush()
+    out.write_all(format!("{:x}\r\n{data}\r\n", data.len()).as_bytes())
+}
+
+/// `,"x_sent_ns":N` with the current time when stamping, else nothing.
+fn stamp(opts: Opts) -> String {
+    if !opts.stamp {
+        return String::new();
+    }
+    let ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(",\"x_sent_ns\":{ns}")
 }
 
 fn stream_chat(out: &mut TcpStream, port: u16, opts: Opts) -> std::io::Result<()> {
     out.write_all(
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
     )?;
-    chunk(out, &format!("data: {{\"id\":\"chatcmpl-{port}\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"role\":\"assistant\"}},\"finish_reason\":null}}]}}\n\n"))?;
+    chunk(out, &format!("data: {{\"id\":\"chatcmpl-{port}\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"role\":\"assistant\"}},\"finish_reason\":null}}]{}}}\n\n", stamp(opts)))?;
     for i in 0..opts.chunks {
         if !opts.delay.is_zero() {
             thread::sleep(opts.delay);
         }
-        chunk(out, &format!("data: {{\"id\":\"chatcmpl-{port}\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"word{i} \"}},\"finish_reason\":null}}]}}\n\n"))?;
+        chunk(out, &format!("data: {{\"id\":\"chatcmpl-{port}\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"word{i} \"}},\"finish_reason\":null}}]{}}}\n\n", stamp(opts)))?;
     }
-    chunk(out, &format!("data: {{\"id\":\"chatcmpl-{port}\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"stop\"}}]}}\n\ndata: [DONE]\n\n"))?;
-    out.write_all(b"0\r\n\r\n")?;
-    out.flush()
+    chunk(out, &format!("data: {{\"id\":\"chatcmpl-{port}\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"stop\"}}]{}}}\n\ndata: [DONE]\n\n", stamp(opts)))?;
+    out.write_all(b"0\r\n\r\n")
 }

@@ -17,6 +17,7 @@ pub mod model;
 pub mod proxy;
 pub mod reload;
 pub mod request;
+pub mod resolve;
 pub mod response;
 pub mod retry;
 pub mod rng;

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use ureq::config::AutoHeaderValue;
 use ureq::http::{self, Response};
-use ureq::unversioned::resolver::DefaultResolver;
 use ureq::unversioned::transport::{Connector, DefaultConnector};
 use ureq::{Agent, Body};
 
@@ -21,6 +20,7 @@ use crate::config::Settings;
 use crate::hosts::Host;
 use crate::keys::Key;
 use crate::request::Header;
+use crate::resolve::LiteralFirst;
 use crate::retry::Outcome;
 use crate::watch::{self, Abort};
 
@@ -74,7 +74,7 @@ pub fn agent(settings: &Settings) -> Agent {
         .timeout_recv_response(Some(settings.timeouts.first_byte))
         .build();
     let connector = DefaultConnector::new().chain(watch::WatchConnector);
-    Agent::with_parts(config, connector, DefaultResolver::default())
+    Agent::with_parts(config, connector, LiteralFirst::default())
 }
 
 /// What is sent upstream, the same for every attempt of one request (but

@@ -4,6 +4,7 @@ mod fake;
 mod util;
 
 mod backup;
+mod bench;
 mod cli;
 mod discovery;
 mod flood;

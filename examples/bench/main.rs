@@ -1,0 +1,468 @@
+//! Side-by-side benchmark: the fake upstream called directly, through
+//! gaia-balancer (release build) and through nginx as a reverse proxy, all on
+//! 127.0.0.1, measured in one run and printed as one Markdown table; then
+//! the memory each open stream costs the balancer at 1,000 streams.
+//!
+//! Run it with `bench/run.sh`, which installs wrk and nginx-light when it
+//! can, builds in release mode and calls this with the right paths. The
+//! numbers only mean something side by side: the machine, its noise and
+//! the load generator are the same for every column.
+//!
+//! Usage: `bench [--reps N] [--secs S] [--quick] [--no-nginx] [--no-wrk]
+//! [--no-memory] [--memory-only] [--balancer PATH] [--fake PATH] [--nginx PATH]
+//! [--wrk PATH] [--keep]`
+
+mod load;
+mod suite;
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use suite::{Plan, Target};
+
+/// Concurrent streams for the memory measurement.
+const MEMORY_STREAMS: usize = 1000;
+
+struct Args {
+    reps: usize,
+    secs: f64,
+    balancer: PathBuf,
+    fake: PathBuf,
+    nginx: Option<PathBuf>,
+    wrk: Option<PathBuf>,
+    keep: bool,
+    table: bool,
+    memory: bool,
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            eprintln!(
+                "usage: bench [--reps N] [--secs S] [--quick] [--no-nginx] [--no-wrk] [--no-memory] [--memory-only] \
+                 [--balancer PATH] [--fake PATH] [--nginx PATH] [--wrk PATH] [--keep]"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let dir = std::env::temp_dir().join(format!("gaia-bench-{}", std::process::id()));
+    let result = run(&args, &dir);
+    if args.keep {
+        eprintln!("bench: files kept in {}", dir.display());
+    } else {
+        let _ = fs::remove_dir_all(&dir);
+    }
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse_args() -> Result<Args, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find myself: {e}"))?;
+    // target/<profile>/examples/bench: the balancer is two levels up.
+    let examples = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    let profile = examples.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut a = Args {
+        reps: 5,
+        secs: 2.0,
+        balancer: profile.join("gaia-balancer"),
+        fake: examples.join("fake_upstream"),
+        nginx: which("nginx"),
+        wrk: which("wrk"),
+        keep: false,
+        table: true,
+        memory: true,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--reps" => a.reps = value()?.parse().map_err(|_| "--reps: a number")?,
+            "--secs" => a.secs = value()?.parse().map_err(|_| "--secs: a number")?,
+            "--quick" => {
+                a.reps = 1;
+                a.secs = 1.0;
+            }
+            "--balancer" => a.balancer = value()?.into(),
+            "--fake" => a.fake = value()?.into(),
+            "--nginx" => a.nginx = Some(value()?.into()),
+            "--wrk" => a.wrk = Some(value()?.into()),
+            "--no-nginx" => a.nginx = None,
+            "--no-wrk" => a.wrk = None,
+            "--no-memory" => a.memory = false,
+            "--memory-only" => a.table = false,
+            "--keep" => a.keep = true,
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    if !(1..=50).contains(&a.reps) || !(0.2..=60.0).contains(&a.secs) {
+        return Err("--reps must be 1-50 and --secs 0.2-60".into());
+    }
+    for p in [&a.balancer, &a.fake] {
+        if !p.is_file() {
+            return Err(format!(
+                "{} not found; build with `cargo build --release --bin gaia-balancer --example fake_upstream --example bench`",
+                p.display()
+            ));
+        }
+    }
+    Ok(a)
+}
+
+/// An executable on PATH (or in /usr/sbin, where Debian puts nginx).
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/usr/local/sbin"])
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file());
+    found
+}
+
+/// A child process we started; stopped (TERM, then KILL) when dropped.
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Result<Proc, String> {
+        let err = fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("cannot start {name}: {e}"))?;
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+            log,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Wait until `addr` accepts connections, or fail with the process's log.
+    fn wait_listening(&mut self, addr: SocketAddr) -> Result<(), String> {
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "{} exited ({status}): {}",
+                    self.name,
+                    self.log_tail()
+                ));
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        Err(format!(
+            "{} not listening on {addr}: {}",
+            self.name,
+            self.log_tail()
+        ))
+    }
+
+    fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // TERM first: nginx's master then stops its workers too.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        let end = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> Result<u16, String> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port: {e}"))
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn start_fake(args: &Args, dir: &Path, name: &str, chunks: usize) -> Result<(Proc, u16), String> {
+    let port = free_port()?;
+    let mut cmd = Command::new(&args.fake);
+    cmd.arg(port.to_string()).args([
+        "--chunks",
+        &chunks.to_string(),
+        "--delay-ms",
+        "50",
+        "--stamp",
+    ]);
+    let mut p = Proc::spawn(name, &mut cmd, dir.join(format!("{name}.log")))?;
+    p.wait_listening(loopback(port))?;
+    Ok((p, port))
+}
+
+/// A config directory for the balancer in front of one upstream port.
+fn balancer_config(dir: &Path, upstream: u16) -> Result<PathBuf, String> {
+    fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let hosts = format!("{{ \"hosts\": [\"http://127.0.0.1:{upstream}\"] }}\n");
+    fs::write(dir.join("hosts.json"), hosts).map_err(|e| e.to_string())?;
+    Ok(dir.to_path_buf())
+}
+
+fn start_balancer(
+    args: &Args,
+    dir: &Path,
+    name: &str,
+    upstream: u16,
+    workers: usize,
+) -> Result<(Proc, u16), String> {
+    let config = balancer_config(&dir.join(format!("{name}-config")), upstream)?;
+    let port = free_port()?;
+    let mut cmd = Command::new(&args.balancer);
+    cmd.arg("--config")
+        .arg(&config)
+        .args([
+            "--port",
+            &port.to_string(),
+            "--workers",
+            &workers.to_string(),
+        ])
+        // No per-request log line, as nginx runs with access_log off.
+        .env("LOG_LEVEL", "warn");
+    let mut p = Proc::spawn(name, &mut cmd, dir.join(format!("{name}.log")))?;
+    p.wait_listening(loopback(port))?;
+    Ok((p, port))
+}
+
+/// nginx as a plain reverse proxy: unbuffered, keep-alive both ways.
+fn start_nginx(nginx: &Path, dir: &Path, upstream: u16) -> Result<(Proc, u16), String> {
+    let port = free_port()?;
+    let ngx = dir.join("nginx");
+    fs::create_dir_all(&ngx).map_err(|e| e.to_string())?;
+    let d = ngx.display();
+    let conf = format!(
+        r#"daemon off;
+master_process on;
+worker_processes auto;
+worker_rlimit_nofile 20000;
+pid {d}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 65s;
+    upstream fake {{
+        server 127.0.0.1:{upstream};
+        keepalive 256;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://fake;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_read_timeout 300s;
+        }}
+    }}
+}}
+"#
+    );
+    let path = ngx.join("nginx.conf");
+    fs::write(&path, conf).map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(nginx);
+    cmd.arg("-p")
+        .arg(&ngx)
+        .arg("-c")
+        .arg(&path)
+        .args(["-e", "stderr"]);
+    let mut p = Proc::spawn("nginx", &mut cmd, dir.join("nginx.log"))?;
+    p.wait_listening(loopback(port))?;
+    Ok((p, port))
+}
+
+fn run(args: &Args, dir: &Path) -> Result<(), String> {
+    fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let started = Instant::now();
+    let mut report = String::new();
+    if args.table {
+        report.push_str(&table(args, dir)?);
+    }
+    if args.memory {
+        report.push_str(&memory_per_stream(args, dir)?);
+    }
+    report.push_str(&machine(args));
+    let _ = writeln_time(&mut report, started.elapsed());
+    println!("\n{report}");
+    Ok(())
+}
+
+/// The side-by-side table: direct, balancer, nginx.
+fn table(args: &Args, dir: &Path) -> Result<String, String> {
+    let chunks = 20;
+    let (fake, up) = start_fake(args, dir, "fake", chunks)?;
+    let (bal, bal_port) = start_balancer(args, dir, "balancer", up, 256)?;
+    let nginx = match &args.nginx {
+        Some(n) => match start_nginx(n, dir, up) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("bench: nginx left out: {e}");
+                None
+            }
+        },
+        None => {
+            eprintln!("bench: no nginx (not installed, or --no-nginx); its column is left out");
+            None
+        }
+    };
+    // Let start-up allocations settle before the idle sample.
+    thread::sleep(Duration::from_millis(300));
+    let mut targets = vec![
+        Target {
+            name: "direct".into(),
+            addr: loopback(up),
+            pid: Some(fake.pid()),
+        },
+        Target {
+            name: "gaia-balancer".into(),
+            addr: loopback(bal_port),
+            pid: Some(bal.pid()),
+        },
+    ];
+    if let Some((p, port)) = &nginx {
+        targets.push(Target {
+            name: "nginx".into(),
+            addr: loopback(*port),
+            pid: Some(p.pid()),
+        });
+    }
+    let plan = Plan {
+        reps: args.reps,
+        secs: args.secs,
+        max_requests: 10_000_000,
+        conns: vec![1, 16, 64],
+        streams: vec![10, 200],
+        stream_length: Duration::from_millis(50 * (chunks as u64 + 1)),
+        wrk: args.wrk.clone(),
+        work_dir: dir.to_path_buf(),
+        warmup: Duration::from_millis(500),
+    };
+    let results = suite::measure(&targets, &plan, &mut |l| eprintln!("{l}"));
+    drop(nginx);
+    drop(bal);
+    drop(fake);
+    Ok(suite::render(&results))
+}
+
+fn writeln_time(s: &mut String, d: Duration) -> std::fmt::Result {
+    use std::fmt::Write;
+    writeln!(s, "Measured in {:.0} s.", d.as_secs_f64())
+}
+
+/// RSS over idle at [`MEMORY_STREAMS`] open streams, per stream.
+fn memory_per_stream(args: &Args, dir: &Path) -> Result<String, String> {
+    // Streams long enough (20 s) to all be open at once; closed early by us.
+    let (_fake, up) = start_fake(args, dir, "fake-memory", 400)?;
+    let (bal, port) = start_balancer(args, dir, "balancer-memory", up, MEMORY_STREAMS + 100)?;
+    thread::sleep(Duration::from_millis(300));
+    let idle = suite::memory(bal.pid()).map(|m| m.rss_kib).unwrap_or(0);
+    let request = load::chat_request("bench", load::STREAM_BODY);
+    let spec = load::Streams {
+        n: MEMORY_STREAMS,
+        limit: Duration::from_secs(15),
+        stagger: Duration::ZERO,
+        rounds: 1,
+    };
+    let sampled = std::sync::Mutex::new((0usize, 0u64));
+    load::streams(
+        loopback(port),
+        &request,
+        &spec,
+        Some(&|open| {
+            // Let every stream settle into its steady state before sampling.
+            thread::sleep(Duration::from_millis(500));
+            let rss = suite::memory(bal.pid()).map(|m| m.rss_kib).unwrap_or(0);
+            *sampled.lock().unwrap_or_else(|e| e.into_inner()) = (open, rss);
+        }),
+    );
+    let (open, rss) = *sampled.lock().unwrap_or_else(|e| e.into_inner());
+    eprintln!("memory: idle {idle} KiB, {rss} KiB with {open} streams open");
+    let per = (rss.saturating_sub(idle) as f64 * 1024.0) / open.max(1) as f64;
+    Ok(format!(
+        "\nMemory per stream (gaia-balancer, --workers {}): idle RSS {:.1} MiB, {:.1} MiB with {open} streams open \
+         → {:.1} KiB per stream over idle.\n",
+        MEMORY_STREAMS + 100,
+        idle as f64 / 1024.0,
+        rss as f64 / 1024.0,
+        per / 1024.0
+    ))
+}
+
+/// One line on what this ran on.
+fn machine(args: &Args) -> String {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let version = |p: &Option<PathBuf>, flag: &str| -> String {
+        p.as_ref()
+            .and_then(|p| Command::new(p).arg(flag).output().ok())
+            .map(|o| {
+                let text = String::from_utf8_lossy(&o.stderr).to_string()
+                    + &String::from_utf8_lossy(&o.stdout);
+                text.lines().next().unwrap_or("").trim().to_string()
+            })
+            .unwrap_or_else(|| "not used".into())
+    };
+    format!(
+        "Machine: {cpu}, {cores} cores, Linux {}; nginx: {}; wrk: {}.\n",
+        kernel.trim(),
+        version(&args.nginx, "-v"),
+        version(&args.wrk, "--version")
+    )
+}
