@@ -100,9 +100,10 @@ pub fn start(config: Config) -> io::Result<Server> {
     let addr = listener.local_addr()?;
     let shared = Arc::new(Shared::new(Balancer::new(config)));
     discovery::start(&shared)?;
-    // The queue holds queueSize connections: queueSize - 1 in the channel
-    // and one in the dispatcher's hand.
-    let (tx, rx) = crossbeam_channel::bounded::<Conn>(settings.queue_size.max(1) - 1);
+    // The queue holds queueSize connections in the channel, plus the one in
+    // the dispatcher's hand. (A zero-capacity channel would shed a connection
+    // that arrives while the dispatcher is busy handing one over.)
+    let (tx, rx) = crossbeam_channel::bounded::<Conn>(settings.queue_size.max(1));
     // Rendezvous: a connection passes only to a worker that is ready for it.
     let (handoff_tx, handoff_rx) = crossbeam_channel::bounded::<Conn>(0);
     let waiting = Arc::new(AtomicBool::new(false));

@@ -146,11 +146,17 @@ fn full_queue_sheds_with_503_and_retry_after() {
     )
     .unwrap();
     assert!(crate::util::wait_for(Duration::from_secs(3), || up.hits() == 1));
-    let _queued = connect(bal.addr); // fills the queue
+    // One connection in the dispatcher's hand, one in the queue of 1.
+    let _handed = connect(bal.addr);
     assert!(crate::util::wait_for(Duration::from_secs(3), || bal
         .server()
         .queue_depth()
         == 1));
+    let _queued = connect(bal.addr);
+    assert!(crate::util::wait_for(Duration::from_secs(3), || bal
+        .server()
+        .queue_depth()
+        == 2));
     let shed = raw(bal.addr, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
     assert_eq!(status_of(&shed), 503, "{shed}");
     assert!(shed.contains("Retry-After: 1"), "{shed}");
