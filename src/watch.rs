@@ -338,9 +338,6 @@ impl Transport for WatchedTransport {
         let full = timeout.for_read();
         let started = Instant::now();
         loop {
-            if let Some(why) = check() {
-                return Err(Error::Io(aborted_error(why)));
-            }
             let left = match full.after {
                 UreqDuration::Exact(total) => Some(total.saturating_sub(started.elapsed())),
                 UreqDuration::NotHappening => None,
@@ -354,8 +351,14 @@ impl Transport for WatchedTransport {
                 per_read: None,
                 per_write: timeout.per_write,
             };
+            // Checks run only when a slice ends without input: a read that
+            // finds data at once (the common case) costs no extra syscall.
             match self.0.await_input(slice) {
-                Err(Error::Timeout(_)) if !last => continue,
+                Err(Error::Timeout(_)) if !last => {
+                    if let Some(why) = check() {
+                        return Err(Error::Io(aborted_error(why)));
+                    }
+                }
                 other => return other,
             }
         }
