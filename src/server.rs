@@ -58,6 +58,9 @@ pub const DRAIN_POLL: Duration = Duration::from_millis(250);
 /// Past it, an idle connection is closed (a fresh one gets 503) and a partial
 /// head gets 408, so idle and slowloris connections cannot starve the pool.
 pub const HEAD_GRACE: Duration = Duration::from_secs(1);
+/// Longest time the acceptor waits for the dispatcher to come back for a
+/// connection while the queue is not full.
+const HANDOFF_WAIT: Duration = Duration::from_millis(100);
 /// How often a worker past [`HEAD_GRACE`] looks whether someone is waiting.
 const PRESSURE_POLL: Duration = Duration::from_millis(100);
 /// How long [`Server::shutdown`] keeps trying to wake the acceptor.
@@ -122,9 +125,10 @@ pub fn start(config: Config) -> io::Result<Server> {
     let limiter = Arc::new(Limiter::new(settings.max_connections_per_client));
     let acceptor = {
         let shared = shared.clone();
-        thread::Builder::new()
-            .name("acceptor".into())
-            .spawn(move || accept_loop(listener, &shared, &tx, &limiter))?
+        thread::Builder::new().name("acceptor".into()).spawn({
+            let waiting = waiting.clone();
+            move || accept_loop(listener, &shared, &tx, &limiter, &waiting)
+        })?
     };
     log::info!("listening on http://{addr} with {worker_count} workers");
     Ok(Server {
@@ -223,7 +227,13 @@ impl Server {
 
 /// Takes the listener by value: returning closes it, which is what makes new
 /// connections be refused as soon as a drain begins.
-fn accept_loop(listener: TcpListener, shared: &Shared, tx: &Sender<Conn>, limiter: &Arc<Limiter>) {
+fn accept_loop(
+    listener: TcpListener,
+    shared: &Shared,
+    tx: &Sender<Conn>,
+    limiter: &Arc<Limiter>,
+    waiting: &AtomicBool,
+) {
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = listener.accept();
@@ -257,6 +267,18 @@ fn accept_loop(listener: TcpListener, shared: &Shared, tx: &Sender<Conn>, limite
                 };
                 match tx.try_send(conn) {
                     Ok(()) => {}
+                    // The dispatcher holds nothing, so the queue is not full:
+                    // it is between two connections (with queueSize 1 the
+                    // channel has no room of its own). Give it a moment.
+                    Err(TrySendError::Full(c)) if !waiting.load(Ordering::Relaxed) => {
+                        match tx.send_timeout(c, HANDOFF_WAIT) {
+                            Ok(()) => {}
+                            Err(SendTimeoutError::Timeout(c)) => {
+                                shed(c.stream, "every worker is busy")
+                            }
+                            Err(SendTimeoutError::Disconnected(_)) => return,
+                        }
+                    }
                     Err(TrySendError::Full(c)) => shed(c.stream, "every worker is busy"),
                     Err(TrySendError::Disconnected(_)) => return,
                 }
