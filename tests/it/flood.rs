@@ -1,6 +1,6 @@
 //! Connection floods against the balancer binary on loopback: 2,000 idle
 //! connections, 500 slow-head clients and 200 clients that never read their
-//! responses. Each runs while a normal client keeps sending requests, and
+//! responses (that one is `#[ignore]`d in `cargo test`: it moves 1.4 GB). Each runs while a normal client keeps sending requests, and
 //! checks from outside (`/proc/PID`) that threads, descriptors and RSS stay
 //! under the caps documented in the README's "Reliability" section, that the
 //! normal client is served within a bounded time, and that the balancer
@@ -230,7 +230,12 @@ fn five_hundred_slow_head_clients() {
     );
 }
 
+/// Ignored in `cargo test`: about 1.4 GB cross loopback before every write
+/// blocks, which saturates two cores for seconds and starves the tests
+/// running beside it. Run it alone:
+/// `cargo test --test it flood -- --ignored --nocapture`.
 #[test]
+#[ignore = "heavy (1.4 GB over loopback): cargo test --test it flood -- --ignored"]
 fn two_hundred_clients_that_never_read() {
     // 16 MiB of SSE per answer: more than the kernel buffers between the
     // upstream, the balancer and a client that does not read (about 7 MiB on
