@@ -154,7 +154,6 @@ fn attempts(
     let deadline = req.started + settings.timeouts.total;
     let mut last: Option<Failed> = None;
     let mut candidates = b.hosts.candidates().for_model(req.model.clone());
-    let mut _retry: Option<RetryTicket<'_>> = None;
     if let (true, Some(after)) = (req.stream, settings.stream_keep_alive_after) {
         // A slow first token: commit the head early and keep the line warm,
         // while failover stays invisible until the first data event.
@@ -206,13 +205,13 @@ fn attempts(
             }
             pause?;
         }
+        let mut ticket: Option<RetryTicket<'_>> = None;
         if served.attempts > 0 {
             // The ticket is taken after any pause: a sleeping request must
             // not hold one of the few concurrent retry slots.
-            _retry = None;
             let slot_wait = (Instant::now() + retry::RETRY_SLOT_WAIT).min(deadline);
             match shared.budget.retry(slot_wait) {
-                Some(ticket) => _retry = Some(ticket),
+                Some(t) => ticket = Some(t),
                 None => {
                     b.hosts.record(&c.host, Verdict::Unknown, c.probe, None);
                     log::warn!(
@@ -236,7 +235,17 @@ fn attempts(
             None
         };
         let begun = metrics::attempt_begins();
-        let result = attempt(shared, b, req, &c, deadline, slot.as_ref(), out, trail);
+        let result = attempt(
+            shared,
+            b,
+            req,
+            &c,
+            deadline,
+            slot.as_ref(),
+            ticket,
+            out,
+            trail,
+        );
         watch::clear_hedge();
         observe(b, &c.host, begun, &result);
         let failure = match result {
@@ -464,6 +473,7 @@ fn attempt(
     c: &Candidate,
     deadline: Instant,
     hedge: Option<&Arc<hedge::Slot>>,
+    retry: Option<RetryTicket<'_>>,
     out: &mut Responder<'_, TcpStream>,
     trail: &mut Trail,
 ) -> Result<Delivered, AttemptError> {
@@ -482,7 +492,7 @@ fn attempt(
             // The hedge reached its commit point first; this attempt was cut.
             b.hosts.record(&c.host, Verdict::Unknown, c.probe, None);
             trail.push(&c.host, c.key.as_deref(), "outrun");
-            return commit_hedge(b, slot, out, trail);
+            return commit_hedge(b, slot, retry, out, trail);
         }
         (Err(AttemptError::Failed(f)), Some(slot)) if slot.launched() => {
             // This attempt failed while a hedge is under way: that hedge is
@@ -490,7 +500,7 @@ fn attempt(
             trail.push(&c.host, c.key.as_deref(), &outcome_label(f.outcome));
             learn(b, c, &f, req.model.as_ref());
             match slot.wait(deadline) {
-                Ok(()) => return commit_hedge(b, slot, out, trail),
+                Ok(()) => return commit_hedge(b, slot, retry, out, trail),
                 Err(AttemptError::Failed(_)) => {
                     hedge_trail(slot, trail);
                     return Err(AttemptError::Recorded(f));
@@ -505,7 +515,7 @@ fn attempt(
             return Err(e);
         }
     };
-    commit(ready, out, trail)
+    commit(ready, retry, out, trail)
 }
 
 /// Feed the time to first byte to the hedge's "auto" delay.
@@ -519,6 +529,7 @@ fn note_first_byte(shared: &Shared, ready: &Ready) {
 fn commit_hedge(
     b: &Balancer,
     slot: &hedge::Slot,
+    retry: Option<RetryTicket<'_>>,
     out: &mut Responder<'_, TcpStream>,
     trail: &mut Trail,
 ) -> Result<Delivered, AttemptError> {
@@ -528,7 +539,7 @@ fn commit_hedge(
     };
     let host = ready.host.clone();
     let key = ready.key.clone();
-    let end = commit(ready, out, trail);
+    let end = commit(ready, retry, out, trail);
     let verdict = match &end {
         Ok(Delivered::Complete | Delivered::Hedged(_)) => Verdict::Success,
         Ok(Delivered::Cut(_)) => Verdict::Failure,
@@ -699,9 +710,13 @@ pub fn run_to_commit(
 /// Send what `ready` holds and pass the rest of its body through.
 fn commit(
     ready: Ready,
+    retry: Option<RetryTicket<'_>>,
     out: &mut Responder<'_, TcpStream>,
     trail: &mut Trail,
 ) -> Result<Delivered, AttemptError> {
+    // A retry that reached real output is no longer a retry in the budget's
+    // sense: its slot frees now, not when its stream ends minutes later.
+    drop(retry);
     sync_early(out);
     let Ready {
         host,

@@ -19,6 +19,13 @@ use crate::process::{config_dir, ordinary, probe, spawn, Balancer, Sample, Sampl
 use crate::util::wait_for;
 
 /// Open `n` connections from a few threads; the ones that fail are skipped.
+/// Floods run one at a time: two at once on two cores measure each other.
+static ONE_FLOOD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_flood() -> std::sync::MutexGuard<'static, ()> {
+    ONE_FLOOD.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn open_many(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
     // Several threads: when the listen backlog (128) overflows, a connect
     // waits for the SYN retransmit (1 s); the others go on meanwhile.
@@ -142,6 +149,7 @@ fn normal_client_was_served(normal: &crate::process::ProbeReport, bound: Duratio
 
 #[test]
 fn two_thousand_idle_connections() {
+    let _one = one_flood();
     let up = Upstream::always(Reply::json(200, "{}"));
     let dir = config_dir(
         "idle",
@@ -184,6 +192,7 @@ fn two_thousand_idle_connections() {
 
 #[test]
 fn five_hundred_slow_head_clients() {
+    let _one = one_flood();
     let up = Upstream::always(Reply::json(200, "{}"));
     let dir = config_dir(
         "slow",
@@ -237,6 +246,7 @@ fn five_hundred_slow_head_clients() {
 #[test]
 #[ignore = "heavy (1.4 GB over loopback): cargo test --test it flood -- --ignored"]
 fn two_hundred_clients_that_never_read() {
+    let _one = one_flood();
     // 16 MiB of SSE per answer: more than the kernel buffers between the
     // upstream, the balancer and a client that does not read (about 7 MiB on
     // loopback, measured), so the balancer's writes block.
