@@ -126,7 +126,7 @@ pub fn serve(
     req: &Proxied<'_>,
     out: &mut Responder<'_, TcpStream>,
 ) -> Served {
-    let _watch = watch::start(req.client.try_clone().ok());
+    let _watch = watch::begin(req.client);
     let _ticket = shared.budget.request();
     shared.hedger.deposit();
     let mut served = Served::default();

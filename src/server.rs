@@ -46,6 +46,7 @@ use crate::rng;
 use crate::routes::{self, Route};
 use crate::state::{Balancer, Shared};
 use crate::upstream::Outgoing;
+use crate::watch;
 
 /// Longest request line or header line.
 pub const MAX_LINE: usize = 8 * 1024;
@@ -450,6 +451,8 @@ fn serve_connection(shared: &Arc<Shared>, conn: Conn, waiting: &AtomicBool) {
     };
     let write_timeout = shared.current().config.settings.write_timeout;
     let _ = stream.set_write_timeout(Some(write_timeout));
+    // Upstream waits watch this socket; one clone serves every request here.
+    let _watch = watch::start(stream.try_clone().ok());
     let mut writer = stream;
     let mut reader = Reader::new(Client {
         stream: read_half,

@@ -98,6 +98,26 @@ pub fn start(client: Option<TcpStream>) -> WatchGuard {
     WatchGuard(())
 }
 
+/// Start a new request on this thread's watch, keeping its client socket:
+/// a connection installs the watch once (one `dup` per connection, not per
+/// request). Returns a guard that installs one for `client` when the thread
+/// has none.
+pub fn begin(client: &TcpStream) -> Option<WatchGuard> {
+    let reset = CURRENT.with(|c| {
+        let mut slot = c.borrow_mut();
+        let Some(w) = slot.as_mut() else {
+            return false;
+        };
+        w.deadline = None;
+        w.aborted = None;
+        w.early = None;
+        w.hedge = None;
+        w.cancel = None;
+        true
+    });
+    (!reset).then(|| start(client.try_clone().ok()))
+}
+
 /// Set (or clear) the deadline after which upstream reads are abandoned.
 pub fn set_deadline(deadline: Option<Instant>) {
     CURRENT.with(|c| {
