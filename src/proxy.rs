@@ -246,7 +246,6 @@ fn attempts(
             out,
             trail,
         );
-        watch::clear_hedge();
         observe(b, &c.host, begun, &result);
         let failure = match result {
             Ok(end) => {
