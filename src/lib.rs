@@ -26,5 +26,6 @@ pub mod selection;
 pub mod server;
 pub mod state;
 pub mod streaming;
+pub mod transport;
 pub mod upstream;
 pub mod watch;

@@ -58,17 +58,19 @@ pub const MAX_HEADERS: usize = 100;
 pub const BODY_DEADLINE: Duration = Duration::from_secs(120);
 /// Stack of each worker thread; requests are shallow, so small stacks keep RSS low.
 const WORKER_STACK: usize = 256 * 1024;
+/// Longest a blocked client read goes without looking at the drain flag and
+/// at connections waiting for a worker; the only read timeout a client socket
+/// normally has, so setting it costs one syscall per connection.
+pub const CLIENT_SLICE: Duration = Duration::from_millis(100);
 /// Longest time an idle keep-alive connection goes without looking at the
 /// drain flag, so that a shutdown is not held up by `keepAliveMs`.
-pub const DRAIN_POLL: Duration = Duration::from_millis(250);
+pub const DRAIN_POLL: Duration = CLIENT_SLICE;
 /// While another connection waits for a worker, how long a connection may
 /// hold its worker without a complete request head: counted from its accept
 /// (first request) or from the end of its previous response (keep-alive).
 /// Past it, an idle connection is closed (a fresh one gets 503) and a partial
 /// head gets 408, so idle and slowloris connections cannot starve the pool.
 pub const HEAD_GRACE: Duration = Duration::from_secs(1);
-/// How often a worker past [`HEAD_GRACE`] looks whether someone is waiting.
-const PRESSURE_POLL: Duration = Duration::from_millis(100);
 /// How long [`Server::shutdown`] keeps trying to wake the acceptor.
 const WAKE_LIMIT: Duration = Duration::from_secs(3);
 
@@ -370,25 +372,43 @@ fn worker(shared: &Arc<Shared>, rx: &Receiver<Conn>, waiting: &AtomicBool) {
     }
 }
 
-/// The client socket as the request reader sees it. While `yield_at` is set
-/// (a request head is awaited) and has passed, and another connection waits
-/// for a worker, a read that finds nothing fails as a timeout at once, so
-/// the worker moves on to the waiting connection.
+/// The client socket as the request reader sees it.
+///
+/// Every read blocks in slices of [`CLIENT_SLICE`] with that one timeout set
+/// on the socket, so the fast path (data already there, or arriving within
+/// a slice) costs exactly one `recv` and no `setsockopt`; the reader's own
+/// timeout is enforced between slices. Between slices it gives way: while
+/// `yield_at` is set (a request head is awaited) and has passed, and another
+/// connection waits for a worker, a read fails as a timeout at once, so the
+/// worker moves on to the waiting connection; while `idle` (waiting for the
+/// first byte of a keep-alive request), a drain ends the wait.
 struct Client<'a> {
     stream: TcpStream,
+    shared: &'a Shared,
     waiting: &'a AtomicBool,
     yield_at: Option<Instant>,
+    /// Waiting for the first byte of a follow-up request.
+    idle: bool,
     /// The timeout the reader asked for.
     timeout: Option<Duration>,
+    /// The read timeout currently set on the socket.
+    applied: Option<Duration>,
     /// The last read gave up for a waiting connection.
     yielded: bool,
 }
 
+impl Client<'_> {
+    fn apply(&mut self, wait: Duration) -> io::Result<()> {
+        if self.applied != Some(wait) {
+            self.stream.set_read_timeout(Some(wait))?;
+            self.applied = Some(wait);
+        }
+        Ok(())
+    }
+}
+
 impl Read for Client<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let Some(at) = self.yield_at else {
-            return self.stream.read(buf);
-        };
         let end = self.timeout.map(|t| Instant::now() + t);
         loop {
             let now = Instant::now();
@@ -396,27 +416,33 @@ impl Read for Client<'_> {
             if left.is_some_and(|l| l.is_zero()) {
                 return Err(io::ErrorKind::TimedOut.into());
             }
-            let pressed = now >= at && self.waiting.load(Ordering::Relaxed);
+            let pressed =
+                self.yield_at.is_some_and(|at| now >= at) && self.waiting.load(Ordering::Relaxed);
+            // Pressed: take what has arrived, wait for nothing more.
             let slice = if pressed {
-                // Take what has arrived, wait for nothing more.
                 Duration::from_millis(1)
-            } else if now >= at {
-                PRESSURE_POLL
             } else {
-                at - now
+                CLIENT_SLICE
             };
-            let wait = left
-                .map_or(slice, |l| l.min(slice))
-                .max(Duration::from_millis(1));
-            self.stream.set_read_timeout(Some(wait))?;
+            let wait = match left {
+                Some(l) if l < slice => l.max(Duration::from_millis(1)),
+                _ => slice,
+            };
+            self.apply(wait)?;
             match self.stream.read(buf) {
                 Err(e) if is_timeout(&e) => {
                     if pressed {
                         self.yielded = true;
                         return Err(e);
                     }
+                    if self.idle && self.shared.draining() {
+                        return Err(e);
+                    }
                 }
-                other => return other,
+                other => {
+                    self.idle = false;
+                    return other;
+                }
             }
         }
     }
@@ -424,8 +450,9 @@ impl Read for Client<'_> {
 
 impl Source for Client<'_> {
     fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        // Enforced between slices by `read`; no syscall here.
         self.timeout = timeout;
-        self.stream.set_read_timeout(timeout)
+        Ok(())
     }
 }
 
@@ -456,9 +483,12 @@ fn serve_connection(shared: &Arc<Shared>, conn: Conn, waiting: &AtomicBool) {
     let mut writer = stream;
     let mut reader = Reader::new(Client {
         stream: read_half,
+        shared,
         waiting,
         yield_at: Some(accepted + HEAD_GRACE),
+        idle: false,
         timeout: None,
+        applied: None,
         yielded: false,
     });
     let mut first = true;
@@ -476,23 +506,20 @@ fn serve_connection(shared: &Arc<Shared>, conn: Conn, waiting: &AtomicBool) {
         } else {
             settings.keep_alive
         };
-        // Between requests, wait for the next one here rather than in
-        // read_head, so that a drain closes an idle connection within
-        // DRAIN_POLL instead of after keepAliveMs. Bytes already buffered
-        // (pipelining) are served without waiting.
-        if !first
-            && reader.buffered() == 0
-            && !await_next_request(shared, &reader.get_ref().stream, idle, waiting)
-        {
-            return;
-        }
         if !first {
-            reader.get_mut().yield_at = Some(Instant::now() + HEAD_GRACE);
+            // Waiting for a follow-up request: a drain closes the connection
+            // within CLIENT_SLICE instead of after keepAliveMs, and so does
+            // another connection waiting for a worker past HEAD_GRACE.
+            // Bytes already buffered (pipelining) are served without waiting.
+            let client = reader.get_mut();
+            client.yield_at = Some(Instant::now() + HEAD_GRACE);
+            client.idle = true;
         }
         let fresh = std::mem::replace(&mut first, false);
         let head = reader.read_head(&limits, idle, settings.head_timeout);
         let client = reader.get_mut();
         client.yield_at = None;
+        client.idle = false;
         let head = match head {
             Ok(head) => head,
             Err(RequestError::Idle) if fresh && client.yielded => {
@@ -587,58 +614,6 @@ fn serve_connection(shared: &Arc<Shared>, conn: Conn, waiting: &AtomicBool) {
         );
         if !out.keep_alive() || served.client_gone {
             return;
-        }
-    }
-}
-
-/// Wait up to `idle` until the client sends the first byte of its next
-/// request; false when it closed, stayed idle, a drain began meanwhile, or
-/// it stayed idle [`HEAD_GRACE`] while another connection waits for a worker.
-///
-/// Bytes that arrive are left in the socket for the request reader. The drain
-/// flag is read between slices of at most [`DRAIN_POLL`], and a request that
-/// had already arrived when the drain began is still served: the client sent
-/// it before it could have known.
-fn await_next_request(
-    shared: &Shared,
-    stream: &TcpStream,
-    idle: Duration,
-    waiting: &AtomicBool,
-) -> bool {
-    let began = Instant::now();
-    let deadline = began + idle;
-    let grace = began + HEAD_GRACE;
-    let mut byte = [0u8; 1];
-    loop {
-        let now = Instant::now();
-        if now >= deadline {
-            return false;
-        }
-        let slice = if now >= grace {
-            PRESSURE_POLL
-        } else {
-            DRAIN_POLL.min(grace - now)
-        };
-        if stream
-            .set_read_timeout(Some((deadline - now).min(slice)))
-            .is_err()
-        {
-            return false;
-        }
-        match stream.peek(&mut byte) {
-            Ok(0) => return false,
-            Ok(_) => return true,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) => {}
-            Err(_) => return false,
-        }
-        if shared.draining() || (Instant::now() >= grace && waiting.load(Ordering::Relaxed)) {
-            return false;
         }
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use ureq::config::AutoHeaderValue;
 use ureq::http::{self, Response};
-use ureq::unversioned::transport::{Connector, DefaultConnector};
+use ureq::unversioned::transport::{Connector, RustlsConnector};
 use ureq::{Agent, Body};
 
 use crate::config::Settings;
@@ -22,6 +22,7 @@ use crate::keys::Key;
 use crate::request::Header;
 use crate::resolve::LiteralFirst;
 use crate::retry::Outcome;
+use crate::transport::LinkConnector;
 use crate::watch::{self, Abort};
 
 /// Upstream I/O buffer size each way; larger than any response head we accept.
@@ -73,7 +74,11 @@ pub fn agent(settings: &Settings) -> Agent {
         .timeout_send_body(Some(Duration::from_secs(120)))
         .timeout_recv_response(Some(settings.timeouts.first_byte))
         .build();
-    let connector = DefaultConnector::new().chain(watch::WatchConnector);
+    // Our TCP transport (cached timeouts, coalesced writes, cheap probes),
+    // TLS over it for https hosts, and the watch over both.
+    let connector = LinkConnector
+        .chain(RustlsConnector::default())
+        .chain(watch::WatchConnector);
     Agent::with_parts(config, connector, LiteralFirst::default())
 }
 

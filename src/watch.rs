@@ -281,19 +281,7 @@ pub fn aborted() -> Option<Abort> {
 
 /// True when the peer has closed (EOF or error); pipelined bytes do not count.
 pub fn peer_closed(stream: &TcpStream) -> bool {
-    if stream.set_nonblocking(true).is_err() {
-        return true;
-    }
-    let mut byte = [0u8; 1];
-    let closed = match stream.peek(&mut byte) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => !matches!(
-            e.kind(),
-            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-        ),
-    };
-    closed || stream.set_nonblocking(false).is_err()
+    crate::transport::peek(stream) == crate::transport::Peek::Closed
 }
 
 fn check() -> Option<Abort> {
@@ -324,15 +312,15 @@ fn check() -> Option<Abort> {
 #[derive(Debug, Default)]
 pub struct WatchConnector;
 
-impl Connector<Box<dyn Transport>> for WatchConnector {
+impl<In: Transport> Connector<In> for WatchConnector {
     type Out = WatchedTransport;
 
     fn connect(
         &self,
         _details: &ConnectionDetails,
-        chained: Option<Box<dyn Transport>>,
+        chained: Option<In>,
     ) -> Result<Option<Self::Out>, Error> {
-        Ok(chained.map(WatchedTransport))
+        Ok(chained.map(|t| WatchedTransport(Box::new(t))))
     }
 }
 
