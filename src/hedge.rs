@@ -23,7 +23,7 @@ use crate::config::Hedge;
 use crate::hosts::{Candidate, Host, Verdict};
 use crate::keys::Key;
 use crate::proxy::{self, Proxied, Ready};
-use crate::request::Header;
+use crate::request::Headers;
 use crate::retry::Outcome;
 use crate::state::{Balancer, Shared};
 use crate::upstream::{AttemptError, Outgoing};
@@ -261,7 +261,7 @@ struct Job {
     b: Arc<Balancer>,
     method: String,
     path: String,
-    headers: Vec<Header>,
+    headers: Headers,
     body: Arc<Vec<u8>>,
     request_id: String,
     model: Option<Arc<str>>,
@@ -296,7 +296,7 @@ pub fn arm(
         b: b.clone(),
         method: req.outgoing.method.to_string(),
         path: req.outgoing.path.to_string(),
-        headers: req.outgoing.headers.to_vec(),
+        headers: req.outgoing.headers.clone(),
         body: req.body.clone(),
         request_id: req.outgoing.request_id.to_string(),
         model: req.model.clone(),

@@ -130,7 +130,7 @@ pub fn serve(
     let _ticket = shared.budget.request();
     shared.hedger.deposit();
     let mut served = Served::default();
-    let mut trail = Trail::default();
+    let mut trail = Trail(String::with_capacity(96));
     let result = attempts(shared, b, req, out, &mut served, &mut trail);
     served.trail = trail.0;
     end_early(out);

@@ -71,6 +71,13 @@ pub fn error_body(status: u16, code: &str, message: &str) -> Vec<u8> {
     out
 }
 
+fn push_header(buf: &mut Vec<u8>, name: &str, value: &str) {
+    buf.extend_from_slice(name.as_bytes());
+    buf.extend_from_slice(b": ");
+    buf.extend_from_slice(value.as_bytes());
+    buf.extend_from_slice(b"\r\n");
+}
+
 /// Response writer for one request on one connection.
 pub struct Responder<'a, W: Write> {
     out: &'a mut W,
@@ -83,8 +90,8 @@ pub struct Responder<'a, W: Write> {
     state: State,
     /// Scratch buffer reused for heads and chunk framing.
     buf: Vec<u8>,
-    /// Headers added to every response (e.g. X-Request-Id).
-    extra: Vec<(String, String)>,
+    /// Header lines added to every response (e.g. X-Request-Id), ready to send.
+    extra: Vec<u8>,
     status: u16,
     bytes: u64,
 }
@@ -113,10 +120,13 @@ impl<'a, W: Write> Responder<'a, W> {
         }
     }
 
-    /// Add a header to whatever response is sent (values are checked).
+    /// Add a header to whatever response is sent (names and values are checked).
     pub fn add_header(&mut self, name: &str, value: &str) {
-        if valid_value(value.as_bytes()) {
-            self.extra.push((name.to_string(), value.to_string()));
+        if valid_value(value.as_bytes()) && valid_value(name.as_bytes()) {
+            if self.extra.is_empty() {
+                self.extra.reserve(256);
+            }
+            push_header(&mut self.extra, name, value);
         }
     }
 
@@ -149,18 +159,12 @@ impl<'a, W: Write> Responder<'a, W> {
         self.status = status;
         self.buf.clear();
         let _ = write!(self.buf, "HTTP/1.1 {} {}\r\n", status, reason(status));
-        for (name, value) in headers
-            .iter()
-            .copied()
-            .chain(self.extra.iter().map(|(n, v)| (n.as_str(), v.as_str())))
-        {
+        for &(name, value) in headers {
             if valid_value(value.as_bytes()) && valid_value(name.as_bytes()) {
-                self.buf.extend_from_slice(name.as_bytes());
-                self.buf.extend_from_slice(b": ");
-                self.buf.extend_from_slice(value.as_bytes());
-                self.buf.extend_from_slice(b"\r\n");
+                push_header(&mut self.buf, name, value);
             }
         }
+        self.buf.extend_from_slice(&self.extra);
         match length {
             Some(n) => {
                 let _ = write!(self.buf, "Content-Length: {n}\r\n");

@@ -277,7 +277,7 @@ pub fn status_json(shared: &Shared, b: &Balancer) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::config::{Config, HostSpec, Settings};
-    use crate::request::{Framing, Header};
+    use crate::request::Framing;
 
     fn balancer(tweak: impl FnOnce(&mut Settings)) -> Balancer {
         let mut settings = Settings::default();
@@ -303,10 +303,7 @@ mod tests {
             target: target.into(),
             minor_version: 1,
             headers: auth
-                .map(|a| Header {
-                    name: "Authorization".into(),
-                    value: a.as_bytes().to_vec(),
-                })
+                .map(|a| ("Authorization", a.as_bytes()))
                 .into_iter()
                 .collect(),
             framing: Framing::None,

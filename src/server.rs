@@ -778,9 +778,11 @@ fn proxy_request(
             return proxy::Served::default();
         }
     };
-    let is_json = head
-        .header_str("content-type")
-        .is_none_or(|ct| ct.to_ascii_lowercase().contains("json"));
+    let is_json = head.header_str("content-type").is_none_or(|ct| {
+        ct.as_bytes()
+            .windows(4)
+            .any(|w| w.eq_ignore_ascii_case(b"json"))
+    });
     let mut probe = Probe::default();
     if is_json && !body.is_empty() {
         match serde_json::from_slice::<Probe>(&body) {

@@ -87,6 +87,7 @@ impl Connector<()> for LinkConnector {
             pending: Vec::new(),
             read_timeout: None,
             write_timeout: None,
+            used: false,
         }))
     }
 }
@@ -147,6 +148,8 @@ pub struct Link {
     read_timeout: Option<Duration>,
     /// The write timeout currently set on the socket.
     write_timeout: Option<Duration>,
+    /// I/O happened since the last liveness question.
+    used: bool,
 }
 
 impl fmt::Debug for Link {
@@ -225,6 +228,7 @@ impl Transport for Link {
         if timeout.after.is_zero() {
             return Err(Error::Timeout(timeout.reason));
         }
+        self.used = true;
         if self.pending.len() + amount <= COALESCE {
             let output = &self.buffers.output()[..amount];
             self.pending.extend_from_slice(output);
@@ -239,6 +243,7 @@ impl Transport for Link {
     }
 
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, Error> {
+        self.used = true;
         if !self.pending.is_empty() {
             // No deadline of ureq's applies to this flush: WRITE_STALL does.
             let flush = NextTimeout::default();
@@ -270,9 +275,20 @@ impl Transport for Link {
         }
     }
 
+    /// ureq asks twice per exchange: when the connection goes back to the
+    /// pool (right after I/O) and when it is taken out for the next request.
+    /// Only the second probes the socket: it runs just before the connection
+    /// is used, so it also sees a close that came while the connection sat
+    /// idle, and a dead connection parked in the pool meanwhile costs nothing.
     fn is_open(&mut self) -> bool {
         // Unsent output means an exchange was abandoned half-way.
-        self.pending.is_empty() && peek(&self.stream) == Peek::Quiet
+        if !self.pending.is_empty() {
+            return false;
+        }
+        if std::mem::replace(&mut self.used, false) {
+            return true;
+        }
+        peek(&self.stream) == Peek::Quiet
     }
 }
 
@@ -294,6 +310,7 @@ mod tests {
             pending: Vec::new(),
             read_timeout: None,
             write_timeout: None,
+            used: false,
         };
         (link, far)
     }
@@ -371,11 +388,15 @@ mod tests {
     fn probe_tells_quiet_from_stray_bytes_and_from_closed() {
         let (mut link, mut far) = pair();
         assert!(link.is_open());
+        // After I/O, the first question (the return to the pool) is free;
+        // the next (taking it out) probes and sees the stray bytes.
+        link.used = true;
         far.write_all(b"junk").unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while peek(&link.stream) != Peek::Data && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(1));
         }
+        assert!(link.is_open(), "returning to the pool does not probe");
         assert!(!link.is_open(), "stray bytes must not be reused");
 
         let (mut link, far) = pair();

@@ -19,7 +19,7 @@ use ureq::{Agent, Body};
 use crate::config::Settings;
 use crate::hosts::Host;
 use crate::keys::Key;
-use crate::request::Header;
+use crate::request::Headers;
 use crate::resolve::LiteralFirst;
 use crate::retry::Outcome;
 use crate::transport::LinkConnector;
@@ -91,7 +91,7 @@ pub struct Outgoing<'a> {
     /// Path and query, starting with `/v1/`.
     pub path: &'a str,
     /// The client's headers (filtered here).
-    pub headers: &'a [Header],
+    pub headers: &'a Headers,
     /// The body, byte for byte.
     pub body: &'a [u8],
     /// Our request id, sent as `X-Request-Id`.
@@ -136,9 +136,9 @@ pub fn send(
     let mut builder = http::Request::builder()
         .method(out.method)
         .uri(host.url(out.path));
-    for h in out.headers {
-        if !DROPPED.iter().any(|d| h.name.eq_ignore_ascii_case(d)) {
-            builder = builder.header(h.name.as_str(), h.value.as_slice());
+    for (name, value) in out.headers.iter() {
+        if !DROPPED.iter().any(|d| name.eq_ignore_ascii_case(d)) {
+            builder = builder.header(name, value);
         }
     }
     builder = builder.header("x-request-id", out.request_id);

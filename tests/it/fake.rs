@@ -63,6 +63,9 @@ pub enum Reply {
     Close,
     /// Say nothing for this long (the response head included), then reply.
     Delayed(Duration, Box<Reply>),
+    /// Reply, then close the connection without having said `Connection:
+    /// close` (as a server whose keep-alive timeout just ran out does).
+    Closing(Box<Reply>),
 }
 
 impl Reply {
@@ -118,6 +121,8 @@ struct Inner {
     /// When each `Step::Send` was written, in order.
     sent: Mutex<Vec<Instant>>,
     count: AtomicUsize,
+    /// Connections closed after a `Reply::Closing`.
+    closed: AtomicUsize,
     stop: AtomicBool,
     handler: Box<Handler>,
 }
@@ -138,6 +143,7 @@ impl Upstream {
             peer_closed: Mutex::new(Vec::new()),
             sent: Mutex::new(Vec::new()),
             count: AtomicUsize::new(0),
+            closed: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             handler: Box::new(handler),
         });
@@ -166,6 +172,11 @@ impl Upstream {
 
     pub fn requests(&self) -> Vec<Seen> {
         self.inner.seen.lock().unwrap().clone()
+    }
+
+    /// Connections closed after a `Reply::Closing`, so far.
+    pub fn closed(&self) -> usize {
+        self.inner.closed.load(Ordering::SeqCst)
     }
 
     pub fn hits(&self) -> usize {
@@ -270,6 +281,11 @@ fn serve(stream: TcpStream, inner: &Inner) {
         let n = inner.count.fetch_add(1, Ordering::SeqCst);
         inner.seen.lock().unwrap().push(seen.clone());
         let mut reply = (inner.handler)(&seen, n);
+        let mut close_after = false;
+        if let Reply::Closing(next) = reply {
+            reply = *next;
+            close_after = true;
+        }
         while let Reply::Delayed(d, next) = reply {
             if watch_sleep(&out, d) {
                 inner.peer_closed.lock().unwrap().push(Instant::now());
@@ -354,7 +370,12 @@ fn serve(stream: TcpStream, inner: &Inner) {
                 let _ = out.shutdown(Shutdown::Both);
                 return;
             }
-            Reply::Delayed(..) => unreachable!("unwrapped above"),
+            Reply::Delayed(..) | Reply::Closing(..) => unreachable!("unwrapped above"),
+        }
+        if close_after {
+            let _ = out.shutdown(Shutdown::Both);
+            inner.closed.fetch_add(1, Ordering::SeqCst);
+            return;
         }
     }
 }

@@ -323,3 +323,27 @@ fn upstream_header_values_are_checked_before_copying() {
     assert_eq!(r.header("content-type"), None);
     assert_eq!(r.text(), "{}");
 }
+
+/// Pooled upstream connections are probed before reuse: an upstream that
+/// closes every connection after its answer (keep-alive timeout, restart)
+/// costs no failed attempt, no retry and no host failure.
+#[test]
+fn an_upstream_closing_idle_connections_costs_no_attempt() {
+    let up = Upstream::always(Reply::Closing(Box::new(Reply::json(200, OK))));
+    let bal = start(&[up.url()], &[], |_| {});
+    for i in 0..20 {
+        let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        assert_eq!(r.header("x-gaia-attempts"), Some("h0:200"), "request {i}");
+        // The close has happened before the next request takes a connection.
+        assert!(
+            crate::util::wait_for(Duration::from_secs(5), || up.closed() > i),
+            "the fake did not close after request {i}"
+        );
+    }
+    assert_eq!(up.hits(), 20);
+    let status = crate::util::request(bal.addr, "GET", "/status", &[], b"").json();
+    let host = &status["hosts"][0];
+    assert_eq!(host["failures"], 0, "{status}");
+    assert_eq!(host["successes"], 20, "{status}");
+}
