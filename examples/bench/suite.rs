@@ -55,6 +55,8 @@ pub struct Measured {
     pub streams: Vec<Vec<StreamStats>>,
     /// CPU seconds per 10,000 non-streaming requests, one per rep.
     pub cpu_per_10k: Vec<f64>,
+    /// Context switches (all threads) per non-streaming request, one per rep.
+    pub switches_per_request: Vec<f64>,
 }
 
 impl Measured {
@@ -108,10 +110,12 @@ pub fn measure(targets: &[Target], plan: &Plan, progress: &mut dyn FnMut(&str)) 
     }
     for rep in 0..plan.reps {
         let mut cpu = vec![0.0; targets.len()];
+        let mut switches = vec![0u64; targets.len()];
         let mut requests = vec![0u64; targets.len()];
         for (ci, &conns) in plan.conns.iter().enumerate() {
             for (ti, t) in targets.iter().enumerate() {
                 let before = t.pid.and_then(cpu_secs);
+                let switched = t.pid.map(context_switches);
                 let stats = match (&plan.wrk, &wrk_script) {
                     (Some(wrk), Some(script)) => {
                         let run = wrk_run(wrk, script, t.addr, conns, plan.secs);
@@ -133,6 +137,9 @@ pub fn measure(targets: &[Target], plan: &Plan, progress: &mut dyn FnMut(&str)) 
                 if let (Some(b), Some(a)) = (before, t.pid.and_then(cpu_secs)) {
                     cpu[ti] += a - b;
                 }
+                if let (Some(b), Some(a)) = (switched, t.pid.map(context_switches)) {
+                    switches[ti] += a.saturating_sub(b);
+                }
                 requests[ti] += stats.ok + stats.errors;
                 progress(&format!(
                     "rep {}/{} {:>3} conns  {:<14} {:>9.0} req/s  p50 {:>8.3} ms  p99 {:>8.3} ms  errors {}",
@@ -153,6 +160,9 @@ pub fn measure(targets: &[Target], plan: &Plan, progress: &mut dyn FnMut(&str)) 
                 out[ti]
                     .cpu_per_10k
                     .push(cpu[ti] / requests[ti] as f64 * 10_000.0);
+                out[ti]
+                    .switches_per_request
+                    .push(switches[ti] as f64 / requests[ti] as f64);
             }
         }
         for (si, &n) in plan.streams.iter().enumerate() {
@@ -334,6 +344,28 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
         total += (ut + st) / tick;
     }
     Some(total)
+}
+
+/// Voluntary plus involuntary context switches so far, summed over every
+/// thread of `pid` and its children: what a blocking design pays per request.
+pub fn context_switches(pid: u32) -> u64 {
+    let mut total = 0;
+    for p in family(pid) {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+                continue;
+            };
+            total += status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    total
 }
 
 fn clock_ticks() -> f64 {
@@ -525,6 +557,25 @@ pub fn render(r: &Results) -> String {
             .collect(),
         cpu.clone(),
     );
+    let switches: Vec<f64> = r
+        .targets
+        .iter()
+        .map(|t| median(t.switches_per_request.clone()))
+        .collect();
+    push(
+        "context switches per request".into(),
+        switches
+            .iter()
+            .map(|v| {
+                if v.is_finite() {
+                    format!("{v:.2}")
+                } else {
+                    "—".into()
+                }
+            })
+            .collect(),
+        switches.clone(),
+    );
     push(
         "failed requests + streams".into(),
         r.targets.iter().map(|t| t.errors().to_string()).collect(),
@@ -543,7 +594,7 @@ pub fn render(r: &Results) -> String {
         s,
         "\n{} repetitions; load: {}. The {} column is absolute; the others are what each proxy adds \
          (paired per repetition). \"first event\" is the first content event; \"chunk lag\" is from \
-         the upstream writing an event to the client reading it. Ratios: req/s, added p50, peak RSS, CPU.",
+         the upstream writing an event to the client reading it. Ratios: req/s, added p50, peak RSS, CPU, context switches.",
         r.reps, r.generator, base.name
     );
     s

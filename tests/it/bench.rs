@@ -91,6 +91,7 @@ fn bench_measures_and_prints_its_table() {
         "| chunk lag p50 / p99 ms, 4 streams |",
         "| idle / peak RSS MiB |",
         "| CPU s per 10,000 requests |",
+        "| context switches per request |",
         "| failed requests + streams | 0 | 0 |",
     ] {
         assert!(table.contains(row), "missing {row:?} in\n{table}");
