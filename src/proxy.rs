@@ -772,8 +772,12 @@ fn commit(
     let ct = [("Content-Type", content_type.as_str())];
     let headers: &[(&str, &str)] = if content_type.is_empty() { &[] } else { &ct };
     let Some(mut reader) = rest else {
-        let _ = out.send(status, headers, &held);
-        return Ok(Delivered::Complete);
+        // A failed write (the client left, or stopped reading past
+        // writeTimeoutMs) is the client's doing: counted and logged as 499.
+        return match out.send(status, headers, &held) {
+            Ok(()) => Ok(Delivered::Complete),
+            Err(_) => Err(AttemptError::ClientGone),
+        };
     };
     let started = out.started() || out.start_stream(status, headers).is_ok();
     if !started || out.chunk(&held).is_err() {

@@ -347,3 +347,45 @@ fn an_upstream_closing_idle_connections_costs_no_attempt() {
     assert_eq!(host["failures"], 0, "{status}");
     assert_eq!(host["successes"], 20, "{status}");
 }
+
+/// A client that stops reading an answer is cut after writeTimeoutMs and
+/// counted as 499 (it went away), not as a 200 it never received. The
+/// answer (6 MiB) is one the balancer holds whole and sends in one write.
+#[test]
+fn a_client_that_stops_reading_is_counted_as_499() {
+    let big = format!("{{\"data\":\"{}\"}}", "x".repeat(6 << 20));
+    let up = Upstream::always(Reply::json(200, &big));
+    let bal = start(&[up.url()], &[], |c| {
+        c.settings.write_timeout = Duration::from_millis(300);
+    });
+    // A tiny receive window (set before connecting), so the kernel cannot
+    // absorb the answer on the client's behalf.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&bal.addr.into()).unwrap();
+    let mut s: std::net::TcpStream = socket.into();
+    let body = chat(false);
+    let req = format!(
+        "POST /v1/embeddings HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    std::io::Write::write_all(&mut s, req.as_bytes()).unwrap();
+    // Never read; wait for the balancer to give up on us.
+    let metrics = || crate::util::request(bal.addr, "GET", "/metrics", &[], b"").text();
+    let counted = crate::util::wait_for(Duration::from_secs(20), || {
+        metrics().lines().any(|l| {
+            l.contains("requests_total{")
+                && l.contains("route=\"embeddings\"")
+                && l.contains("code=\"499\"")
+        })
+    });
+    let m = metrics();
+    assert!(counted, "no 499 counted:\n{m}");
+    assert!(
+        !m.lines().any(|l| l.contains("requests_total{")
+            && l.contains("route=\"embeddings\"")
+            && l.contains("code=\"200\"")),
+        "the cut answer was counted as delivered:\n{m}"
+    );
+    drop(s);
+}
