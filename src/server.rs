@@ -1,6 +1,12 @@
 //! The HTTP/1.1 server: one acceptor thread, a bounded queue, a dispatcher
-//! thread that hands queued connections to a fixed pool of worker threads,
-//! and the keep-alive loop of one connection.
+//! thread that hands queued connections to a pool of worker threads capped
+//! at `workers`, and the keep-alive loop of one connection.
+//!
+//! The pool starts with [`INITIAL_WORKERS`] threads and grows on demand: when
+//! a connection is dequeued and no worker is free, the dispatcher starts one
+//! more, up to `workers`. Started threads never exit before a drain (no
+//! idle timeout, so no churn and nothing to tune); an idle thread costs
+//! about 12 KiB of RSS, which is why 256 of them are not started up front.
 //!
 //! Guarantees: the acceptor never exits on an accept error (EMFILE included:
 //! it backs off 5 ms doubling to 1 s and goes on); a full queue, a connection
@@ -26,7 +32,7 @@ use std::io::{self, Read};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -58,6 +64,9 @@ pub const MAX_HEADERS: usize = 100;
 pub const BODY_DEADLINE: Duration = Duration::from_secs(120);
 /// Stack of each worker thread; requests are shallow, so small stacks keep RSS low.
 const WORKER_STACK: usize = 256 * 1024;
+/// Worker threads started with the server (at most `workers`); the others
+/// start when a connection finds every started one busy.
+pub const INITIAL_WORKERS: usize = 4;
 /// Longest a blocked client read goes without looking at the drain flag and
 /// at connections waiting for a worker; the only read timeout a client socket
 /// normally has, so setting it costs one syscall per connection.
@@ -82,7 +91,8 @@ pub struct Server {
     addr: SocketAddr,
     shared: Arc<Shared>,
     acceptor: Option<JoinHandle<()>>,
-    workers: Vec<JoinHandle<()>>,
+    dispatcher: Option<JoinHandle<()>>,
+    pool: Arc<Pool>,
     /// A handle on the queue, to report its depth.
     queue: Receiver<Conn>,
     /// The config reloader, when started with [`start_with_reload`].
@@ -128,30 +138,25 @@ pub fn start(config: Config) -> io::Result<Server> {
     // Rendezvous: a connection passes only to a worker that is ready for it.
     let (handoff_tx, handoff_rx) = crossbeam_channel::bounded::<Conn>(0);
     let waiting = Arc::new(AtomicBool::new(false));
-    let mut workers = Vec::with_capacity(settings.workers + 1);
-    for i in 0..settings.workers.max(1) {
-        let rx = handoff_rx.clone();
-        let shared = shared.clone();
-        let handle = thread::Builder::new()
-            .name(format!("worker-{i}"))
+    let pool = Arc::new(Pool {
+        cap: settings.workers.max(1),
+        handles: Mutex::new(Vec::new()),
+        started: AtomicUsize::new(0),
+        handoff: handoff_rx,
+        shared: shared.clone(),
+        waiting: waiting.clone(),
+    });
+    for _ in 0..INITIAL_WORKERS.min(pool.cap) {
+        pool.grow()?;
+    }
+    let dispatcher = {
+        let (rx, shared, waiting, pool) =
+            (rx.clone(), shared.clone(), waiting.clone(), pool.clone());
+        thread::Builder::new()
+            .name("dispatcher".into())
             .stack_size(WORKER_STACK)
-            .spawn({
-                let waiting = waiting.clone();
-                move || worker(&shared, &rx, &waiting)
-            })?;
-        workers.push(handle);
-    }
-    let worker_count = workers.len();
-    {
-        let (rx, shared, waiting) = (rx.clone(), shared.clone(), waiting.clone());
-        // Counted with the workers: a drain waits for it like for them.
-        workers.push(
-            thread::Builder::new()
-                .name("dispatcher".into())
-                .stack_size(WORKER_STACK)
-                .spawn(move || dispatch(&rx, &handoff_tx, &shared, &waiting))?,
-        );
-    }
+            .spawn(move || dispatch(&rx, &handoff_tx, &shared, &waiting, &pool))?
+    };
     let limiter = Arc::new(Limiter::new(settings.max_connections_per_client));
     let acceptor = {
         let shared = shared.clone();
@@ -159,12 +164,17 @@ pub fn start(config: Config) -> io::Result<Server> {
             .name("acceptor".into())
             .spawn(move || accept_loop(listener, &shared, &tx, &limiter))?
     };
-    log::info!("listening on http://{addr} with {worker_count} workers");
+    log::info!(
+        "listening on http://{addr} with up to {} workers ({} started)",
+        pool.cap,
+        pool.started()
+    );
     Ok(Server {
         addr,
         shared,
         acceptor: Some(acceptor),
-        workers,
+        dispatcher: Some(dispatcher),
+        pool,
         queue: rx,
         reloader: None,
         waiting,
@@ -201,12 +211,21 @@ impl Server {
         &self.shared
     }
 
+    /// Worker threads started so far (they start on demand, up to `workers`).
+    pub fn workers_started(&self) -> usize {
+        self.pool.started()
+    }
+
     /// Block until the server stops (it only stops through [`Server::shutdown`]).
     pub fn wait(mut self) {
         if let Some(a) = self.acceptor.take() {
             let _ = a.join();
         }
-        for w in self.workers.drain(..) {
+        // The dispatcher first: once it is gone no worker can be added.
+        if let Some(d) = self.dispatcher.take() {
+            let _ = d.join();
+        }
+        for w in self.pool.take_handles() {
             let _ = w.join();
         }
     }
@@ -260,16 +279,73 @@ impl Server {
                 );
             }
         }
-        while deadline.is_none_or(|d| Instant::now() < d)
-            && self.workers.iter().any(|w| !w.is_finished())
-        {
+        // The dispatcher is looked at first: while it runs it may still add
+        // a worker; once it has finished, the pool's list is final.
+        let finished = |server: &Server| {
+            server.dispatcher.as_ref().is_none_or(|d| d.is_finished()) && server.pool.finished()
+        };
+        while deadline.is_none_or(|d| Instant::now() < d) && !finished(&self) {
             thread::sleep(Duration::from_millis(20));
         }
-        let all = self.workers.iter().all(|w| w.is_finished());
-        for w in self.workers.drain(..).filter(|w| w.is_finished()) {
-            let _ = w.join();
+        let all = finished(&self);
+        if let Some(d) = self.dispatcher.take_if(|d| d.is_finished()) {
+            let _ = d.join();
+        }
+        for w in self.pool.take_handles() {
+            if w.is_finished() {
+                let _ = w.join();
+            }
         }
         all
+    }
+}
+
+/// The worker threads: started on demand up to `cap`, never stopped before
+/// a drain (a thread that exited when idle would have to be started again
+/// at the next burst, and the memory it frees is small).
+struct Pool {
+    cap: usize,
+    handles: Mutex<Vec<JoinHandle<()>>>,
+    /// Threads started; read without the lock, for reports and tests.
+    started: AtomicUsize,
+    handoff: Receiver<Conn>,
+    shared: Arc<Shared>,
+    waiting: Arc<AtomicBool>,
+}
+
+impl Pool {
+    /// Start one more worker unless the pool is at its cap. Ok(false) at
+    /// the cap; an error when the thread could not be started.
+    fn grow(&self) -> io::Result<bool> {
+        let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+        if handles.len() >= self.cap {
+            return Ok(false);
+        }
+        let (rx, shared, waiting) = (
+            self.handoff.clone(),
+            self.shared.clone(),
+            self.waiting.clone(),
+        );
+        let handle = thread::Builder::new()
+            .name(format!("worker-{}", handles.len()))
+            .stack_size(WORKER_STACK)
+            .spawn(move || worker(&shared, &rx, &waiting))?;
+        handles.push(handle);
+        self.started.store(handles.len(), Ordering::Relaxed);
+        Ok(true)
+    }
+
+    fn started(&self) -> usize {
+        self.started.load(Ordering::Relaxed)
+    }
+
+    fn finished(&self) -> bool {
+        let handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+        handles.iter().all(|w| w.is_finished())
+    }
+
+    fn take_handles(&self) -> Vec<JoinHandle<()>> {
+        std::mem::take(&mut *self.handles.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -352,15 +428,39 @@ fn overloaded(stream: &mut TcpStream, why: &str) {
     let _ = stream.shutdown(std::net::Shutdown::Write);
 }
 
-/// Hand queued connections to workers in order, and answer 503 to one that
-/// has waited `queueWaitMs` without a worker taking it, at that moment (not
+/// Hand queued connections to workers in order, starting a worker when none
+/// is free and the pool is under its cap, and answer 503 to one that has
+/// waited `queueWaitMs` without a worker taking it, at that moment (not
 /// whenever a worker frees up, which can be minutes with long streams).
 ///
 /// Returns when the acceptor is gone and the queue is empty; dropping the
 /// handoff then lets idle workers finish.
-fn dispatch(rx: &Receiver<Conn>, handoff: &Sender<Conn>, shared: &Shared, waiting: &AtomicBool) {
+fn dispatch(
+    rx: &Receiver<Conn>,
+    handoff: &Sender<Conn>,
+    shared: &Shared,
+    waiting: &AtomicBool,
+    pool: &Pool,
+) {
     while let Ok(conn) = rx.recv() {
-        waiting.store(true, Ordering::Relaxed);
+        // A worker blocked in recv takes it at once. (One that is just
+        // finishing a connection is not there yet; starting a thread for
+        // that race costs one idle thread, within the cap.)
+        let conn = match handoff.try_send(conn) {
+            Ok(()) => continue,
+            Err(TrySendError::Full(conn)) => conn,
+            Err(TrySendError::Disconnected(_)) => return,
+        };
+        let grown = pool.grow().unwrap_or_else(|e| {
+            log::warn!(
+                "cannot start a worker thread ({e}); serving with {}",
+                pool.started()
+            );
+            false
+        });
+        // Only a connection no new worker is coming for presses idle and
+        // slow connections to give their workers up (see HEAD_GRACE).
+        waiting.store(!grown, Ordering::Relaxed);
         let left = shared
             .current()
             .config

@@ -262,3 +262,66 @@ fn keep_alive_serves_several_requests_on_one_connection() {
     }
     let _ = post(bal.addr, "/v1/embeddings", "{}");
 }
+
+#[test]
+fn worker_threads_start_on_demand_up_to_the_cap() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    // Every upstream request waits for the gate: each stream holds a worker.
+    let gate = Arc::new(AtomicBool::new(false));
+    let open = gate.clone();
+    let up = Upstream::start(move |_, _| {
+        wait_for(Duration::from_secs(30), || open.load(Ordering::Relaxed));
+        Reply::sse(vec![
+            Step::Send(role_event()),
+            Step::Send(content_event("hi")),
+            Step::Send(finish_events()),
+        ])
+    });
+    let cap = 12;
+    let bal = start(&[up.url()], &[], |c| {
+        c.settings.workers = cap;
+        c.settings.queue_wait = Duration::from_secs(60);
+        c.settings.timeouts.first_byte = Duration::from_secs(60);
+        c.settings.timeouts.total = Duration::from_secs(60);
+    });
+    let initial = gaia_balancer::server::INITIAL_WORKERS;
+    assert_eq!(bal.server().workers_started(), initial);
+    let addr = bal.addr;
+    let stream = move || {
+        std::thread::spawn(move || {
+            let r = post(addr, "/v1/chat/completions", &chat(true));
+            r.status == 200 && r.complete && r.text().ends_with("data: [DONE]\n\n")
+        })
+    };
+    // Ten at once: the pool grows past its start to one thread per stream.
+    let mut clients: Vec<_> = (0..10).map(|_| stream()).collect();
+    assert!(
+        wait_for(Duration::from_secs(20), || up.hits() == 10),
+        "hits {}",
+        up.hits()
+    );
+    let started = bal.server().workers_started();
+    assert!((10..=cap).contains(&started), "started {started}");
+    // Six more than the cap allows: it stops at the cap, the rest queue.
+    clients.extend((0..6).map(|_| stream()));
+    assert!(
+        wait_for(Duration::from_secs(20), || up.hits() == cap
+            && bal.server().queue_depth() == 16 - cap),
+        "hits {}, queued {}",
+        up.hits(),
+        bal.server().queue_depth()
+    );
+    assert_eq!(bal.server().workers_started(), cap);
+    // Released, every stream completes, the queued ones on freed workers.
+    gate.store(true, Ordering::Relaxed);
+    let ok = clients
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .filter(|ok| *ok)
+        .count();
+    assert_eq!(ok, 16);
+    assert_eq!(up.hits(), 16);
+    assert_eq!(bal.server().workers_started(), cap);
+}
