@@ -13,7 +13,11 @@
 //!   path is never (reads wait one watch tick, writes [`WRITE_STALL`]);
 //! - no single write waits longer than [`WRITE_STALL`] or past ureq's deadline;
 //! - a pooled connection is probed with one non-blocking `MSG_PEEK`, and one
-//!   with unsent output or unexpected input is never reused.
+//!   with unsent output or unexpected input is never reused;
+//! - a connection holds little memory while it waits for and reads a
+//!   response ([`LinkBuffers`]): ureq's own buffers allocate and zero both
+//!   directions in full (2 × 32 KiB) for a connection's whole life, which
+//!   was most of the memory of an open stream.
 //!
 //! TLS (rustls) runs on top of [`Link`], so HTTPS upstreams get the same.
 
@@ -21,12 +25,13 @@ use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
 use std::mem::MaybeUninit;
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 use ureq::unversioned::transport::time::Duration as UreqDuration;
 use ureq::unversioned::transport::{
-    Buffers, ConnectionDetails, Connector, LazyBuffers, NextTimeout, Transport,
+    Buffers, ConnectionDetails, Connector, Either, NextTimeout, RustlsConnector, Transport,
 };
 use ureq::Error;
 
@@ -35,9 +40,25 @@ pub const WRITE_STALL: Duration = Duration::from_secs(20);
 /// Output up to this size waits to leave with what follows (the body after
 /// the head), at the latest when the response is awaited.
 pub const COALESCE: usize = 16 * 1024;
+/// Capacity of `pending` kept after a flush: a request head and a small
+/// body; what a larger body needed is freed again.
+const PENDING_KEPT: usize = 4 * 1024;
 /// Shortest share of the connect timeout an address gets when the host
 /// resolved to several.
 const MIN_PER_ADDRESS: Duration = Duration::from_millis(10);
+/// First size of a connection's input buffer: a response head and an SSE
+/// event or two fit; it doubles (up to ureq's `input_buffer_size`) each time
+/// a read fills it, so large bodies still move in large reads.
+pub const INPUT_START: usize = 4 * 1024;
+/// Room for a chunked request body on its way into the output buffer (ureq
+/// reads it into this scratch space first; its own buffers keep 10 KiB).
+const SCRATCH: usize = 10 * 1024;
+/// Output buffers kept for the next request; any more are freed. Sending is
+/// brief, so few are in use at once even with thousands of open streams.
+const SPARE_OUTPUTS: usize = 16;
+
+/// Output buffers (output plus scratch) not lent to a connection.
+static SPARE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
 /// What a non-blocking peek at a socket found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,13 +104,48 @@ impl Connector<()> for LinkConnector {
         let config = details.config;
         Ok(Some(Link {
             stream,
-            buffers: LazyBuffers::new(config.input_buffer_size(), config.output_buffer_size()),
+            buffers: LinkBuffers::new(config.input_buffer_size(), config.output_buffer_size()),
             pending: Vec::new(),
             read_timeout: None,
             write_timeout: None,
             used: false,
         }))
     }
+}
+
+/// rustls over a [`Link`], for https hosts only (second in the chain).
+///
+/// Why not `RustlsConnector` in the chain directly: inlined into the chain's
+/// `connect`, its ~10 KiB stack frame is probed page by page on every new
+/// connection, plain HTTP included, and those pages stay resident in every
+/// worker thread that ever opened one. Here a plain connection never enters
+/// rustls's code.
+#[derive(Debug, Default)]
+pub struct TlsWhenNeeded(RustlsConnector);
+
+impl Connector<Link> for TlsWhenNeeded {
+    type Out = <RustlsConnector as Connector<Link>>::Out;
+
+    fn connect(
+        &self,
+        details: &ConnectionDetails,
+        chained: Option<Link>,
+    ) -> Result<Option<Self::Out>, Error> {
+        match chained {
+            Some(link) if !details.needs_tls() => Ok(Some(Either::A(link))),
+            chained => tls_connect(&self.0, details, chained),
+        }
+    }
+}
+
+/// Kept out of line: see [`TlsWhenNeeded`].
+#[inline(never)]
+fn tls_connect(
+    tls: &RustlsConnector,
+    details: &ConnectionDetails,
+    chained: Option<Link>,
+) -> Result<Option<<RustlsConnector as Connector<Link>>::Out>, Error> {
+    tls.connect(details, chained)
 }
 
 /// Try each address in turn; earlier ones get half of the time left (the
@@ -138,10 +194,153 @@ fn is_timeout(e: &io::Error) -> bool {
     )
 }
 
+/// A connection's buffers, as ureq's [`Buffers`] asks for them, sized to
+/// what is in use rather than to the configured maximum:
+/// - the output buffer is needed only while a request is being written out
+///   (`transmit_output` copies or writes it at once), so it is borrowed from
+///   a process-wide spare list and given back after each transmit, instead of
+///   being held by every open stream and every pooled connection;
+/// - the input buffer starts at [`INPUT_START`] and doubles when a read fills
+///   it, up to the configured size, so a stream of small events holds 4 KiB.
+///
+/// Safe Rust only hands out initialised bytes, so a buffer is zeroed once
+/// when it is allocated or grown (ureq does the same for its own), never per
+/// request.
+pub struct LinkBuffers {
+    input: Vec<u8>,
+    /// End of the bytes read into `input`.
+    filled: usize,
+    /// End of the bytes ureq has consumed.
+    consumed: usize,
+    input_max: usize,
+    /// The free space handed out by the last `input_append_buf`.
+    offered: usize,
+    /// The last read filled all the space it was offered.
+    full: bool,
+    /// The last `input_consume` consumed something (ureq's `can_use_input`).
+    progress: bool,
+    /// Output and scratch space while lent to this connection.
+    output: Option<Vec<u8>>,
+    output_size: usize,
+}
+
+impl LinkBuffers {
+    /// Buffers that grow to at most `input_max` in and write `output_size` out.
+    pub fn new(input_max: usize, output_size: usize) -> Self {
+        LinkBuffers {
+            input: Vec::new(),
+            filled: 0,
+            consumed: 0,
+            input_max: input_max.max(1),
+            offered: 0,
+            full: false,
+            progress: false,
+            output: None,
+            output_size: output_size.max(1),
+        }
+    }
+
+    /// The output-plus-scratch buffer, borrowed from the spare list (or
+    /// allocated) on first use since the last transmit.
+    fn lent(&mut self) -> &mut Vec<u8> {
+        let size = self.output_size + SCRATCH;
+        self.output.get_or_insert_with(|| {
+            let spare = SPARE.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            // A spare of another size comes from a config with other sizes.
+            spare
+                .filter(|b| b.len() == size)
+                .unwrap_or_else(|| vec![0; size])
+        })
+    }
+
+    /// Give the output buffer back: what it held has been sent or copied.
+    fn give_back(&mut self) {
+        if let Some(buf) = self.output.take() {
+            let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
+            if spare.len() < SPARE_OUTPUTS {
+                spare.push(buf);
+            }
+        }
+    }
+
+    /// Bytes allocated for input now (for tests).
+    #[cfg(test)]
+    fn input_capacity(&self) -> usize {
+        self.input.len()
+    }
+}
+
+impl Drop for LinkBuffers {
+    fn drop(&mut self) {
+        self.give_back();
+    }
+}
+
+impl fmt::Debug for LinkBuffers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LinkBuffers")
+            .field("input", &self.input.len())
+            .field("unconsumed", &(self.filled - self.consumed))
+            .field("output_lent", &self.output.is_some())
+            .finish()
+    }
+}
+
+impl Buffers for LinkBuffers {
+    fn output(&mut self) -> &mut [u8] {
+        let size = self.output_size;
+        &mut self.lent()[..size]
+    }
+
+    fn input(&self) -> &[u8] {
+        &self.input[self.consumed..self.filled]
+    }
+
+    fn input_append_buf(&mut self) -> &mut [u8] {
+        if self.consumed == self.filled {
+            self.consumed = 0;
+            self.filled = 0;
+        } else if self.consumed > 0 && self.filled > self.input.len() / 2 {
+            // Move the unconsumed tail to the front (as ureq's ConsumeBuf does).
+            self.input.copy_within(self.consumed..self.filled, 0);
+            self.filled -= self.consumed;
+            self.consumed = 0;
+        }
+        let no_room = self.filled == self.input.len();
+        if (no_room || self.full) && self.input.len() < self.input_max {
+            let size = (self.input.len() * 2).max(INPUT_START).min(self.input_max);
+            self.input.resize(size, 0);
+        }
+        self.full = false;
+        self.offered = self.input.len() - self.filled;
+        &mut self.input[self.filled..]
+    }
+
+    fn input_appended(&mut self, amount: usize) {
+        self.full = amount > 0 && amount >= self.offered;
+        self.filled = (self.filled + amount).min(self.input.len());
+    }
+
+    fn input_consume(&mut self, amount: usize) {
+        self.progress = amount > 0;
+        self.consumed = (self.consumed + amount).min(self.filled);
+    }
+
+    fn tmp_and_output(&mut self) -> (&mut [u8], &mut [u8]) {
+        let size = self.output_size;
+        let (output, tmp) = self.lent().split_at_mut(size);
+        (tmp, output)
+    }
+
+    fn can_use_input(&self) -> bool {
+        self.filled > self.consumed && self.progress
+    }
+}
+
 /// One upstream TCP connection as ureq sees it.
 pub struct Link {
     stream: TcpStream,
-    buffers: LazyBuffers,
+    buffers: LinkBuffers,
     /// Output accepted but not yet written (see [`COALESCE`]).
     pending: Vec<u8>,
     /// The read timeout currently set on the socket.
@@ -161,6 +360,32 @@ impl fmt::Debug for Link {
 }
 
 impl Link {
+    /// Stage `amount` bytes of the output buffer for sending (see [`COALESCE`]).
+    fn transmit(&mut self, amount: usize, timeout: &NextTimeout) -> Result<(), Error> {
+        let amount = amount.min(self.buffers.output_size);
+        if self.pending.len() + amount <= COALESCE {
+            let output = &self.buffers.output()[..amount];
+            self.pending.extend_from_slice(output);
+            return Ok(());
+        }
+        self.set_write_timeout(timeout)?;
+        let output = &self.buffers.output()[..amount];
+        write_both(&self.stream, &self.pending, output)
+            .map_err(|e| write_error(e, timeout.reason))?;
+        self.clear_pending();
+        Ok(())
+    }
+
+    /// Empty `pending` after it was sent; a large one (a body of up to
+    /// [`COALESCE`]) is freed rather than kept for the connection's life.
+    fn clear_pending(&mut self) {
+        if self.pending.capacity() > PENDING_KEPT {
+            self.pending = Vec::new();
+        } else {
+            self.pending.clear();
+        }
+    }
+
     fn set_read_timeout(&mut self, wanted: Option<Duration>) -> io::Result<()> {
         if wanted != self.read_timeout {
             self.stream.set_read_timeout(wanted)?;
@@ -229,17 +454,11 @@ impl Transport for Link {
             return Err(Error::Timeout(timeout.reason));
         }
         self.used = true;
-        if self.pending.len() + amount <= COALESCE {
-            let output = &self.buffers.output()[..amount];
-            self.pending.extend_from_slice(output);
-            return Ok(());
-        }
-        self.set_write_timeout(&timeout)?;
-        let output = &self.buffers.output()[..amount];
-        write_both(&self.stream, &self.pending, output)
-            .map_err(|e| write_error(e, timeout.reason))?;
-        self.pending.clear();
-        Ok(())
+        let result = self.transmit(amount, &timeout);
+        // Sent or copied (or failed, and the exchange is over): the output
+        // buffer is free for another connection until the next request.
+        self.buffers.give_back();
+        result
     }
 
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, Error> {
@@ -250,7 +469,7 @@ impl Transport for Link {
             self.set_write_timeout(&flush)?;
             write_both(&self.stream, &self.pending, &[])
                 .map_err(|e| write_error(e, flush.reason))?;
-            self.pending.clear();
+            self.clear_pending();
         }
         let timeout = timeout.for_read();
         if timeout.after.is_zero() {
@@ -306,7 +525,7 @@ mod tests {
         let (far, _) = listener.accept().unwrap();
         let link = Link {
             stream,
-            buffers: LazyBuffers::new(1024, 64 * 1024),
+            buffers: LinkBuffers::new(1024, 64 * 1024),
             pending: Vec::new(),
             read_timeout: None,
             write_timeout: None,
@@ -382,6 +601,97 @@ mod tests {
             Some(Duration::from_secs(3))
         );
         read_exactly(&mut far, body.len());
+    }
+
+    #[test]
+    fn input_starts_small_and_doubles_only_when_a_read_fills_it() {
+        let mut b = LinkBuffers::new(32 * 1024, 1024);
+        assert_eq!(b.input_capacity(), 0, "nothing allocated before use");
+        assert_eq!(b.input_append_buf().len(), INPUT_START);
+        // Small reads, consumed as they come: the buffer stays as it is.
+        for _ in 0..10 {
+            let free = b.input_append_buf();
+            free[..3].copy_from_slice(b"abc");
+            b.input_appended(3);
+            assert_eq!(b.input(), b"abc");
+            b.input_consume(3);
+        }
+        assert_eq!(b.input_capacity(), INPUT_START);
+        // A read that fills all it was offered: the next offer is twice as large.
+        let n = b.input_append_buf().len();
+        b.input_appended(n);
+        assert_eq!(b.input().len(), INPUT_START);
+        assert_eq!(b.input_append_buf().len(), INPUT_START);
+        assert_eq!(b.input_capacity(), 2 * INPUT_START);
+        // Unconsumed bytes survive the growth and the shift to the front.
+        b.input_consume(INPUT_START - 2);
+        assert_eq!(b.input().len(), 2);
+        // Growth stops at the maximum.
+        for _ in 0..10 {
+            let n = b.input_append_buf().len();
+            b.input_appended(n);
+            let all = b.input().len();
+            b.input_consume(all);
+        }
+        assert_eq!(b.input_capacity(), 32 * 1024);
+    }
+
+    #[test]
+    fn input_keeps_unconsumed_bytes_in_order_across_shifts() {
+        let mut b = LinkBuffers::new(INPUT_START, 1024);
+        let mut sent = Vec::new();
+        let mut got = Vec::new();
+        let mut next = 0u8;
+        for round in 0..200 {
+            let free = b.input_append_buf();
+            let n = free.len().min(1 + round * 37 % 900);
+            for byte in &mut free[..n] {
+                *byte = next;
+                sent.push(next);
+                next = next.wrapping_add(1);
+            }
+            b.input_appended(n);
+            let take = b.input().len() * 2 / 3;
+            got.extend_from_slice(&b.input()[..take]);
+            b.input_consume(take);
+            assert_eq!(b.can_use_input(), take > 0 && !b.input().is_empty());
+        }
+        got.extend_from_slice(b.input());
+        assert_eq!(got, sent);
+        assert_eq!(b.input_capacity(), INPUT_START, "capped at its maximum");
+    }
+
+    #[test]
+    fn output_is_lent_only_while_a_request_is_sent() {
+        let (mut link, mut far) = pair();
+        assert!(link.buffers.output.is_none());
+        assert_eq!(link.buffers.output().len(), 64 * 1024);
+        let (tmp, out) = link.buffers.tmp_and_output();
+        assert_eq!((tmp.len(), out.len()), (SCRATCH, 64 * 1024));
+        transmit(&mut link, b"POST / HTTP/1.1\r\n\r\n", budget(30));
+        assert!(link.buffers.output.is_none(), "given back after transmit");
+        // A body larger than COALESCE leaves at once; its pending copy of the
+        // head is freed afterwards if it grew large.
+        let body = vec![b'z'; COALESCE + 1];
+        transmit(&mut link, &body, budget(120));
+        assert!(link.buffers.output.is_none());
+        assert!(link.pending.is_empty());
+        read_exactly(&mut far, 19 + body.len());
+        let small = vec![b'w'; PENDING_KEPT + 1];
+        transmit(&mut link, &small, budget(30));
+        assert!(link.pending.capacity() > PENDING_KEPT);
+        let answer = thread::spawn(move || {
+            read_exactly(&mut far, PENDING_KEPT + 1);
+            far.write_all(b"ok").unwrap();
+            far
+        });
+        assert!(link.await_input(budget(5)).unwrap());
+        let _far = answer.join().unwrap();
+        assert_eq!(
+            link.pending.capacity(),
+            0,
+            "a large pending buffer is freed"
+        );
     }
 
     #[test]

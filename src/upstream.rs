@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use ureq::config::AutoHeaderValue;
 use ureq::http::{self, Response};
-use ureq::unversioned::transport::{Connector, RustlsConnector};
+use ureq::unversioned::transport::Connector;
 use ureq::{Agent, Body};
 
 use crate::config::Settings;
@@ -22,11 +22,23 @@ use crate::keys::Key;
 use crate::request::Headers;
 use crate::resolve::LiteralFirst;
 use crate::retry::Outcome;
-use crate::transport::LinkConnector;
+use crate::transport::{LinkConnector, TlsWhenNeeded};
 use crate::watch::{self, Abort};
 
-/// Upstream I/O buffer size each way; larger than any response head we accept.
-pub const BUFFER_SIZE: usize = 32 * 1024;
+/// Largest upstream response head (status line and headers) accepted; a
+/// larger one fails the attempt as "response head larger than 16 KiB" (nginx
+/// answers 502 "upstream sent too big header" past its 4 or 8 KiB).
+pub const RESPONSE_HEAD_LIMIT: usize = 16 * 1024;
+/// Most a connection's input buffer grows to (it starts at 4 KiB, see
+/// [`crate::transport::LinkBuffers`]). Larger than [`RESPONSE_HEAD_LIMIT`]:
+/// ureq only reports a head as too large while the buffer has room for more
+/// of it (a full buffer would read as a disconnect instead).
+pub const INPUT_BUFFER: usize = 32 * 1024;
+/// Output buffer: holds the whole forwarded request head, which is the
+/// client's (at most [`MAX_HEAD`](crate::server::MAX_HEAD)) minus the headers
+/// we drop, plus ours (`Authorization`, `X-Request-Id`, `Host`,
+/// `Content-Length`, `User-Agent`). Lent only while a request is sent.
+pub const OUTPUT_BUFFER: usize = crate::server::MAX_HEAD + 8 * 1024;
 
 /// Request headers never forwarded: hop-by-hop, framing, and the client's credentials.
 const DROPPED: &[&str] = &[
@@ -61,9 +73,9 @@ pub fn agent(settings: &Settings) -> Agent {
         ))))
         .accept(AutoHeaderValue::None)
         .accept_encoding(AutoHeaderValue::None)
-        .input_buffer_size(BUFFER_SIZE)
-        .output_buffer_size(BUFFER_SIZE)
-        .max_response_header_size(BUFFER_SIZE)
+        .input_buffer_size(INPUT_BUFFER)
+        .output_buffer_size(OUTPUT_BUFFER)
+        .max_response_header_size(RESPONSE_HEAD_LIMIT)
         .max_idle_connections(per_host * 16)
         .max_idle_connections_per_host(per_host)
         .max_idle_age(Duration::from_secs(15))
@@ -77,7 +89,7 @@ pub fn agent(settings: &Settings) -> Agent {
     // Our TCP transport (cached timeouts, coalesced writes, cheap probes),
     // TLS over it for https hosts, and the watch over both.
     let connector = LinkConnector
-        .chain(RustlsConnector::default())
+        .chain(TlsWhenNeeded::default())
         .chain(watch::WatchConnector);
     Agent::with_parts(config, connector, LiteralFirst::default())
 }
@@ -190,6 +202,11 @@ pub fn classify(e: ureq::Error, host: &Host) -> AttemptError {
         E::Tls(_) | E::Rustls(_) | E::Pem(_) => {
             failed(Outcome::Connect, &format!("TLS failed: {e}"), host)
         }
+        E::LargeResponseHeader(_, limit) => failed(
+            Outcome::Broken,
+            &format!("response head larger than {} KiB", limit / 1024),
+            host,
+        ),
         E::BadUri(_) | E::Http(_) => {
             AttemptError::Invalid(format!("request cannot be forwarded: {e}"))
         }

@@ -389,3 +389,54 @@ fn a_client_that_stops_reading_is_counted_as_499() {
     );
     drop(s);
 }
+
+#[test]
+fn an_upstream_response_head_over_16_kib_is_a_clear_502() {
+    let fits = "a".repeat(12 * 1024);
+    let too_big = "b".repeat(20 * 1024);
+    let up = Upstream::start(move |seen, _| {
+        let value = if seen.path.contains("embeddings") {
+            &fits
+        } else {
+            &too_big
+        };
+        Reply::json(200, "{\"ok\":1}").with_header("X-Large", value)
+    });
+    let bal = start(&[up.url()], &[], |_| {});
+    // A 12 KiB head is read (the input buffer grows past its 4 KiB start);
+    // only the body and content type are passed on.
+    let r = post(bal.addr, "/v1/embeddings", "{}");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "{\"ok\":1}");
+    // 20 KiB: refused with the reason, not as a misleading disconnect.
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(
+        r.text().contains("response head larger than 16 KiB"),
+        "{}",
+        r.text()
+    );
+}
+
+#[test]
+fn a_client_head_near_the_32_kib_limit_is_forwarded_whole() {
+    let up = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[up.url()], &["pool-key-000000000001"], |_| {});
+    // Four 7.5 KiB headers: under the 8 KiB line and 32 KiB head limits.
+    let value = "v".repeat(7 * 1024 + 512);
+    let names = ["x-fill-a", "x-fill-b", "x-fill-c", "x-fill-d"];
+    let mut headers: Vec<(&str, &str)> = names.iter().map(|n| (*n, value.as_str())).collect();
+    headers.push(("Content-Type", "application/json"));
+    let r = request(
+        bal.addr,
+        "POST",
+        "/v1/chat/completions",
+        &headers,
+        chat(false).as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = &up.requests()[0];
+    for name in names {
+        assert_eq!(seen.header(name).map(str::len), Some(value.len()), "{name}");
+    }
+}
