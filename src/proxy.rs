@@ -39,8 +39,51 @@ const SSE_HEADERS: &[(&str, &str)] = &[
 pub const JSON_HOLD_LIMIT: usize = 8 * 1024 * 1024;
 /// Largest error body read from an upstream we are about to retry.
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
-/// Size of one read from an upstream body.
-const READ_SIZE: usize = 16 * 1024;
+/// Size of one read from an upstream body: one page, as nginx's default
+/// `proxy_buffer_size`; SSE events are a few hundred bytes, and a large JSON
+/// body takes more reads, not more memory. Each thread keeps one such buffer
+/// (see [`ReadBuf`]).
+const READ_SIZE: usize = 4 * 1024;
+
+thread_local! {
+    /// This thread's upstream read buffer while no [`ReadBuf`] has it.
+    static READ_BUF: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// The thread's upstream read buffer, lent out and given back on drop.
+///
+/// Why: a thread serves one response at a time, so one buffer per thread
+/// suffices; a fresh zeroed buffer per response, or one on the stack (whose
+/// pages stay resident for the thread's life), cost every open stream its
+/// own copy, and then some.
+struct ReadBuf(Vec<u8>);
+
+impl ReadBuf {
+    fn take() -> ReadBuf {
+        let mut buf = READ_BUF.take();
+        buf.resize(READ_SIZE, 0);
+        ReadBuf(buf)
+    }
+}
+
+impl Drop for ReadBuf {
+    fn drop(&mut self) {
+        READ_BUF.set(std::mem::take(&mut self.0));
+    }
+}
+
+impl std::ops::Deref for ReadBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ReadBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+}
 
 /// How a proxied request ended, for the log line.
 #[derive(Debug, Default)]
@@ -647,7 +690,7 @@ pub fn run_to_commit(
             .starts_with("text/event-stream");
     let mut reader = response.into_body().into_reader();
     let mut held = Vec::new();
-    let mut chunk = [0u8; READ_SIZE];
+    let mut chunk = ReadBuf::take();
     let mut preamble = Preamble::default();
     if sse {
         watch::set_deadline(Some(first_output));
@@ -784,7 +827,7 @@ fn commit(
         return Err(AttemptError::ClientGone);
     }
     drop(held);
-    let mut chunk = vec![0u8; READ_SIZE];
+    let mut chunk = ReadBuf::take();
     let name = host.spec.name.clone();
     pump(
         &mut reader,
@@ -808,7 +851,7 @@ fn commit(
 /// Read up to `limit` bytes; `Ok(true)` when the body ended within it.
 fn read_bounded(reader: &mut impl Read, limit: usize) -> std::io::Result<(Vec<u8>, bool)> {
     let mut buf = Vec::new();
-    let mut chunk = [0u8; READ_SIZE];
+    let mut chunk = ReadBuf::take();
     while buf.len() < limit {
         let n = reader.read(&mut chunk)?;
         if n == 0 {

@@ -21,8 +21,11 @@ use std::net::TcpStream;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-/// Most bytes asked of the source in one read into the internal buffer.
-const READ_CHUNK: usize = 8 * 1024;
+/// Most bytes asked of the source in one read into the internal buffer; the
+/// buffer grows by this much only as a request needs it. A typical head (under
+/// 1 KiB) fits one read, and the buffer stays with its connection (a stream
+/// included) for the connection's life.
+const READ_CHUNK: usize = 4 * 1024;
 /// Largest step by which a body buffer grows ahead of the data.
 const BODY_STEP: u64 = 64 * 1024;
 /// Header slots on the stack; heads with more fields use the heap.
