@@ -83,9 +83,6 @@ pub const DRAIN_POLL: Duration = CLIENT_SLICE;
 /// Past it, an idle connection is closed (a fresh one gets 503) and a partial
 /// head gets 408, so idle and slowloris connections cannot starve the pool.
 pub const HEAD_GRACE: Duration = Duration::from_secs(1);
-/// Connections the kernel queues before the acceptor takes them (capped by
-/// `net.core.somaxconn`); nginx's default is 511.
-pub const LISTEN_BACKLOG: i32 = 1024;
 /// How long [`Server::shutdown`] keeps trying to wake the acceptor.
 const WAKE_LIMIT: Duration = Duration::from_secs(3);
 
@@ -112,25 +109,10 @@ struct Conn {
     _slot: Option<Slot>,
 }
 
-/// Bind `addr` with a listen backlog of [`LISTEN_BACKLOG`] (std's is 128),
-/// so a burst of connections waits in the kernel instead of retrying SYNs.
-fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )?;
-    // As std does: a restart can bind while old connections sit in TIME_WAIT.
-    socket.set_reuse_address(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(LISTEN_BACKLOG)?;
-    Ok(socket.into())
-}
-
 /// Start serving `config` on its bind address and port.
 pub fn start(config: Config) -> io::Result<Server> {
     let settings = config.settings.clone();
-    let listener = listen(SocketAddr::new(settings.bind, settings.port))?;
+    let listener = TcpListener::bind((settings.bind, settings.port))?;
     let addr = listener.local_addr()?;
     let shared = Arc::new(Shared::new(Balancer::new(config)));
     discovery::start(&shared)?;
@@ -1018,27 +1000,6 @@ impl Drop for Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_listen_backlog_holds_a_burst_beyond_std_128() {
-        let listener = listen(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
-        let addr = listener.local_addr().unwrap();
-        // Nobody accepts: every connection must fit in the kernel's queue,
-        // which the kernel caps at net.core.somaxconn (4096 since Linux 5.4).
-        let cap = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .unwrap_or(4096);
-        let n = 300.min(cap);
-        let mut open = Vec::new();
-        for i in 0..n {
-            match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
-                Ok(s) => open.push(s),
-                Err(e) => panic!("connection {i} not queued: {e}"),
-            }
-        }
-        assert_eq!(open.len(), n);
-    }
 
     #[test]
     fn probe_reads_stream_and_a_single_string_model() {

@@ -27,7 +27,7 @@ fn one_flood() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn open_many(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
-    // Several threads: when the listen backlog overflows, a connect
+    // Several threads: when the listen backlog (128) overflows, a connect
     // waits for the SYN retransmit (1 s); the others go on meanwhile.
     let threads = 16;
     let handles: Vec<_> = (0..threads)
@@ -92,8 +92,8 @@ const QUEUE: usize = 1024;
 /// worker while others wait ([`gaia_balancer::server::HEAD_GRACE`], 1 s),
 /// plus slack for a loaded 2-core machine.
 const NORMAL_LATENCY: Duration = Duration::from_millis(2_500);
-/// How long connecting may take: the listen backlog is 1,024, and a SYN
-/// dropped while a flood overflows it is retransmitted after 1 s, then
+/// How long connecting may take: the listen backlog is 128 (std's), and a
+/// SYN dropped while a flood overflows it is retransmitted after 1 s, then
 /// 3 s; this is the kernel's queue, reported apart from the balancer's own
 /// latency.
 const CONNECT_LATENCY: Duration = Duration::from_millis(7_500);
