@@ -427,6 +427,15 @@ fn ratio(a: f64, b: f64) -> String {
     }
 }
 
+/// `v` with two decimals, or a dash when there is no value.
+fn two_places(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.2}")
+    } else {
+        "—".into()
+    }
+}
+
 fn mib(kib: Option<u64>) -> String {
     kib.map_or("—".into(), |k| format!("{:.1}", k as f64 / 1024.0))
 }
@@ -546,15 +555,7 @@ pub fn render(r: &Results) -> String {
         .collect();
     push(
         "CPU s per 10,000 requests".into(),
-        cpu.iter()
-            .map(|v| {
-                if v.is_finite() {
-                    format!("{v:.2}")
-                } else {
-                    "—".into()
-                }
-            })
-            .collect(),
+        cpu.iter().map(|&v| two_places(v)).collect(),
         cpu.clone(),
     );
     let switches: Vec<f64> = r
@@ -573,16 +574,7 @@ pub fn render(r: &Results) -> String {
         .collect();
     push(
         "context switches per request".into(),
-        switches
-            .iter()
-            .map(|v| {
-                if v.is_finite() {
-                    format!("{v:.2}")
-                } else {
-                    "—".into()
-                }
-            })
-            .collect(),
+        switches.iter().map(|&v| two_places(v)).collect(),
         switches.clone(),
     );
     push(
