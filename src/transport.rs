@@ -368,8 +368,19 @@ impl Link {
             self.pending.extend_from_slice(output);
             return Ok(());
         }
+        self.send(amount, timeout)
+    }
+
+    /// Write what is pending, then the first `amount` bytes of the output
+    /// buffer, and empty `pending`.
+    fn send(&mut self, amount: usize, timeout: &NextTimeout) -> Result<(), Error> {
         self.set_write_timeout(timeout)?;
-        let output = &self.buffers.output()[..amount];
+        // Not for a flush alone: that would borrow an output buffer for nothing.
+        let output: &[u8] = if amount == 0 {
+            &[]
+        } else {
+            &self.buffers.output()[..amount]
+        };
         write_both(&self.stream, &self.pending, output)
             .map_err(|e| write_error(e, timeout.reason))?;
         self.clear_pending();
@@ -465,11 +476,7 @@ impl Transport for Link {
         self.used = true;
         if !self.pending.is_empty() {
             // No deadline of ureq's applies to this flush: WRITE_STALL does.
-            let flush = NextTimeout::default();
-            self.set_write_timeout(&flush)?;
-            write_both(&self.stream, &self.pending, &[])
-                .map_err(|e| write_error(e, flush.reason))?;
-            self.clear_pending();
+            self.send(0, &NextTimeout::default())?;
         }
         let timeout = timeout.for_read();
         if timeout.after.is_zero() {
