@@ -126,7 +126,6 @@ pub fn start(config: Config) -> io::Result<Server> {
     let pool = Arc::new(Pool {
         cap: settings.workers.max(1),
         handles: Mutex::new(Vec::new()),
-        started: AtomicUsize::new(0),
         idle: AtomicUsize::new(0),
         handoff: handoff_rx,
         shared: shared.clone(),
@@ -292,8 +291,6 @@ impl Server {
 struct Pool {
     cap: usize,
     handles: Mutex<Vec<JoinHandle<()>>>,
-    /// Threads started; read without the lock, for reports and tests.
-    started: AtomicUsize,
     /// Workers that announced themselves ready and were not handed a
     /// connection since: raised by a worker before it waits, lowered by the
     /// dispatcher for each handoff (so never an overcount of idle workers
@@ -318,12 +315,11 @@ impl Pool {
             .stack_size(WORKER_STACK)
             .spawn(move || worker(&pool))?;
         handles.push(handle);
-        self.started.store(handles.len(), Ordering::Relaxed);
         Ok(true)
     }
 
     fn started(&self) -> usize {
-        self.started.load(Ordering::Relaxed)
+        self.handles.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Start one more worker, logging why not when that fails.
@@ -539,9 +535,9 @@ impl Client<'_> {
 
 impl Read for Client<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let end = self.timeout.map(|t| Instant::now() + t);
+        let mut now = Instant::now();
+        let end = self.timeout.map(|t| now + t);
         loop {
-            let now = Instant::now();
             let left = end.map(|e| e.saturating_duration_since(now));
             if left.is_some_and(|l| l.is_zero()) {
                 return Err(io::ErrorKind::TimedOut.into());
@@ -568,6 +564,7 @@ impl Read for Client<'_> {
                     if self.idle && self.shared.draining() {
                         return Err(e);
                     }
+                    now = Instant::now();
                 }
                 other => {
                     self.idle = false;
