@@ -26,6 +26,7 @@ pub mod selection;
 pub mod server;
 pub mod state;
 pub mod streaming;
+pub mod tls;
 pub mod transport;
 pub mod upstream;
 pub mod watch;

@@ -19,7 +19,7 @@
 //!   directions in full (2 × 32 KiB) for a connection's whole life, which
 //!   was most of the memory of an open stream.
 //!
-//! TLS (rustls) runs on top of [`Link`], so HTTPS upstreams get the same.
+//! TLS runs on top of [`Link`] (`tls.rs`), so https upstreams get the same.
 
 use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
@@ -30,9 +30,7 @@ use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 use ureq::unversioned::transport::time::Duration as UreqDuration;
-use ureq::unversioned::transport::{
-    Buffers, ConnectionDetails, Connector, Either, NextTimeout, RustlsConnector, Transport,
-};
+use ureq::unversioned::transport::{Buffers, ConnectionDetails, Connector, NextTimeout, Transport};
 use ureq::Error;
 
 /// Longest one write to an upstream may make no progress.
@@ -113,41 +111,6 @@ impl Connector<()> for LinkConnector {
     }
 }
 
-/// rustls over a [`Link`], for https hosts only (second in the chain).
-///
-/// Why not `RustlsConnector` in the chain directly: inlined into the chain's
-/// `connect`, its ~10 KiB stack frame is probed page by page on every new
-/// connection, plain HTTP included, and those pages stay resident in every
-/// worker thread that ever opened one. Here a plain connection never enters
-/// rustls's code.
-#[derive(Debug, Default)]
-pub struct TlsWhenNeeded(RustlsConnector);
-
-impl Connector<Link> for TlsWhenNeeded {
-    type Out = <RustlsConnector as Connector<Link>>::Out;
-
-    fn connect(
-        &self,
-        details: &ConnectionDetails,
-        chained: Option<Link>,
-    ) -> Result<Option<Self::Out>, Error> {
-        match chained {
-            Some(link) if !details.needs_tls() => Ok(Some(Either::A(link))),
-            chained => tls_connect(&self.0, details, chained),
-        }
-    }
-}
-
-/// Kept out of line: see [`TlsWhenNeeded`].
-#[inline(never)]
-fn tls_connect(
-    tls: &RustlsConnector,
-    details: &ConnectionDetails,
-    chained: Option<Link>,
-) -> Result<Option<<RustlsConnector as Connector<Link>>::Out>, Error> {
-    tls.connect(details, chained)
-}
-
 /// Try each address in turn; earlier ones get half of the time left (the
 /// last gets all of it), so one black-holed address cannot eat the budget.
 fn connect(addrs: &[SocketAddr], timeout: NextTimeout) -> Result<TcpStream, Error> {
@@ -187,7 +150,7 @@ fn connect(addrs: &[SocketAddr], timeout: NextTimeout) -> Result<TcpStream, Erro
     })
 }
 
-fn is_timeout(e: &io::Error) -> bool {
+pub(crate) fn is_timeout(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
@@ -397,7 +360,23 @@ impl Link {
         }
     }
 
-    fn set_read_timeout(&mut self, wanted: Option<Duration>) -> io::Result<()> {
+    /// The socket.
+    pub(crate) fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// The buffers ureq reads from and writes into.
+    pub(crate) fn buffers_mut(&mut self) -> &mut LinkBuffers {
+        &mut self.buffers
+    }
+
+    /// Give the output buffer back after a transmit (see [`LinkBuffers`]).
+    pub(crate) fn give_back_output(&mut self) {
+        self.buffers.give_back();
+    }
+
+    /// Set the socket's read timeout, unless it already has this value.
+    pub(crate) fn set_read_timeout(&mut self, wanted: Option<Duration>) -> io::Result<()> {
         if wanted != self.read_timeout {
             self.stream.set_read_timeout(wanted)?;
             self.read_timeout = wanted;
@@ -408,11 +387,16 @@ impl Link {
     /// Set the write timeout for ureq's `timeout`: [`WRITE_STALL`] unless
     /// its deadline is nearer (a value that stays the same from request to
     /// request, so the syscall is skipped).
-    fn set_write_timeout(&mut self, timeout: &NextTimeout) -> io::Result<()> {
+    pub(crate) fn set_write_timeout(&mut self, timeout: &NextTimeout) -> io::Result<()> {
         let wanted = match timeout.after {
             UreqDuration::Exact(d) if d < WRITE_STALL => d.max(Duration::from_millis(1)),
             _ => WRITE_STALL,
         };
+        self.set_write_timeout_to(wanted)
+    }
+
+    /// Set the socket's write timeout, unless it already has this value.
+    pub(crate) fn set_write_timeout_to(&mut self, wanted: Duration) -> io::Result<()> {
         if Some(wanted) != self.write_timeout {
             self.stream.set_write_timeout(Some(wanted))?;
             self.write_timeout = Some(wanted);
@@ -421,7 +405,7 @@ impl Link {
     }
 }
 
-fn write_error(e: io::Error, reason: ureq::Timeout) -> Error {
+pub(crate) fn write_error(e: io::Error, reason: ureq::Timeout) -> Error {
     if is_timeout(&e) {
         Error::Timeout(reason)
     } else {

@@ -22,7 +22,8 @@ use crate::keys::Key;
 use crate::request::Headers;
 use crate::resolve::LiteralFirst;
 use crate::retry::Outcome;
-use crate::transport::{LinkConnector, TlsWhenNeeded};
+use crate::tls::TlsConnector;
+use crate::transport::LinkConnector;
 use crate::watch::{self, Abort};
 
 /// Largest upstream response head (status line and headers) accepted; a
@@ -89,7 +90,7 @@ pub fn agent(settings: &Settings) -> Agent {
     // Our TCP transport (cached timeouts, coalesced writes, cheap probes),
     // TLS over it for https hosts, and the watch over both.
     let connector = LinkConnector
-        .chain(TlsWhenNeeded::default())
+        .chain(TlsConnector::new(&[]))
         .chain(watch::WatchConnector);
     Agent::with_parts(config, connector, LiteralFirst::default())
 }
