@@ -21,6 +21,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::CertificateDer;
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 
 /// How the next host is picked among the routable ones.
@@ -109,6 +111,25 @@ pub struct Timeouts {
     pub total: Duration,
 }
 
+/// Extra trusted root certificates, read from `caFile` when the config is loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaFile {
+    /// The file as resolved (absolute or joined to the config directory).
+    pub path: PathBuf,
+    /// Its certificates, DER-encoded, in file order.
+    pub roots: Vec<CertificateDer<'static>>,
+}
+
+/// As `check` and the reload log show it: the path and how many certificates
+/// (never their bytes).
+impl fmt::Display for CaFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.roots.len();
+        let plural = if n == 1 { "" } else { "s" };
+        write!(f, "{} ({n} certificate{plural})", self.path.display())
+    }
+}
+
 /// Everything from `balancer.json`, flags and environment, resolved.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
@@ -137,6 +158,8 @@ pub struct Settings {
     /// How often every host's `GET /v1/models` is polled (±10 % jitter);
     /// `None` = model discovery off. Defaults to 60 s.
     pub discovery_interval: Option<Duration>,
+    /// Roots trusted for `https` hosts besides the built-in Mozilla ones. Defaults to none.
+    pub ca_file: Option<CaFile>,
     /// Time a client has to send a whole request head. Defaults to 10 s.
     pub head_timeout: Duration,
     /// How long an idle keep-alive connection is kept. Defaults to 5 s.
@@ -185,6 +208,7 @@ impl Default for Settings {
             hedge: Hedge::Off,
             max_body_bytes: 16 * 1024 * 1024,
             discovery_interval: Some(Duration::from_secs(60)),
+            ca_file: None,
             head_timeout: Duration::from_secs(10),
             keep_alive: Duration::from_secs(5),
             body_timeout: Duration::from_secs(10),
@@ -291,9 +315,12 @@ pub const MAX_WEIGHT: u32 = 1_000_000;
 pub const MAX_BODY_BYTES: u64 = 1 << 30;
 /// Shortest `discoveryIntervalMs` other than 0 (off).
 pub const MIN_DISCOVERY_INTERVAL: Duration = Duration::from_secs(1);
+/// Largest `caFile` accepted (1 MiB): a whole public CA bundle is ~220 KB,
+/// and the cap keeps a mistyped path (a log, a disk image) from filling memory.
+pub const MAX_CA_FILE_BYTES: u64 = 1 << 20;
 
 /// Every field `balancer.json` accepts at its top level, in documentation order.
-pub const BALANCER_FIELDS: [&str; 22] = [
+pub const BALANCER_FIELDS: [&str; 23] = [
     "bind",
     "port",
     "workers",
@@ -306,6 +333,7 @@ pub const BALANCER_FIELDS: [&str; 22] = [
     "hedge",
     "maxBodyBytes",
     "discoveryIntervalMs",
+    "caFile",
     "headTimeoutMs",
     "keepAliveMs",
     "bodyTimeoutMs",
@@ -361,7 +389,7 @@ pub fn load(dir: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
     };
     let balancer_path = files.join(BALANCER_FILE);
     let mut settings = match read_text(&balancer_path)? {
-        Some(text) => parse_file(&balancer_path, &text, BalancerFile)?,
+        Some(text) => parse_file(&balancer_path, &text, BalancerFile { dir: &files })?,
         None => Settings::default(),
     };
     overrides.apply(&mut settings);
@@ -444,6 +472,7 @@ fn render_into(config: &Config, out: &mut String) -> fmt::Result {
         hedge,
         max_body_bytes,
         discovery_interval,
+        ca_file,
         head_timeout,
         keep_alive,
         body_timeout,
@@ -479,7 +508,11 @@ fn render_into(config: &Config, out: &mut String) -> fmt::Result {
         Some(d) => ms(d),
         None => "0 (off)".to_string(),
     };
-    let rows: [(&str, String); 25] = [
+    let ca = match ca_file {
+        Some(ca) => ca.to_string(),
+        None => "none (built-in Mozilla roots only)".to_string(),
+    };
+    let rows: [(&str, String); 26] = [
         ("bind", bind.to_string()),
         ("port", port.to_string()),
         ("workers", workers.to_string()),
@@ -495,6 +528,7 @@ fn render_into(config: &Config, out: &mut String) -> fmt::Result {
         ("hedge.afterMs", hedge),
         ("maxBodyBytes", max_body_bytes.to_string()),
         ("discoveryIntervalMs", discovery),
+        ("caFile", ca),
         ("headTimeoutMs", ms(head_timeout)),
         ("keepAliveMs", ms(keep_alive)),
         ("bodyTimeoutMs", ms(body_timeout)),
@@ -1698,10 +1732,140 @@ impl Shape for DiscoveryInterval<'_> {
     }
 }
 
-/// The whole of `balancer.json`, over [`Settings::default`].
-struct BalancerFile;
+/// `caFile`: `null` (none) or the path of a PEM file, relative to the config
+/// directory `dir`. The file is read and parsed right here, so that `check`
+/// and a reload report a bad file at the line of `caFile` in balancer.json.
+struct CaFileShape<'p> {
+    path: &'p str,
+    dir: &'p Path,
+}
 
-impl Shape for BalancerFile {
+impl Shape for CaFileShape<'_> {
+    type Out = Option<CaFile>;
+    fn path(&self) -> &str {
+        self.path
+    }
+    fn expected(&self) -> String {
+        "the path of a PEM file of root certificates, or null".to_string()
+    }
+    fn scalar<E: de::Error>(self, got: Scalar) -> Result<Option<CaFile>, E> {
+        match got {
+            Scalar::Null => Ok(None),
+            Scalar::Str(s) => {
+                let text = Text {
+                    path: self.path,
+                    nonempty: true,
+                };
+                let path = ca_file_path(self.dir, &text.scalar(Scalar::Str(s))?);
+                match read_roots(&path) {
+                    Ok(roots) => Ok(Some(CaFile { path, roots })),
+                    Err(message) => Err(fail(self.path, format!("{}: {message}", leaf(self.path)))),
+                }
+            }
+            other => Err(wrong_type(&self, &other.describe())),
+        }
+    }
+}
+
+/// Where a `caFile` value points: an absolute path as is, a relative one
+/// inside the config directory (not the working directory, which differs
+/// between a shell, systemd and a container).
+fn ca_file_path(dir: &Path, value: &str) -> PathBuf {
+    dir.join(value)
+}
+
+/// The `caFile` that `balancer.json` (its raw bytes) names, resolved against
+/// `dir`; `None` when there is none or the file is not valid JSON. Lets the
+/// reloader watch the CA file even while the config naming it is refused.
+pub(crate) fn ca_file_named(dir: &Path, balancer_json: &[u8]) -> Option<PathBuf> {
+    let bytes = balancer_json
+        .strip_prefix(b"\xEF\xBB\xBF")
+        .unwrap_or(balancer_json);
+    let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let name = value.get("caFile")?.as_str()?;
+    (!name.trim().is_empty()).then(|| ca_file_path(dir, name))
+}
+
+/// The bytes of a `caFile`. Only a regular file is opened: a FIFO would block
+/// the loader and a device might never end; the size is capped for the same reason.
+pub(crate) fn read_ca_file(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_CA_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_CA_FILE_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "larger than {MAX_CA_FILE_BYTES} bytes, too large for a file of root certificates"
+            ),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// The certificates of the PEM file at `path`, in file order; the error
+/// completes "caFile: ". Other PEM blocks (a key, a CRL) are skipped, as
+/// every TLS tool does with a CA file, but a file with no certificate at
+/// all, a broken block, or a block that is not an X.509 certificate is an
+/// error: better refused by `check` than found at the first TLS handshake.
+fn read_roots(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let shown = path.display();
+    let bytes = read_ca_file(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    // Windows editors may start the file with a byte order mark, which would
+    // hide the first BEGIN line from the PEM reader.
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+    let mut roots = Vec::new();
+    for item in CertificateDer::pem_slice_iter(bytes) {
+        let cert = item.map_err(|e| {
+            format!(
+                "{shown} has a malformed PEM block after {} certificate(s): {}",
+                roots.len(),
+                pem_problem(&e)
+            )
+        })?;
+        // The same check the TLS setup makes when it adds the root, done
+        // here so that a bad one is reported with the file.
+        if let Err(e) = rustls::RootCertStore::empty().add(cert.clone()) {
+            return Err(format!(
+                "certificate {} in {shown} is not a usable X.509 certificate: {e}",
+                roots.len() + 1
+            ));
+        }
+        roots.push(cert);
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "{shown} holds no PEM certificate (no -----BEGIN CERTIFICATE----- block)"
+        ));
+    }
+    Ok(roots)
+}
+
+/// A PEM error in words; the library's own text shows lines as byte arrays.
+fn pem_problem(e: &pem::Error) -> String {
+    match e {
+        pem::Error::MissingSectionEnd { .. } => "a BEGIN line has no matching END line".into(),
+        pem::Error::IllegalSectionStart { .. } => "a BEGIN line is malformed".into(),
+        pem::Error::Base64Decode(_) => "the text between BEGIN and END is not valid base64".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The whole of `balancer.json`, over [`Settings::default`]; `dir` is the
+/// config directory, which a relative `caFile` is resolved against.
+struct BalancerFile<'d> {
+    dir: &'d Path,
+}
+
+impl Shape for BalancerFile<'_> {
     type Out = Settings;
     fn path(&self) -> &str {
         ""
@@ -1742,6 +1906,12 @@ impl Shape for BalancerFile {
                 "discoveryIntervalMs" => {
                     s.discovery_interval = map.next_value_seed(Via(DiscoveryInterval(path)))?
                 }
+                "caFile" => {
+                    s.ca_file = map.next_value_seed(Via(CaFileShape {
+                        path,
+                        dir: self.dir,
+                    }))?
+                }
                 "headTimeoutMs" => s.head_timeout = millis(map, path, 1)?,
                 "keepAliveMs" => s.keep_alive = millis(map, path, 1)?,
                 "bodyTimeoutMs" => s.body_timeout = millis(map, path, 1)?,
@@ -1772,6 +1942,43 @@ impl Shape for BalancerFile {
 pub const MAX_CONNECTIONS: usize = 1_000_000;
 /// Largest `queueSize` accepted.
 pub const MAX_QUEUE: usize = 1_000_000;
+
+/// Two small self-signed P-256 root certificates (made once with `openssl
+/// req -x509`, CN "gaia-balancer test root one" and "... two"; valid until
+/// 2126), for tests of `caFile` here and in the reloader.
+#[cfg(test)]
+pub(crate) mod test_roots {
+    /// The first root, PEM.
+    pub const ONE: &str = "\
+-----BEGIN CERTIFICATE-----
+MIIBozCCAUmgAwIBAgIUbD39VSUJl/t+YH2FZbWIbxQm+hswCgYIKoZIzj0EAwIw
+JjEkMCIGA1UEAwwbZ2FpYS1iYWxhbmNlciB0ZXN0IHJvb3Qgb25lMCAXDTI2MTEy
+NjIwNDM1M1oYDzIxMjYxMTAyMjA0MzUzWjAmMSQwIgYDVQQDDBtnYWlhLWJhbGFu
+Y2VyIHRlc3Qgcm9vdCBvbmUwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAAS61wxH
+TX9Kh/heeyo9cPR/fZDitr0ePM78aSTijJDOMNZ6ilQ0vwLd587K4ia+U3VHCTcZ
+WFpSnOF6htAc8nQdo1MwUTAdBgNVHQ4EFgQUQgAVDuXOjuducdpyHq/HuhLHK7Uw
+HwYDVR0jBBgwFoAUQgAVDuXOjuducdpyHq/HuhLHK7UwDwYDVR0TAQH/BAUwAwEB
+/zAKBggqhkjOPQQDAgNIADBFAiEAire3xXK9NtxOtMqnnr5IezEBSlnt25ShsUsq
+3DqU390CIAK3ru3oy+6mdz9UgIvxsC5wpDxJEE47UZwuYNPGLk8h
+-----END CERTIFICATE-----
+";
+    /// The second root, PEM.
+    pub const TWO: &str = "\
+-----BEGIN CERTIFICATE-----
+MIIBozCCAUmgAwIBAgIUbN7RJDOWI7md1m7Kd+l0rMEU2u8wCgYIKoZIzj0EAwIw
+JjEkMCIGA1UEAwwbZ2FpYS1iYWxhbmNlciB0ZXN0IHJvb3QgdHdvMCAXDTI2MTEy
+NjIwNDM1M1oYDzIxMjYxMTAyMjA0MzUzWjAmMSQwIgYDVQQDDBtnYWlhLWJhbGFu
+Y2VyIHRlc3Qgcm9vdCB0d28wWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAASG4g1J
+5uq/GMaXM9daZaulb3UHAc4U69yJwBDRxp59Bdd9t1t66ftPOJZ9dPy/eu4sPfwb
+K0Gy41kpTu5Y7dOxo1MwUTAdBgNVHQ4EFgQUVE9CYQQm03iEoUAJ2qDsJMPxTwww
+HwYDVR0jBBgwFoAUVE9CYQQm03iEoUAJ2qDsJMPxTwwwDwYDVR0TAQH/BAUwAwEB
+/zAKBggqhkjOPQQDAgNIADBFAiEApeNAOFn6ffqw3rizepcuR3LCzgv1u/oZN4C4
+KDY0jToCID2gqycwKuJthdHHrnG96jiP8Q/OZ3jYLv3ukQ64E2Vc
+-----END CERTIFICATE-----
+";
+    /// Length of each one's DER encoding (`openssl x509 -outform der | wc -c`).
+    pub const DER_LEN: usize = 423;
+}
 
 #[cfg(test)]
 mod tests {
@@ -1916,22 +2123,28 @@ mod tests {
 
     #[test]
     fn non_default_balancer_json_changes_every_setting() {
-        let s = settings(
-            r#"{
+        let dir = TempDir::with(&[
+            ("hosts.json", r#"{"hosts": ["asia"]}"#),
+            ("ca.pem", test_roots::ONE),
+            (
+                "balancer.json",
+                r#"{
               "bind": "0.0.0.0", "port": 8080, "workers": 32,
               "clientKeys": ["client-key-aaaaaaaa", "client-key-bbbbbbbb"],
               "open": true, "adminKey": "admin-key-cccccccc", "strategy": "least-loaded",
               "maxAttempts": 3,
               "timeouts": {"connectMs": 1, "firstByteMs": 2, "idleMs": 3, "totalMs": 4},
               "hedge": {"afterMs": 250}, "maxBodyBytes": 1024, "discoveryIntervalMs": 5000,
+              "caFile": "ca.pem",
               "headTimeoutMs": 11, "keepAliveMs": 12, "bodyTimeoutMs": 13,
               "writeTimeoutMs": 18,
               "maxConnectionsPerClient": 7, "queueSize": 8, "queueWaitMs": 14,
               "streamKeepAliveAfterMs": 15, "streamKeepAliveEveryMs": 16,
               "shutdownGraceMs": 17
             }"#,
-        )
-        .unwrap();
+            ),
+        ]);
+        let s = load(&dir.0, &Overrides::default()).unwrap().settings;
         let ms = Duration::from_millis;
         let expected = Settings {
             bind: IpAddr::from([0, 0, 0, 0]),
@@ -1951,6 +2164,10 @@ mod tests {
             hedge: Hedge::After(ms(250)),
             max_body_bytes: 1024,
             discovery_interval: Some(ms(5000)),
+            ca_file: Some(CaFile {
+                path: dir.0.join("ca.pem"),
+                roots: vec![CertificateDer::from_pem_slice(test_roots::ONE.as_bytes()).unwrap()],
+            }),
             head_timeout: ms(11),
             keep_alive: ms(12),
             body_timeout: ms(13),
@@ -2777,6 +2994,253 @@ mod tests {
         assert!(out.contains("hedge.afterMs"), "{out}");
         assert!(out.contains("https://sakura.gaia.domains"), "{out}");
         assert!(out.contains("none active"), "{out}");
+    }
+
+    /// Load a config directory holding `files` plus a minimal hosts.json.
+    fn load_with(files: &[(&str, &str)]) -> (TempDir, Result<Config, ConfigError>) {
+        let dir = TempDir::with(&[("hosts.json", r#"{"hosts": ["asia"]}"#)]);
+        for (name, text) in files {
+            let path = dir.0.join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).unwrap();
+            }
+            std::fs::write(path, text).unwrap();
+        }
+        let result = load(&dir.0, &Overrides::default());
+        (dir, result)
+    }
+
+    /// Whether `name` occurs in `der`: a subject common name is stored as plain text.
+    fn holds(der: &[u8], name: &str) -> bool {
+        der.windows(name.len()).any(|w| w == name.as_bytes())
+    }
+
+    #[test]
+    fn ca_file_relative_path_is_read_from_the_config_dir() {
+        let both = format!("{}{}", test_roots::ONE, test_roots::TWO);
+        let (dir, config) = load_with(&[
+            ("certs/private-ca.pem", &both),
+            ("balancer.json", r#"{"caFile": "certs/private-ca.pem"}"#),
+        ]);
+        let config = config.unwrap();
+        let ca = config.settings.ca_file.as_ref().unwrap();
+        // Resolved against the config directory, whatever the working directory.
+        assert_eq!(ca.path, dir.0.join("certs/private-ca.pem"));
+        assert!(ca.path.is_absolute());
+        assert_eq!(ca.roots.len(), 2);
+        // File order kept, each a whole DER certificate.
+        assert!(holds(&ca.roots[0], "gaia-balancer test root one"));
+        assert!(holds(&ca.roots[1], "gaia-balancer test root two"));
+        assert!(ca.roots.iter().all(|r| r.len() == test_roots::DER_LEN));
+        let out = render(&config);
+        let shown = format!(
+            "  caFile                   {} (2 certificates)\n",
+            ca.path.display()
+        );
+        assert!(out.contains(&shown), "{out}");
+        // No caFile: none, and said so.
+        let (_dir, config) = load_with(&[]);
+        let config = config.unwrap();
+        assert_eq!(config.settings.ca_file, None);
+        assert!(render(&config)
+            .contains("  caFile                   none (built-in Mozilla roots only)\n"));
+        // null is the documented default.
+        let (_dir, config) = load_with(&[("balancer.json", r#"{"caFile": null}"#)]);
+        assert_eq!(config.unwrap().settings.ca_file, None);
+    }
+
+    #[test]
+    fn ca_file_tolerates_other_blocks_crlf_and_a_byte_order_mark() {
+        let windows = format!(
+            "\u{feff}bundle for the lab\r\n-----BEGIN PRIVATE KEY-----\r\nAAAA\r\n-----END PRIVATE KEY-----\r\n{}",
+            test_roots::TWO.replace('\n', "\r\n")
+        );
+        let (_dir, config) = load_with(&[
+            ("ca.pem", &windows),
+            ("balancer.json", r#"{"caFile": "ca.pem"}"#),
+        ]);
+        let roots = config.unwrap().settings.ca_file.unwrap().roots;
+        assert_eq!(roots.len(), 1);
+        assert!(holds(&roots[0], "gaia-balancer test root two"));
+    }
+
+    #[test]
+    fn ca_file_absolute_path_is_used_as_is() {
+        let elsewhere = TempDir::with(&[("root.crt", test_roots::ONE)]);
+        let path = elsewhere.0.join("root.crt");
+        let json = format!(r#"{{"caFile": {}}}"#, serde_json::to_string(&path).unwrap());
+        let (dir, config) = load_with(&[("balancer.json", &json)]);
+        let ca = config.unwrap().settings.ca_file.unwrap();
+        assert_eq!(ca.path, path);
+        assert!(!ca.path.starts_with(&dir.0));
+        assert_eq!(ca.roots.len(), 1);
+        assert!(holds(&ca.roots[0], "gaia-balancer test root one"));
+    }
+
+    #[test]
+    fn ca_file_missing_is_reported_with_its_path() {
+        let (dir, config) = load_with(&[("balancer.json", "{\n  \"caFile\": \"nope.pem\"\n}")]);
+        let missing = dir.0.join("nope.pem");
+        assert_err(
+            config,
+            "balancer.json",
+            Some("caFile"),
+            Some((2, 22)),
+            &format!(
+                "caFile: cannot read {}: No such file or directory",
+                missing.display()
+            ),
+        );
+        // A directory is not a CA file (and is not opened).
+        let (dir, config) =
+            load_with(&[("certs/x", ""), ("balancer.json", r#"{"caFile": "certs"}"#)]);
+        assert_err(
+            config,
+            "balancer.json",
+            Some("caFile"),
+            Some((1, 18)),
+            &format!(
+                "caFile: cannot read {}: not a regular file",
+                dir.0.join("certs").display()
+            ),
+        );
+    }
+
+    #[test]
+    fn ca_file_without_certificates_is_an_error() {
+        let key_only = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+        for text in ["", "not a certificate\n", key_only] {
+            let (dir, config) = load_with(&[
+                ("ca.pem", text),
+                ("balancer.json", r#"{"caFile": "ca.pem"}"#),
+            ]);
+            assert_err(
+                config,
+                "balancer.json",
+                Some("caFile"),
+                Some((1, 19)),
+                &format!(
+                    "caFile: {} holds no PEM certificate",
+                    dir.0.join("ca.pem").display()
+                ),
+            );
+        }
+    }
+
+    #[test]
+    fn ca_file_malformed_pem_is_an_error() {
+        let unterminated = test_roots::TWO.replace("-----END CERTIFICATE-----\n", "");
+        let cases = [
+            (format!("{}{unterminated}", test_roots::ONE), "malformed PEM block after 1 certificate(s): a BEGIN line has no matching END line"),
+            ("-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n".to_string(), "malformed PEM block after 0 certificate(s): the text between BEGIN and END is not valid base64"),
+            ("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".to_string(), "certificate 1 in "),
+        ];
+        for (text, says) in cases {
+            let (_dir, config) = load_with(&[
+                ("ca.pem", &text),
+                ("balancer.json", r#"{"caFile": "ca.pem"}"#),
+            ]);
+            let text = assert_err(config, "balancer.json", Some("caFile"), Some((1, 19)), says);
+            assert!(text.contains("caFile: "), "{text}");
+        }
+        let (_dir, config) = load_with(&[
+            (
+                "ca.pem",
+                "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            ),
+            ("balancer.json", r#"{"caFile": "ca.pem"}"#),
+        ]);
+        let text = config.unwrap_err().to_string();
+        assert!(text.contains("is not a usable X.509 certificate"), "{text}");
+    }
+
+    #[test]
+    fn ca_file_too_large_is_refused_before_parsing() {
+        let big = format!(
+            "{}{}",
+            test_roots::ONE,
+            " ".repeat(MAX_CA_FILE_BYTES as usize)
+        );
+        let (_dir, config) = load_with(&[
+            ("ca.pem", &big),
+            ("balancer.json", r#"{"caFile": "ca.pem"}"#),
+        ]);
+        let text = config.unwrap_err().to_string();
+        assert!(text.contains("larger than 1048576 bytes"), "{text}");
+    }
+
+    #[test]
+    fn ca_file_of_the_wrong_type_is_an_error() {
+        let cases = [
+            (
+                "{\"caFile\": 1}",
+                (1, 12),
+                "caFile must be the path of a PEM file of root certificates, or null, got 1",
+            ),
+            (
+                "{\"caFile\": true}",
+                (1, 15),
+                "caFile must be the path of a PEM file of root certificates, or null, got true",
+            ),
+            (
+                "{\"caFile\": [\"ca.pem\"]}",
+                (1, 12),
+                "caFile must be the path of a PEM file of root certificates, or null, got an array",
+            ),
+            ("{\"caFile\": \"\"}", (1, 13), "caFile must not be empty"),
+            ("{\"caFile\": \"  \"}", (1, 15), "caFile must not be empty"),
+            (
+                "{\"caFile\": \"a\\nb\"}",
+                (1, 17),
+                "caFile must not contain control characters",
+            ),
+            (
+                "{\"cafile\": \"ca.pem\"}",
+                (1, 9),
+                "unknown field \"cafile\"; did you mean \"caFile\"?",
+            ),
+        ];
+        for (text, position, says) in cases {
+            let field = if says.starts_with("unknown") {
+                "cafile"
+            } else {
+                "caFile"
+            };
+            assert_err(
+                settings(text),
+                "balancer.json",
+                Some(field),
+                Some(position),
+                says,
+            );
+        }
+    }
+
+    #[test]
+    fn ca_file_named_finds_what_balancer_json_names() {
+        let dir = Path::new("/etc/gaia");
+        let named = |text: &str| ca_file_named(dir, text.as_bytes());
+        assert_eq!(named(r#"{"caFile": "ca.pem"}"#), Some(dir.join("ca.pem")));
+        assert_eq!(
+            named(r#"{"caFile": "/x/ca.pem"}"#),
+            Some(PathBuf::from("/x/ca.pem"))
+        );
+        assert_eq!(named("\u{feff}{\"caFile\": \"a\"}"), Some(dir.join("a")));
+        // Also while other fields are invalid: the reloader must still watch it.
+        assert_eq!(
+            named(r#"{"port": -1, "caFile": "ca.pem"}"#),
+            Some(dir.join("ca.pem"))
+        );
+        for none in [
+            r#"{}"#,
+            r#"{"caFile": null}"#,
+            r#"{"caFile": ""}"#,
+            r#"{"caFile": 1}"#,
+            "{",
+            "",
+        ] {
+            assert_eq!(named(none), None, "{none}");
+        }
     }
 
     #[test]

@@ -1,14 +1,18 @@
 //! Hot reload of the config directory: changes to `hosts.json`,
-//! `api-keys.json` and `balancer.json` take effect while running, within
-//! [`POLL`] plus [`SETTLE`], without dropping a request.
+//! `api-keys.json` and `balancer.json`, and to the `caFile` that
+//! `balancer.json` names, take effect while running, within [`POLL`] plus
+//! [`SETTLE`], without dropping a request.
 //!
 //! Why polling: it needs no platform API (inotify would need a crate or
 //! `unsafe`), it works on every filesystem including Kubernetes' projected
-//! volumes (whose atomic symlink swaps many watchers miss), and three small
+//! volumes (whose atomic symlink swaps many watchers miss), and four small
 //! files a second cost nothing. A file's stamp is its length, modification
 //! time and a hash of its content; a file that appears or disappears counts
 //! as a change, and a stamp must hold still for [`SETTLE`] before it is read,
 //! so an editor caught halfway through a write is not reported as an error.
+//! The CA file's path comes from `balancer.json` as it is on disk, not from
+//! the configuration in force, so that a CA file created after a refused
+//! `balancer.json` named it is noticed too.
 //!
 //! Guarantees: the new configuration goes through `config::load` with the
 //! command line's overrides, exactly as at start; if it fails, the old one
@@ -19,11 +23,12 @@
 //! and in-flight counts ([`Hosts::reloaded`]); the global key pool is kept
 //! (keys rejected with 401/403 stay out, cooldowns stay) unless
 //! `api-keys.json` changed, in which case a new pool brings every key back.
-//! The upstream agent (its connection pool) is kept unless the timeouts it
-//! was built with changed. Listener settings (`bind`, `port`, `workers`,
-//! `queueSize`, `maxConnectionsPerClient`) cannot change on a live socket and
-//! worker pool: a change is logged as needing a restart and the running
-//! values stay in force.
+//! The upstream agent (its connection pool) is kept unless what it was
+//! built from changed: the timeouts or the `caFile` certificates. Listener
+//! settings (`bind`, `port`, `workers`, `queueSize`,
+//! `maxConnectionsPerClient`) cannot change on a live socket and worker
+//! pool: a change is logged as needing a restart and the running values
+//! stay in force.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -52,6 +57,10 @@ const STOP_POLL: Duration = Duration::from_millis(50);
 const FILES: [&str; 3] = [HOSTS_FILE, API_KEYS_FILE, BALANCER_FILE];
 /// Index of `api-keys.json` in [`Stamps`].
 const KEYS: usize = 1;
+/// Index of `balancer.json` in [`Stamps`].
+const BALANCER: usize = 2;
+/// Index of the file `caFile` names in [`Stamps`], after the three.
+const CA: usize = 3;
 
 /// What a file looked like: `None` when it does not exist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,11 +70,12 @@ struct Stamp {
     hash: u64,
 }
 
-type Stamps = [Option<Stamp>; 3];
+type Stamps = [Option<Stamp>; 4];
 
-fn stamp(path: &Path) -> Option<Stamp> {
+/// The stamp of the file at `path`, from what reading it gave.
+fn stamp(path: &Path, read: io::Result<Vec<u8>>) -> Option<Stamp> {
     let mut h = DefaultHasher::new();
-    let (len, modified) = match std::fs::read(path) {
+    let (len, modified) = match read {
         Ok(bytes) => {
             bytes.hash(&mut h);
             let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
@@ -87,7 +97,26 @@ fn stamp(path: &Path) -> Option<Stamp> {
 }
 
 fn stamps(dir: &Path) -> Stamps {
-    FILES.map(|f| stamp(&dir.join(f)))
+    let mut out: Stamps = [None; 4];
+    let mut ca = None;
+    for (i, name) in FILES.iter().enumerate() {
+        let path = dir.join(name);
+        let read = std::fs::read(&path);
+        if i == BALANCER {
+            ca = read
+                .as_ref()
+                .ok()
+                .and_then(|bytes| config::ca_file_named(dir, bytes));
+        }
+        out[i] = stamp(&path, read);
+    }
+    // Read as config::load reads it (regular files only, size capped), so a
+    // caFile pointing at a device cannot stall this thread.
+    out[CA] = ca.and_then(|path| {
+        let read = config::read_ca_file(&path);
+        stamp(&path, read)
+    });
+    out
 }
 
 /// What the reloader did, for `/status` and the metrics.
@@ -341,12 +370,20 @@ pub fn rebuild(old: &Balancer, config: Config, keys_changed: bool) -> Balancer {
     };
     let hosts = Hosts::reloaded(&config.hosts, &keys, &old.hosts, config.settings.strategy);
     let (was, is) = (&old.config.settings, &config.settings);
-    let agent = if was.timeouts == is.timeouts && was.workers == is.workers {
+    let agent = if same_agent(was, is) {
         old.agent.clone()
     } else {
         upstream::agent(is)
     };
     Balancer::from_parts(config, hosts, keys, agent)
+}
+
+/// Whether an agent built from `was` serves `is` as well: true unless a
+/// setting the agent is built from changed (the trusted roots go into its
+/// TLS setup when it is built). Rebuilding drops the idle upstream
+/// connections, so it is done only then.
+fn same_agent(was: &Settings, is: &Settings) -> bool {
+    was.timeouts == is.timeouts && was.workers == is.workers && was.ca_file == is.ca_file
 }
 
 /// One line on what a reload changed: hosts added and removed, keys, settings.
@@ -387,7 +424,19 @@ fn describe(old: &Config, new: &Config, keys_changed: bool) -> String {
             new.api_keys.len()
         ));
     }
-    if old.settings != new.settings {
+    if old.settings.ca_file != new.settings.ca_file {
+        parts.push(match &new.settings.ca_file {
+            Some(ca) => format!("caFile {ca}"),
+            None => "no caFile any more (built-in roots only)".into(),
+        });
+    }
+    // The CA file can change alone (its own stamp); say "settings" only
+    // when something else in balancer.json did.
+    let others = Settings {
+        ca_file: new.settings.ca_file.clone(),
+        ..old.settings.clone()
+    };
+    if others != new.settings {
         parts.push("balancer.json settings changed".into());
     }
     if parts.is_empty() {
@@ -399,8 +448,10 @@ fn describe(old: &Config, new: &Config, keys_changed: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::HostSpec;
+    use crate::config::{test_roots, HostSpec};
     use crate::hosts::{HostState, Verdict, EJECT_AFTER};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
     use std::collections::BTreeMap;
 
     fn spec(name: &str) -> HostSpec {
@@ -487,12 +538,151 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let empty = stamps(&dir);
-        assert_eq!(empty, [None, None, None]);
+        assert_eq!(empty, [None, None, None, None]);
         std::fs::write(dir.join(HOSTS_FILE), "a").unwrap();
         let one = stamps(&dir);
         assert!(one[0].is_some() && one[1].is_none());
         std::fs::write(dir.join(HOSTS_FILE), "b").unwrap();
         assert_ne!(stamps(&dir)[0].map(|s| s.hash), one[0].map(|s| s.hash));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A scratch config directory for one test, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Scratch {
+            let dir = std::env::temp_dir()
+                .join(format!("gaia-reload-unit-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+
+        fn write(&self, name: &str, text: &str) {
+            std::fs::write(self.0.join(name), text).unwrap();
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn stamps_follow_the_ca_file_balancer_json_names() {
+        let dir = Scratch::new("ca-stamps");
+        dir.write(BALANCER_FILE, r#"{"caFile": "ca.pem"}"#);
+        // Named but absent: nothing to stamp yet.
+        assert_eq!(stamps(&dir.0)[CA], None);
+        dir.write("ca.pem", test_roots::ONE);
+        let one = stamps(&dir.0);
+        assert!(one[CA].is_some());
+        dir.write("ca.pem", test_roots::TWO);
+        let two = stamps(&dir.0);
+        // Same length, maybe the same mtime: the content hash tells them apart.
+        assert_ne!(two[CA], one[CA]);
+        assert_eq!(two[BALANCER], one[BALANCER]);
+        // Named even while balancer.json is otherwise invalid.
+        dir.write(BALANCER_FILE, r#"{"port": -1, "caFile": "ca.pem"}"#);
+        assert_eq!(stamps(&dir.0)[CA], two[CA]);
+        // No longer named: no longer watched.
+        dir.write(BALANCER_FILE, "{}");
+        assert_eq!(stamps(&dir.0)[CA], None);
+    }
+
+    #[test]
+    fn editing_only_the_ca_file_is_picked_up_by_reload() {
+        let dir = Scratch::new("ca-reload");
+        dir.write(HOSTS_FILE, r#"{"hosts": ["http://127.0.0.1:9"]}"#);
+        dir.write(
+            BALANCER_FILE,
+            r#"{"caFile": "ca.pem", "discoveryIntervalMs": 0}"#,
+        );
+        dir.write("ca.pem", test_roots::ONE);
+        let config = config::load(&dir.0, &Overrides::default()).unwrap();
+        let shared = Arc::new(Shared::new(Balancer::new(config)));
+        let mut reloader = Reloader::new(shared.clone(), dir.0.clone(), Overrides::default());
+        assert_eq!(reloader.check(), Check::Unchanged);
+        let roots = |s: &Shared| {
+            let ca = s.current().config.settings.ca_file.clone().unwrap();
+            ca.roots.len()
+        };
+        assert_eq!(roots(&shared), 1);
+        dir.write("ca.pem", &format!("{}{}", test_roots::ONE, test_roots::TWO));
+        assert_eq!(reloader.check(), Check::Applied(2));
+        assert_eq!(roots(&shared), 2);
+        // A broken CA file is refused like any bad config file.
+        dir.write("ca.pem", "garbage");
+        assert_eq!(reloader.check(), Check::Rejected);
+        let error = shared.reload.last_error().unwrap();
+        assert!(error.contains("holds no PEM certificate"), "{error}");
+        assert_eq!(roots(&shared), 2);
+        dir.write("ca.pem", test_roots::TWO);
+        assert_eq!(reloader.check(), Check::Applied(3));
+        assert_eq!(roots(&shared), 1);
+        assert_eq!(reloader.check(), Check::Unchanged);
+    }
+
+    #[test]
+    fn the_agent_is_rebuilt_when_the_trusted_roots_change() {
+        let ca = |path: &str, pem: &str| {
+            Some(config::CaFile {
+                path: path.into(),
+                roots: vec![CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()],
+            })
+        };
+        let base = Settings::default();
+        let with = |ca_file| Settings {
+            ca_file,
+            ..Settings::default()
+        };
+        assert!(same_agent(&base, &base.clone()));
+        assert!(same_agent(
+            &base,
+            &Settings {
+                max_attempts: 2,
+                ..Settings::default()
+            }
+        ));
+        assert!(!same_agent(&base, &with(ca("/a.pem", test_roots::ONE))));
+        assert!(!same_agent(&with(ca("/a.pem", test_roots::ONE)), &base));
+        assert!(same_agent(
+            &with(ca("/a.pem", test_roots::ONE)),
+            &with(ca("/a.pem", test_roots::ONE))
+        ));
+        assert!(!same_agent(
+            &with(ca("/a.pem", test_roots::ONE)),
+            &with(ca("/a.pem", test_roots::TWO))
+        ));
+        assert!(!same_agent(
+            &with(ca("/a.pem", test_roots::ONE)),
+            &with(ca("/b.pem", test_roots::ONE))
+        ));
+        let mut slower = base.clone();
+        slower.timeouts.connect = Duration::from_secs(9);
+        assert!(!same_agent(&base, &slower));
+    }
+
+    #[test]
+    fn describe_names_a_ca_file_change_apart_from_other_settings() {
+        let old = config(&["a"], &[]);
+        let mut new = old.clone();
+        new.settings.ca_file = Some(config::CaFile {
+            path: "/etc/ca.pem".into(),
+            roots: vec![CertificateDer::from_pem_slice(test_roots::ONE.as_bytes()).unwrap()],
+        });
+        let said = describe(&old, &new, false);
+        assert!(
+            said.contains("caFile /etc/ca.pem (1 certificate)"),
+            "{said}"
+        );
+        assert!(!said.contains("settings changed"), "{said}");
+        new.settings.max_attempts = 2;
+        let said = describe(&old, &new, false);
+        assert!(said.contains("balancer.json settings changed"), "{said}");
+        let said = describe(&new, &old, false);
+        assert!(said.contains("no caFile any more"), "{said}");
     }
 }
