@@ -3,17 +3,29 @@
 //! `/v1/chat/completions` (JSON, or SSE when `"stream": true`),
 //! `/v1/completions`, `/v1/embeddings` and `/v1/models`.
 //!
-//! Usage: `cargo run --release --example fake_upstream -- [PORT ...] [--chunks N] [--delay-ms MS] [--stamp]`
+//! Usage: `cargo run --release --example fake_upstream -- [PORT ...] [--chunks N] [--delay-ms MS] [--stamp] [--tls CERT KEY]`
 //! (default port 8080; one listener per port, each named after its port).
 //! `--stamp` adds `"x_sent_ns"` (Unix time in ns when the event was written)
 //! to every streamed event, so the benchmark can measure per-chunk lag
 //! across processes. Each response and each chunk leaves in one `write`, so
 //! the fake itself adds no extra packets or syscalls to what is measured.
+//! `--tls CERT KEY` serves HTTPS on every port instead (rustls; PEM files,
+//! e.g. `tests/tls/server.pem tests/tls/server.key`, whose CA is
+//! `tests/tls/ca.pem`); each response and each chunk is then one TLS record
+//! in one `write`.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ServerConfig, ServerConnection, StreamOwned};
+
+const USAGE: &str =
+    "usage: fake_upstream [PORT ...] [--chunks N] [--delay-ms MS] [--stamp] [--tls CERT KEY]";
 
 /// How streamed answers are shaped.
 #[derive(Clone, Copy)]
@@ -33,6 +45,7 @@ fn main() {
         delay: Duration::from_millis(50),
         stamp: false,
     };
+    let mut tls = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -42,17 +55,29 @@ fn main() {
                     Duration::from_millis(args.next().and_then(|v| v.parse().ok()).unwrap_or(50))
             }
             "--stamp" => opts.stamp = true,
-            p => {
-                match p.parse::<u16>() {
-                    Ok(port) => ports.push(port),
-                    Err(_) => {
-                        eprintln!("usage: fake_upstream [PORT ...] [--chunks N] [--delay-ms MS] [--stamp]");
+            "--tls" => {
+                let (Some(cert), Some(key)) = (args.next(), args.next()) else {
+                    eprintln!("{USAGE}");
+                    std::process::exit(2);
+                };
+                match tls_config(&cert, &key) {
+                    Ok(config) => tls = Some(config),
+                    Err(e) => {
+                        eprintln!("--tls {cert} {key}: {e}");
                         std::process::exit(2);
                     }
                 }
             }
+            p => match p.parse::<u16>() {
+                Ok(port) => ports.push(port),
+                Err(_) => {
+                    eprintln!("{USAGE}");
+                    std::process::exit(2);
+                }
+            },
         }
     }
+    let scheme = if tls.is_some() { "https" } else { "http" };
     if ports.is_empty() {
         ports.push(8080);
     }
@@ -66,20 +91,49 @@ fn main() {
             }
         };
         let port = listener.local_addr().map(|a| a.port()).unwrap_or(port);
-        eprintln!("fake upstream listening on http://127.0.0.1:{port}");
-        handles.push(thread::spawn(move || serve_listener(listener, opts)));
+        eprintln!("fake upstream listening on {scheme}://127.0.0.1:{port}");
+        let tls = tls.clone();
+        handles.push(thread::spawn(move || serve_listener(listener, opts, tls)));
     }
     for h in handles {
         let _ = h.join();
     }
 }
 
-/// Serve every connection of `listener`, one thread each, forever.
-pub fn serve_listener(listener: TcpListener, opts: Opts) {
+/// A server configuration for a certificate chain and its key (PEM files).
+pub fn tls_config(cert: &str, key: &str) -> Result<Arc<ServerConfig>, String> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| e.to_string())?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| e.to_string())?;
+    let config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| e.to_string())?;
+    Ok(Arc::new(config))
+}
+
+/// Serve every connection of `listener`, one thread each, forever; over TLS
+/// with `tls`.
+pub fn serve_listener(listener: TcpListener, opts: Opts, tls: Option<Arc<ServerConfig>>) {
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
     for stream in listener.incoming().flatten() {
-        thread::spawn(move || {
-            let _ = serve(stream, port, opts);
+        let tls = tls.clone();
+        thread::spawn(move || -> std::io::Result<()> {
+            stream.set_nodelay(true)?;
+            let Some(config) = tls else {
+                return serve(stream, port, opts);
+            };
+            // The handshake runs on the first read, in this thread.
+            let conn = ServerConnection::new(config).map_err(std::io::Error::other)?;
+            let mut tls = StreamOwned::new(conn, stream);
+            serve(&mut tls, port, opts)?;
+            // The client asked to close: end in order, as a server does.
+            tls.conn.send_close_notify();
+            tls.flush()
         });
     }
 }
@@ -90,7 +144,7 @@ struct Req {
     close: bool,
 }
 
-fn read_req(r: &mut BufReader<TcpStream>) -> std::io::Result<Option<Req>> {
+fn read_req(r: &mut impl BufRead) -> std::io::Result<Option<Req>> {
     let mut line = String::new();
     if r.read_line(&mut line)? == 0 {
         return Ok(None);
@@ -120,16 +174,18 @@ fn read_req(r: &mut BufReader<TcpStream>) -> std::io::Result<Option<Req>> {
     Ok(Some(Req { path, body, close }))
 }
 
-fn serve(stream: TcpStream, port: u16, opts: Opts) -> std::io::Result<()> {
-    stream.set_nodelay(true)?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut out = stream;
+/// Serve one connection until the client closes it or asks to. One object
+/// reads and writes (a TLS connection cannot be split as a socket can);
+/// writes go past the read buffer, straight to the stream.
+fn serve(stream: impl Read + Write, port: u16, opts: Opts) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream);
     while let Some(req) = read_req(&mut reader)? {
+        let out = reader.get_mut();
         let streaming = req.body.windows(13).any(|w| w == b"\"stream\":true")
             || req.body.windows(14).any(|w| w == b"\"stream\": true");
         let path = req.path.split('?').next().unwrap_or("");
         if path.ends_with("/chat/completions") && streaming {
-            stream_chat(&mut out, port, opts)?;
+            stream_chat(out, port, opts)?;
         } else {
             let body = match path {
                 p if p.ends_with("/chat/completions") => format!(
@@ -161,7 +217,7 @@ fn serve(stream: TcpStream, port: u16, opts: Opts) -> std::io::Result<()> {
     Ok(())
 }
 
-fn chunk(out: &mut TcpStream, data: &str) -> std::io::Result<()> {
+fn chunk(out: &mut impl Write, data: &str) -> std::io::Result<()> {
     out.write_all(format!("{:x}\r\n{data}\r\n", data.len()).as_bytes())
 }
 
@@ -176,7 +232,7 @@ fn stamp(opts: Opts) -> String {
     format!(",\"x_sent_ns\":{ns}")
 }
 
-fn stream_chat(out: &mut TcpStream, port: u16, opts: Opts) -> std::io::Result<()> {
+fn stream_chat(out: &mut impl Write, port: u16, opts: Opts) -> std::io::Result<()> {
     out.write_all(
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
     )?;

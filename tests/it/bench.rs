@@ -31,7 +31,7 @@ fn bench_measures_and_prints_its_table() {
         stamp: true,
     };
     // Serves until the test process exits; it holds no state worth stopping.
-    thread::spawn(move || fake_upstream::serve_listener(listener, opts));
+    thread::spawn(move || fake_upstream::serve_listener(listener, opts, None));
     let bal = start(&[format!("http://{up}")], &[], |_| {});
     let me = Some(std::process::id());
     let targets = [

@@ -2,13 +2,23 @@
 //! byte level: any status and headers, SSE streams with delays, cuts in the
 //! middle of a chunked body, hangs, closes without an answer, and a record of
 //! every request and of when the balancer closed each connection.
+//!
+//! The same script can be served over HTTPS (rustls, with the test
+//! certificates in `tests/tls/`): [`Upstream::start_tls`]. Faults stay faults
+//! at the TCP level under TLS: a cut or a close sends no `close_notify`, so
+//! the client sees a truncated stream, not an orderly end.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ServerConfig, ServerConnection, StreamOwned};
 
 /// A request as the fake upstream saw it.
 #[derive(Debug, Clone)]
@@ -38,7 +48,8 @@ pub enum Step {
     Repeat(Vec<u8>, usize),
     /// Stay silent this long (while watching for the peer closing).
     Sleep(Duration),
-    /// Close the connection here, without the final chunk.
+    /// Close the connection here, without the final chunk (over TLS, without
+    /// `close_notify` either: a truncated stream).
     Cut,
 }
 
@@ -59,12 +70,14 @@ pub enum Reply {
     },
     /// Read the request, then say nothing for this long, then close.
     Hang(Duration),
-    /// Close the connection without answering.
+    /// Close the connection without answering (over TLS, without
+    /// `close_notify`).
     Close,
     /// Say nothing for this long (the response head included), then reply.
     Delayed(Duration, Box<Reply>),
     /// Reply, then close the connection without having said `Connection:
-    /// close` (as a server whose keep-alive timeout just ran out does).
+    /// close` (as a server whose keep-alive timeout just ran out does; over
+    /// TLS it sends `close_notify` first, as such a server does).
     Closing(Box<Reply>),
 }
 
@@ -127,15 +140,82 @@ struct Inner {
     handler: Box<Handler>,
 }
 
+/// Which test certificate (in `tests/tls/`) a TLS fake upstream presents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cert {
+    /// `server.pem`, signed by `ca.pem` ([`ca_pem_path`]).
+    Server,
+    /// `other-server.pem`, signed by `other-ca.pem`: refused by a client that
+    /// trusts only `ca.pem`.
+    Other,
+}
+
+impl Cert {
+    /// This certificate's server configuration (ring, TLS 1.2 and 1.3).
+    fn server_config(self) -> Arc<ServerConfig> {
+        let name = match self {
+            Cert::Server => "server",
+            Cert::Other => "other-server",
+        };
+        let chain = CertificateDer::pem_file_iter(tls_file(&format!("{name}.pem")))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(tls_file(&format!("{name}.key"))).unwrap();
+        // An explicit provider rather than the process default, so that the
+        // fake installs nothing process-wide that the balancer under test
+        // would then find already there.
+        let config =
+            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .unwrap();
+        Arc::new(config)
+    }
+}
+
+/// Absolute path of a file in `tests/tls/` (test certificates and keys).
+pub fn tls_file(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/tls")
+        .join(name)
+}
+
+/// Absolute path of `tests/tls/ca.pem`, the CA that signed [`Cert::Server`].
+pub fn ca_pem_path() -> PathBuf {
+    tls_file("ca.pem")
+}
+
 /// A running fake upstream; stops when dropped.
 pub struct Upstream {
     addr: std::net::SocketAddr,
+    /// Serves HTTPS with this configuration when set.
+    tls: Option<Arc<ServerConfig>>,
     inner: Arc<Inner>,
 }
 
 impl Upstream {
     /// Start a fake upstream; `handler` gets each request and its 0-based number.
     pub fn start(handler: impl Fn(&Seen, usize) -> Reply + Send + Sync + 'static) -> Upstream {
+        Upstream::spawn(None, Box::new(handler))
+    }
+
+    /// [`Upstream::start`] over HTTPS, presenting [`Cert::Server`].
+    pub fn start_tls(handler: impl Fn(&Seen, usize) -> Reply + Send + Sync + 'static) -> Upstream {
+        Upstream::start_tls_with(Cert::Server, handler)
+    }
+
+    /// [`Upstream::start`] over HTTPS, presenting `cert`.
+    pub fn start_tls_with(
+        cert: Cert,
+        handler: impl Fn(&Seen, usize) -> Reply + Send + Sync + 'static,
+    ) -> Upstream {
+        Upstream::spawn(Some(cert.server_config()), Box::new(handler))
+    }
+
+    fn spawn(tls: Option<Arc<ServerConfig>>, handler: Box<Handler>) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let inner = Arc::new(Inner {
@@ -145,9 +225,10 @@ impl Upstream {
             count: AtomicUsize::new(0),
             closed: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
-            handler: Box::new(handler),
+            handler,
         });
         let acc = inner.clone();
+        let config = tls.clone();
         thread::spawn(move || {
             for stream in listener.incoming() {
                 if acc.stop.load(Ordering::Relaxed) {
@@ -155,10 +236,19 @@ impl Upstream {
                 }
                 let Ok(stream) = stream else { continue };
                 let inner = acc.clone();
-                thread::spawn(move || serve(stream, &inner));
+                let config = config.clone();
+                // The handshake happens on the connection's first read, in
+                // its own thread, so a slow or failing one blocks no other.
+                thread::spawn(move || match config {
+                    None => serve(stream, &inner),
+                    Some(config) => {
+                        let conn = ServerConnection::new(config).unwrap();
+                        serve(StreamOwned::new(conn, stream), &inner)
+                    }
+                });
             }
         });
-        Upstream { addr, inner }
+        Upstream { addr, tls, inner }
     }
 
     /// Always answer with this reply.
@@ -166,8 +256,14 @@ impl Upstream {
         Upstream::start(move |_, _| reply.clone())
     }
 
+    /// Always answer with this reply, over HTTPS ([`Cert::Server`]).
+    pub fn always_tls(reply: Reply) -> Upstream {
+        Upstream::start_tls(move |_, _| reply.clone())
+    }
+
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn requests(&self) -> Vec<Seen> {
@@ -207,7 +303,59 @@ pub fn refused_url() -> String {
     format!("http://{addr}")
 }
 
-fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Seen> {
+/// A connection the fake serves: plain TCP, or TLS over it.
+trait Conn: Read + Write {
+    /// The TCP socket under it, for peeks, timeouts and cuts. Cutting it
+    /// bypasses TLS, so the peer gets no `close_notify`: a truncated stream.
+    fn tcp(&self) -> &TcpStream;
+
+    /// Bytes wait on the socket while the fake is silent: true if they end
+    /// the connection. Plain request bytes cannot say so (false).
+    fn pending_ends(&mut self) -> bool {
+        false
+    }
+
+    /// End the connection in order (after `Reply::Closing`).
+    fn close_orderly(&mut self) {
+        let _ = self.tcp().shutdown(Shutdown::Both);
+    }
+}
+
+impl Conn for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Conn for StreamOwned<ServerConnection, TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        &self.sock
+    }
+
+    /// A TLS peer may send `close_notify` before its FIN: left unread, that
+    /// alert would keep a peek from ever seeing the end. Reading the records
+    /// into rustls (which keeps any request bytes for the next read) tells a
+    /// `close_notify` apart and lets the next peek see the FIN.
+    fn pending_ends(&mut self) -> bool {
+        match self.conn.read_tls(&mut self.sock) {
+            Ok(0) => true,
+            Ok(_) => self
+                .conn
+                .process_new_packets()
+                .map_or(true, |state| state.peer_has_closed()),
+            // A timeout, or rustls' plaintext buffer is full: nothing said.
+            Err(_) => false,
+        }
+    }
+
+    fn close_orderly(&mut self) {
+        self.conn.send_close_notify();
+        let _ = self.flush();
+        let _ = self.sock.shutdown(Shutdown::Both);
+    }
+}
+
+fn read_request(reader: &mut impl BufRead) -> Option<Seen> {
     let mut line = String::new();
     if reader.read_line(&mut line).ok()? == 0 {
         return None;
@@ -243,18 +391,19 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Seen> {
     })
 }
 
-/// Sleep `d` while watching `stream` for the peer closing; true if it closed.
-fn watch_sleep(stream: &TcpStream, d: Duration) -> bool {
+/// Sleep `d` while watching `conn` for the peer closing; true if it closed.
+fn watch_sleep(conn: &mut impl Conn, d: Duration) -> bool {
     let end = Instant::now() + d;
     let mut byte = [0u8; 1];
     while Instant::now() < end {
         let left = end - Instant::now();
-        let _ = stream.set_read_timeout(Some(
+        let _ = conn.tcp().set_read_timeout(Some(
             left.min(Duration::from_millis(10))
                 .max(Duration::from_millis(1)),
         ));
-        match stream.peek(&mut byte) {
+        match conn.tcp().peek(&mut byte) {
             Ok(0) => return true,
+            Ok(_) if conn.pending_ends() => return true,
             Ok(_) => thread::sleep(Duration::from_millis(5)),
             Err(e)
                 if matches!(
@@ -266,18 +415,20 @@ fn watch_sleep(stream: &TcpStream, d: Duration) -> bool {
     }
     // The socket is shared with the request reader: a short timeout left
     // behind would make it drop the next keep-alive request.
-    let _ = stream.set_read_timeout(None);
+    let _ = conn.tcp().set_read_timeout(None);
     false
 }
 
-fn serve(stream: TcpStream, inner: &Inner) {
-    let _ = stream.set_nodelay(true);
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut out = stream;
+fn serve(stream: impl Conn, inner: &Inner) {
+    let _ = stream.tcp().set_nodelay(true);
+    // One object reads and writes: a TLS connection cannot be split in two
+    // as a socket can. Writes go past the read buffer, straight to `out`.
+    let mut reader = BufReader::new(stream);
     loop {
         let Some(seen) = read_request(&mut reader) else {
             return;
         };
+        let out = reader.get_mut();
         let n = inner.count.fetch_add(1, Ordering::SeqCst);
         inner.seen.lock().unwrap().push(seen.clone());
         let mut reply = (inner.handler)(&seen, n);
@@ -287,7 +438,7 @@ fn serve(stream: TcpStream, inner: &Inner) {
             close_after = true;
         }
         while let Reply::Delayed(d, next) = reply {
-            if watch_sleep(&out, d) {
+            if watch_sleep(out, d) {
                 inner.peer_closed.lock().unwrap().push(Instant::now());
                 return;
             }
@@ -345,13 +496,13 @@ fn serve(stream: TcpStream, inner: &Inner) {
                             }
                         }
                         Step::Sleep(d) => {
-                            if watch_sleep(&out, d) {
+                            if watch_sleep(out, d) {
                                 inner.peer_closed.lock().unwrap().push(Instant::now());
                                 return;
                             }
                         }
                         Step::Cut => {
-                            let _ = out.shutdown(Shutdown::Both);
+                            let _ = out.tcp().shutdown(Shutdown::Both);
                             return;
                         }
                     }
@@ -361,19 +512,19 @@ fn serve(stream: TcpStream, inner: &Inner) {
                 }
             }
             Reply::Hang(d) => {
-                if watch_sleep(&out, d) {
+                if watch_sleep(out, d) {
                     inner.peer_closed.lock().unwrap().push(Instant::now());
                 }
                 return;
             }
             Reply::Close => {
-                let _ = out.shutdown(Shutdown::Both);
+                let _ = out.tcp().shutdown(Shutdown::Both);
                 return;
             }
             Reply::Delayed(..) | Reply::Closing(..) => unreachable!("unwrapped above"),
         }
         if close_after {
-            let _ = out.shutdown(Shutdown::Both);
+            out.close_orderly();
             inner.closed.fetch_add(1, Ordering::SeqCst);
             return;
         }

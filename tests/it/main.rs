@@ -20,3 +20,4 @@ mod reload;
 mod resilience;
 mod strategies;
 mod streaming;
+mod tls;

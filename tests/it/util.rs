@@ -122,8 +122,8 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
     s
 }
 
-/// Read one response from a stream.
-pub fn read_response(reader: &mut BufReader<TcpStream>) -> std::io::Result<Resp> {
+/// Read one response from a stream (plain, or TLS in `tls.rs`).
+pub fn read_response(reader: &mut impl BufRead) -> std::io::Result<Resp> {
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let status: u16 = line
@@ -205,6 +205,19 @@ pub fn request(
     body: &[u8],
 ) -> Resp {
     let mut s = connect(addr);
+    write_request(&mut s, method, path, headers, body).unwrap();
+    let mut reader = BufReader::new(s);
+    read_response(&mut reader).unwrap()
+}
+
+/// Write one request with `Connection: close` in one write.
+pub fn write_request(
+    out: &mut impl Write,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<()> {
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
@@ -215,9 +228,7 @@ pub fn request(
     head.push_str("\r\n");
     let mut all = head.into_bytes();
     all.extend_from_slice(body);
-    s.write_all(&all).unwrap();
-    let mut reader = BufReader::new(s);
-    read_response(&mut reader).unwrap()
+    out.write_all(&all)
 }
 
 /// POST a JSON body.

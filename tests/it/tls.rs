@@ -1,0 +1,142 @@
+//! HTTPS upstreams. The fake's TLS side, checked with a raw rustls client
+//! that trusts only the test CA (`tests/tls/`), so the fake and the
+//! certificates are known good before the balancer is put in front of them.
+
+use std::io::{BufReader, ErrorKind, Write};
+use std::net::{Shutdown, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{CertificateError, ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+
+use crate::fake::{
+    ca_pem_path, content_event, finish_events, role_event, tls_file, Cert, Reply, Step, Upstream,
+};
+use crate::util::{read_response, wait_for, write_request};
+
+type TlsClient = BufReader<StreamOwned<ClientConnection, TcpStream>>;
+
+/// A TLS client to `up` that trusts only the CAs in the PEM file `ca`; the
+/// handshake happens on its first write.
+fn connect_tls(up: &Upstream, ca: &Path) -> TlsClient {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let url = up.url();
+    let addr = url.strip_prefix("https://").expect("an https URL");
+    let tcp = TcpStream::connect(addr).unwrap();
+    // A test can never hang on a silent server.
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let conn = ClientConnection::new(Arc::new(config), name).unwrap();
+    BufReader::new(StreamOwned::new(conn, tcp))
+}
+
+fn post_chat(client: &mut TlsClient) -> std::io::Result<()> {
+    let body = br#"{"model":"m","messages":[]}"#;
+    write_request(client.get_mut(), "POST", "/v1/chat/completions", &[], body)
+}
+
+#[test]
+fn a_json_reply_arrives_intact_over_tls() {
+    let up = Upstream::always_tls(Reply::json(200, r#"{"ok":true}"#));
+    assert!(up.url().starts_with("https://127.0.0.1:"), "{}", up.url());
+    let mut client = connect_tls(&up, &ca_pem_path());
+    post_chat(&mut client).unwrap();
+    let r = read_response(&mut client).unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.complete);
+    assert_eq!(r.text(), r#"{"ok":true}"#);
+    let seen = up.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/v1/chat/completions");
+    assert_eq!(seen[0].body, br#"{"model":"m","messages":[]}"#);
+}
+
+#[test]
+fn an_sse_reply_arrives_chunk_by_chunk_over_tls() {
+    let up = Upstream::always_tls(Reply::sse(vec![
+        Step::Send(role_event()),
+        Step::Sleep(Duration::from_millis(20)),
+        Step::Send(content_event("hi")),
+        Step::Send(finish_events()),
+    ]));
+    let mut client = connect_tls(&up, &ca_pem_path());
+    post_chat(&mut client).unwrap();
+    let r = read_response(&mut client).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    assert!(r.complete, "{}", r.text());
+    assert_eq!(r.chunks.len(), 3);
+    assert_eq!(r.chunks[1].1, content_event("hi"));
+    assert!(r.text().ends_with("data: [DONE]\n\n"));
+}
+
+/// A cut is a TCP close with no `close_notify`: rustls reports the stream
+/// as truncated, not as ended.
+#[test]
+fn a_cut_ends_the_tls_stream_without_close_notify() {
+    let up = Upstream::always_tls(Reply::sse(vec![Step::Send(role_event()), Step::Cut]));
+    let mut client = connect_tls(&up, &ca_pem_path());
+    post_chat(&mut client).unwrap();
+    let err = read_response(&mut client).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::UnexpectedEof, "{err}");
+}
+
+/// The other certificate is well formed (a client trusting its own CA takes
+/// it), so refusing it is about trust alone.
+#[test]
+fn a_cert_from_another_ca_is_refused() {
+    let up = Upstream::start_tls_with(Cert::Other, |_, _| Reply::json(200, "{}"));
+    let mut client = connect_tls(&up, &ca_pem_path());
+    // The handshake runs on the first write (or its flush).
+    let err = post_chat(&mut client)
+        .and_then(|()| client.get_mut().flush())
+        .unwrap_err();
+    let cause = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>());
+    assert_eq!(
+        cause,
+        Some(&rustls::Error::InvalidCertificate(
+            CertificateError::UnknownIssuer
+        )),
+        "{err}"
+    );
+    assert_eq!(up.hits(), 0);
+
+    let mut client = connect_tls(&up, &tls_file("other-ca.pem"));
+    post_chat(&mut client).unwrap();
+    assert_eq!(read_response(&mut client).unwrap().status, 200);
+}
+
+/// A TLS client may send `close_notify` before its FIN; the fake still sees
+/// it leave while it holds back a reply.
+#[test]
+fn a_tls_client_leaving_a_delayed_reply_is_seen() {
+    let up = Upstream::always_tls(Reply::Delayed(
+        Duration::from_secs(10),
+        Box::new(Reply::json(200, "{}")),
+    ));
+    let mut client = connect_tls(&up, &ca_pem_path());
+    post_chat(&mut client).unwrap();
+    assert!(wait_for(Duration::from_secs(5), || up.hits() == 1));
+    let tls = client.get_mut();
+    tls.conn.send_close_notify();
+    tls.flush().unwrap();
+    tls.sock.shutdown(Shutdown::Write).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || up.peer_closed().len() == 1),
+        "the fake did not see the client leave"
+    );
+}
