@@ -90,7 +90,9 @@ pub fn agent(settings: &Settings) -> Agent {
     // Our TCP transport (cached timeouts, coalesced writes, cheap probes),
     // TLS over it for https hosts, and the watch over both.
     let connector = LinkConnector
-        .chain(TlsConnector::new(&[]))
+        .chain(TlsConnector::new(
+            settings.ca_file.as_ref().map_or(&[][..], |c| &c.roots[..]),
+        ))
         .chain(watch::WatchConnector);
     Agent::with_parts(config, connector, LiteralFirst::default())
 }

@@ -140,3 +140,73 @@ fn a_tls_client_leaving_a_delayed_reply_is_seen() {
         "the fake did not see the client leave"
     );
 }
+
+/// The balancer in front of TLS fakes, trusting the test CA through `caFile`.
+fn balancer_over(urls: &[String]) -> crate::util::Running {
+    let roots = CertificateDer::pem_file_iter(ca_pem_path())
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    crate::util::start(urls, &["k1"], |c| {
+        c.settings.ca_file = Some(gaia_balancer::config::CaFile {
+            path: ca_pem_path(),
+            roots,
+        });
+    })
+}
+
+#[test]
+fn the_balancer_proxies_json_and_streams_over_tls() {
+    let up = Upstream::start_tls(|seen, _| {
+        let json: serde_json::Value = serde_json::from_slice(&seen.body).unwrap_or_default();
+        if json["stream"] == true {
+            let mut steps = vec![Step::Send(role_event())];
+            steps.push(Step::Send(content_event("tls")));
+            steps.push(Step::Send(finish_events()));
+            Reply::sse(steps)
+        } else {
+            Reply::json(200, r#"{"ok":"over tls"}"#)
+        }
+    });
+    let bal = balancer_over(&[up.url()]);
+    for _ in 0..3 {
+        let r = crate::util::post(bal.addr, "/v1/chat/completions", &crate::util::chat(false));
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.body, br#"{"ok":"over tls"}"#);
+    }
+    let r = crate::util::post(bal.addr, "/v1/chat/completions", &crate::util::chat(true));
+    assert_eq!(r.status, 200);
+    assert!(r.complete);
+    assert!(String::from_utf8_lossy(&r.body).contains("tls"));
+    assert!(String::from_utf8_lossy(&r.body).contains("[DONE]"));
+    assert_eq!(up.hits(), 4);
+    assert_eq!(up.requests()[0].header("authorization"), Some("Bearer k1"));
+}
+
+#[test]
+fn an_untrusted_certificate_is_refused_and_the_request_fails_over() {
+    let bad = Upstream::start_tls_with(Cert::Other, |_, _| Reply::json(200, r#"{"from":"bad"}"#));
+    let good = Upstream::start_tls(|_, _| Reply::json(200, r#"{"from":"good"}"#));
+    let bal = balancer_over(&[bad.url(), good.url()]);
+    for _ in 0..4 {
+        let r = crate::util::post(bal.addr, "/v1/chat/completions", &crate::util::chat(false));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, br#"{"from":"good"}"#);
+    }
+    assert_eq!(bad.hits(), 0, "no request may reach an untrusted host");
+}
+
+#[test]
+fn a_tls_stream_cut_without_close_notify_is_not_passed_off_as_complete() {
+    let up = Upstream::start_tls(|_, _| {
+        Reply::sse(vec![
+            Step::Send(role_event()),
+            Step::Send(content_event("half")),
+            Step::Cut,
+        ])
+    });
+    let bal = balancer_over(&[up.url()]);
+    let r = crate::util::post(bal.addr, "/v1/chat/completions", &crate::util::chat(true));
+    assert!(!String::from_utf8_lossy(&r.body).contains("[DONE]"));
+    assert!(!r.complete || r.status != 200 || String::from_utf8_lossy(&r.body).contains("error"));
+}
