@@ -12,8 +12,12 @@
 //! - a socket timeout is only set when its value changes, which on the fast
 //!   path is never (reads wait one watch tick, writes [`WRITE_STALL`]);
 //! - no single write waits longer than [`WRITE_STALL`] or past ureq's deadline;
-//! - a pooled connection is probed with one non-blocking `MSG_PEEK`, and one
-//!   with unsent output or unexpected input is never reused;
+//! - a pooled connection is probed with one non-blocking `MSG_PEEK` just
+//!   before its next request is written, outside ureq's pool lock; one the
+//!   upstream closed (or sent stray bytes on) meanwhile is replaced by a
+//!   fresh connection to the same address before any byte of the request
+//!   leaves, so a stale keep-alive costs no failed attempt; one with unsent
+//!   output is never reused;
 //! - a connection holds little memory while it waits for and reads a
 //!   response ([`LinkBuffers`]): ureq's own buffers allocate and zero both
 //!   directions in full (2 × 32 KiB) for a connection's whole life, which
@@ -98,10 +102,13 @@ impl Connector<()> for LinkConnector {
         details: &ConnectionDetails,
         _chained: Option<()>,
     ) -> Result<Option<Link>, Error> {
-        let stream = connect(&details.addrs, details.timeout)?;
+        let (stream, peer) = connect(&details.addrs, details.timeout)?;
         let config = details.config;
         Ok(Some(Link {
             stream,
+            peer,
+            connect_timeout: config.timeouts().connect,
+            recheck: false,
             buffers: LinkBuffers::new(config.input_buffer_size(), config.output_buffer_size()),
             pending: Vec::new(),
             read_timeout: None,
@@ -113,7 +120,7 @@ impl Connector<()> for LinkConnector {
 
 /// Try each address in turn; earlier ones get half of the time left (the
 /// last gets all of it), so one black-holed address cannot eat the budget.
-fn connect(addrs: &[SocketAddr], timeout: NextTimeout) -> Result<TcpStream, Error> {
+fn connect(addrs: &[SocketAddr], timeout: NextTimeout) -> Result<(TcpStream, SocketAddr), Error> {
     let deadline = match timeout.after {
         UreqDuration::Exact(d) => Instant::now().checked_add(d),
         UreqDuration::NotHappening => None,
@@ -138,7 +145,7 @@ fn connect(addrs: &[SocketAddr], timeout: NextTimeout) -> Result<TcpStream, Erro
         match result {
             Ok(stream) => {
                 stream.set_nodelay(true)?;
-                return Ok(stream);
+                return Ok((stream, *addr));
             }
             Err(e) => last = Some(e),
         }
@@ -303,6 +310,13 @@ impl Buffers for LinkBuffers {
 /// One upstream TCP connection as ureq sees it.
 pub struct Link {
     stream: TcpStream,
+    /// The address `stream` is connected to (a stale pooled connection is
+    /// replaced by a new one to the same address).
+    peer: SocketAddr,
+    /// ureq's connect timeout, for that replacement.
+    connect_timeout: Option<Duration>,
+    /// Taken from the pool: probe before the next byte is written.
+    recheck: bool,
     buffers: LinkBuffers,
     /// Output accepted but not yet written (see [`COALESCE`]).
     pending: Vec<u8>,
@@ -316,13 +330,44 @@ pub struct Link {
 
 impl fmt::Debug for Link {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Link")
-            .field("peer", &self.stream.peer_addr().ok())
-            .finish()
+        f.debug_struct("Link").field("peer", &self.peer).finish()
     }
 }
 
 impl Link {
+    /// For a connection just taken from the pool: if the upstream closed it
+    /// (or sent stray bytes) while it sat idle, connect afresh to the same
+    /// address. Nothing of the request has left yet, so this is always safe,
+    /// and ureq never learns the difference. The probe runs here rather than
+    /// in [`Transport::is_open`] because ureq asks that under its pool lock:
+    /// a syscall there, with a thread preempted on its way out of it, had
+    /// every other worker queue on the lock (0.5 futex calls per request at
+    /// 16 connections).
+    fn ensure_fresh(&mut self) -> Result<(), Error> {
+        if !std::mem::replace(&mut self.recheck, false) {
+            return Ok(());
+        }
+        if peek(&self.stream) == Peek::Quiet {
+            return Ok(());
+        }
+        log::debug!(
+            "pooled connection to {} went stale; reconnecting",
+            self.peer
+        );
+        let timeout = NextTimeout {
+            after: self
+                .connect_timeout
+                .map_or(UreqDuration::NotHappening, UreqDuration::Exact),
+            reason: ureq::Timeout::Connect,
+            ..NextTimeout::default()
+        };
+        let (stream, _) = connect(&[self.peer], timeout)?;
+        self.stream = stream;
+        self.read_timeout = None;
+        self.write_timeout = None;
+        Ok(())
+    }
+
     /// Stage `amount` bytes of the output buffer for sending (see [`COALESCE`]).
     fn transmit(&mut self, amount: usize, timeout: &NextTimeout) -> Result<(), Error> {
         let amount = amount.min(self.buffers.output_size);
@@ -449,7 +494,9 @@ impl Transport for Link {
             return Err(Error::Timeout(timeout.reason));
         }
         self.used = true;
-        let result = self.transmit(amount, &timeout);
+        let result = self
+            .ensure_fresh()
+            .and_then(|()| self.transmit(amount, &timeout));
         // Sent or copied (or failed, and the exchange is over): the output
         // buffer is free for another connection until the next request.
         self.buffers.give_back();
@@ -458,6 +505,7 @@ impl Transport for Link {
 
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, Error> {
         self.used = true;
+        self.ensure_fresh()?;
         if !self.pending.is_empty() {
             // No deadline of ureq's applies to this flush: WRITE_STALL does.
             self.send(0, &NextTimeout::default())?;
@@ -486,19 +534,20 @@ impl Transport for Link {
     }
 
     /// ureq asks twice per exchange: when the connection goes back to the
-    /// pool (right after I/O) and when it is taken out for the next request.
-    /// Only the second probes the socket: it runs just before the connection
-    /// is used, so it also sees a close that came while the connection sat
-    /// idle, and a dead connection parked in the pool meanwhile costs nothing.
+    /// pool (right after I/O) and when it is taken out for the next request,
+    /// both without a syscall. The second arms the probe that runs before
+    /// the next write ([`Link::ensure_fresh`]): outside ureq's pool lock, it
+    /// sees a close that came while the connection sat idle, and a dead
+    /// connection parked in the pool meanwhile costs nothing.
     fn is_open(&mut self) -> bool {
         // Unsent output means an exchange was abandoned half-way.
         if !self.pending.is_empty() {
             return false;
         }
-        if std::mem::replace(&mut self.used, false) {
-            return true;
+        if !std::mem::replace(&mut self.used, false) {
+            self.recheck = true;
         }
-        peek(&self.stream) == Peek::Quiet
+        true
     }
 }
 
@@ -510,19 +559,29 @@ mod tests {
 
     /// A Link to a fresh loopback listener, and the accepted far end.
     fn pair() -> (Link, TcpStream) {
+        let (link, far, _) = pair_listening();
+        (link, far)
+    }
+
+    /// As [`pair`], keeping the listener for reconnects.
+    fn pair_listening() -> (Link, TcpStream, TcpListener) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let stream = connect(&[addr], NextTimeout::default()).unwrap();
+        let (stream, peer) = connect(&[addr], NextTimeout::default()).unwrap();
+        assert_eq!(peer, addr);
         let (far, _) = listener.accept().unwrap();
         let link = Link {
             stream,
+            peer,
+            connect_timeout: Some(Duration::from_secs(5)),
+            recheck: false,
             buffers: LinkBuffers::new(1024, 64 * 1024),
             pending: Vec::new(),
             read_timeout: None,
             write_timeout: None,
             used: false,
         };
-        (link, far)
+        (link, far, listener)
     }
 
     fn budget(secs: u64) -> NextTimeout {
@@ -685,29 +744,101 @@ mod tests {
         );
     }
 
-    #[test]
-    fn probe_tells_quiet_from_stray_bytes_and_from_closed() {
-        let (mut link, mut far) = pair();
-        assert!(link.is_open());
-        // After I/O, the first question (the return to the pool) is free;
-        // the next (taking it out) probes and sees the stray bytes.
-        link.used = true;
-        far.write_all(b"junk").unwrap();
+    /// Wait (bounded) until a peek at `link`'s socket sees `want`.
+    fn wait_peek(link: &Link, want: Peek) {
         let deadline = Instant::now() + Duration::from_secs(5);
-        while peek(&link.stream) != Peek::Data && Instant::now() < deadline {
+        while peek(&link.stream) != want && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(1));
         }
-        assert!(link.is_open(), "returning to the pool does not probe");
-        assert!(!link.is_open(), "stray bytes must not be reused");
+        assert_eq!(peek(&link.stream), want);
+    }
 
-        let (mut link, far) = pair();
-        drop(far);
+    /// The next connection to `listener`, waited for at most 5 s.
+    fn accept_within(listener: &TcpListener) -> TcpStream {
+        listener.set_nonblocking(true).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while link.is_open() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(1));
+        loop {
+            match listener.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    return s;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => panic!("no new connection: {e}"),
+            }
         }
-        assert_eq!(peek(&link.stream), Peek::Closed);
-        assert!(!link.is_open());
+    }
+
+    /// Send `bytes` as a request on `link` (staged, then flushed).
+    fn send_now(link: &mut Link, bytes: &[u8]) {
+        transmit(link, bytes, budget(30));
+        link.send(0, &budget(30)).unwrap();
+    }
+
+    #[test]
+    fn a_quiet_pooled_connection_is_kept_for_the_next_request() {
+        let (mut link, mut far, listener) = pair_listening();
+        send_now(&mut link, b"one");
+        assert_eq!(read_exactly(&mut far, 3), b"one");
+        assert!(link.is_open(), "return to the pool");
+        assert!(link.is_open(), "taken out of the pool");
+        send_now(&mut link, b"two");
+        assert_eq!(read_exactly(&mut far, 3), b"two", "same connection");
+        listener.set_nonblocking(true).unwrap();
+        assert!(listener.accept().is_err(), "no new connection was made");
+    }
+
+    #[test]
+    fn a_pooled_connection_the_upstream_closed_is_replaced_before_sending() {
+        let (mut link, mut far, listener) = pair_listening();
+        send_now(&mut link, b"one");
+        assert_eq!(read_exactly(&mut far, 3), b"one");
+        assert!(link.is_open(), "return to the pool");
+        drop(far);
+        wait_peek(&link, Peek::Closed);
+        // Asking costs no syscall (ureq holds its pool lock meanwhile)...
+        assert!(link.is_open(), "taken out of the pool");
+        // ...and the first write finds the close and reconnects.
+        send_now(&mut link, b"two");
+        let mut fresh = accept_within(&listener);
+        assert_eq!(read_exactly(&mut fresh, 3), b"two");
+    }
+
+    #[test]
+    fn stray_bytes_on_a_pooled_connection_are_never_read_as_an_answer() {
+        let (mut link, mut far, listener) = pair_listening();
+        send_now(&mut link, b"one");
+        assert_eq!(read_exactly(&mut far, 3), b"one");
+        assert!(link.is_open());
+        far.write_all(b"junk").unwrap();
+        wait_peek(&link, Peek::Data);
+        assert!(link.is_open());
+        send_now(&mut link, b"two");
+        let mut fresh = accept_within(&listener);
+        assert_eq!(read_exactly(&mut fresh, 3), b"two");
+        fresh.write_all(b"answer").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while link.buffers.input().len() < 6 && Instant::now() < deadline {
+            link.await_input(budget(5)).unwrap();
+        }
+        assert_eq!(link.buffers.input(), b"answer");
+    }
+
+    #[test]
+    fn a_connection_that_cannot_be_replaced_fails_as_a_connect_error() {
+        let (mut link, far, listener) = pair_listening();
+        send_now(&mut link, b"one");
+        assert!(link.is_open());
+        drop(far);
+        drop(listener);
+        wait_peek(&link, Peek::Closed);
+        assert!(link.is_open());
+        let err = link
+            .transmit_output(0, budget(30))
+            .expect_err("nobody listens any more");
+        assert!(matches!(err, Error::Io(_)), "{err:?}");
     }
 
     #[test]
@@ -743,7 +874,9 @@ mod tests {
             other => panic!("expected refused, got {other:?}"),
         }
         let live = TcpListener::bind("127.0.0.1:0").unwrap();
-        let stream = connect(&[dead, live.local_addr().unwrap()], budget(2)).unwrap();
+        let addr = live.local_addr().unwrap();
+        let (stream, peer) = connect(&[dead, addr], budget(2)).unwrap();
         assert!(stream.nodelay().unwrap());
+        assert_eq!(peer, addr, "the address that answered is kept");
     }
 }
