@@ -218,7 +218,16 @@ fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-fn start_fake(args: &Args, dir: &Path, name: &str, chunks: usize) -> Result<(Proc, u16), String> {
+/// The test-only certificates (tests/tls/README.md) the HTTPS runs use.
+const TLS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tls/");
+
+fn start_fake(
+    args: &Args,
+    dir: &Path,
+    name: &str,
+    chunks: usize,
+    tls: bool,
+) -> Result<(Proc, u16), String> {
     let port = free_port()?;
     let mut cmd = Command::new(&args.fake);
     cmd.arg(port.to_string()).args([
@@ -228,16 +237,27 @@ fn start_fake(args: &Args, dir: &Path, name: &str, chunks: usize) -> Result<(Pro
         "50",
         "--stamp",
     ]);
+    if tls {
+        cmd.arg("--tls")
+            .arg(format!("{TLS_DIR}server.pem"))
+            .arg(format!("{TLS_DIR}server.key"));
+    }
     let mut p = Proc::spawn(name, &mut cmd, dir.join(format!("{name}.log")))?;
     p.wait_listening(loopback(port))?;
     Ok((p, port))
 }
 
-/// A config directory for the balancer in front of one upstream port.
-fn balancer_config(dir: &Path, upstream: u16) -> Result<PathBuf, String> {
+/// A config directory for the balancer in front of one upstream port
+/// (over HTTPS trusting the test CA when `tls`).
+fn balancer_config(dir: &Path, upstream: u16, tls: bool) -> Result<PathBuf, String> {
     fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let hosts = format!("{{ \"hosts\": [\"http://127.0.0.1:{upstream}\"] }}\n");
+    let scheme = if tls { "https" } else { "http" };
+    let hosts = format!("{{ \"hosts\": [\"{scheme}://127.0.0.1:{upstream}\"] }}\n");
     fs::write(dir.join("hosts.json"), hosts).map_err(|e| e.to_string())?;
+    if tls {
+        let settings = format!("{{ \"caFile\": \"{TLS_DIR}ca.pem\" }}\n");
+        fs::write(dir.join("balancer.json"), settings).map_err(|e| e.to_string())?;
+    }
     Ok(dir.to_path_buf())
 }
 
@@ -247,8 +267,9 @@ fn start_balancer(
     name: &str,
     upstream: u16,
     workers: usize,
+    tls: bool,
 ) -> Result<(Proc, u16), String> {
-    let config = balancer_config(&dir.join(format!("{name}-config")), upstream)?;
+    let config = balancer_config(&dir.join(format!("{name}-config")), upstream, tls)?;
     let port = free_port()?;
     let mut cmd = Command::new(&args.balancer);
     cmd.arg("--config")
@@ -328,7 +349,8 @@ fn run(args: &Args, dir: &Path) -> Result<(), String> {
         report.push_str(&table(args, dir)?);
     }
     if args.memory {
-        report.push_str(&memory_per_stream(args, dir)?);
+        report.push_str(&memory_per_stream(args, dir, false)?);
+        report.push_str(&memory_per_stream(args, dir, true)?);
     }
     report.push_str(&machine(args));
     let _ = writeln_time(&mut report, started.elapsed());
@@ -339,8 +361,8 @@ fn run(args: &Args, dir: &Path) -> Result<(), String> {
 /// The side-by-side table: direct, balancer, nginx.
 fn table(args: &Args, dir: &Path) -> Result<String, String> {
     let chunks = 20;
-    let (fake, up) = start_fake(args, dir, "fake", chunks)?;
-    let (bal, bal_port) = start_balancer(args, dir, "balancer", up, 256)?;
+    let (fake, up) = start_fake(args, dir, "fake", chunks, false)?;
+    let (bal, bal_port) = start_balancer(args, dir, "balancer", up, 256, false)?;
     let nginx = match &args.nginx {
         Some(n) => match start_nginx(n, dir, up) {
             Ok(p) => Some(p),
@@ -399,10 +421,18 @@ fn writeln_time(s: &mut String, d: Duration) -> std::fmt::Result {
 }
 
 /// RSS over idle at [`MEMORY_STREAMS`] open streams, per stream.
-fn memory_per_stream(args: &Args, dir: &Path) -> Result<String, String> {
+fn memory_per_stream(args: &Args, dir: &Path, tls: bool) -> Result<String, String> {
     // Streams long enough (20 s) to all be open at once; closed early by us.
-    let (_fake, up) = start_fake(args, dir, "fake-memory", 400)?;
-    let (bal, port) = start_balancer(args, dir, "balancer-memory", up, MEMORY_STREAMS + 100)?;
+    let scheme = if tls { "https" } else { "http" };
+    let (_fake, up) = start_fake(args, dir, &format!("fake-memory-{scheme}"), 400, tls)?;
+    let (bal, port) = start_balancer(
+        args,
+        dir,
+        &format!("balancer-memory-{scheme}"),
+        up,
+        MEMORY_STREAMS + 100,
+        tls,
+    )?;
     thread::sleep(Duration::from_millis(300));
     let idle = suite::memory(bal.pid()).map(|m| m.rss_kib).unwrap_or(0);
     let request = load::chat_request("bench", load::STREAM_BODY);
@@ -425,11 +455,11 @@ fn memory_per_stream(args: &Args, dir: &Path) -> Result<String, String> {
         }),
     );
     let (open, rss) = *sampled.lock().unwrap_or_else(|e| e.into_inner());
-    eprintln!("memory: idle {idle} KiB, {rss} KiB with {open} streams open");
+    eprintln!("memory ({scheme}): idle {idle} KiB, {rss} KiB with {open} streams open");
     let per = (rss.saturating_sub(idle) as f64 * 1024.0) / open.max(1) as f64;
     Ok(format!(
-        "\nMemory per stream (gaia-balancer, --workers {}): idle RSS {:.1} MiB, {:.1} MiB with {open} streams open \
-         → {:.1} KiB per stream over idle.\n",
+        "\nMemory per stream (gaia-balancer, --workers {}, {scheme} upstream): idle RSS {:.1} MiB, \
+         {:.1} MiB with {open} streams open → {:.1} KiB per stream over idle.\n",
         MEMORY_STREAMS + 100,
         idle as f64 / 1024.0,
         rss as f64 / 1024.0,
