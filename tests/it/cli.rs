@@ -1,11 +1,12 @@
 //! The binary: `check`, `--help`, `--version`, bad flags, and a real run.
 
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use crate::fake::{Reply, Upstream};
+use crate::process::Balancer;
 use crate::util::{chat, post, wait_for};
 
 fn bin() -> Command {
@@ -17,10 +18,7 @@ fn bin() -> Command {
 }
 
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("gaia-it-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    crate::process::temp_dir("it", name)
 }
 
 #[test]
@@ -116,48 +114,9 @@ fn help_version_and_bad_flags() {
 
 /// Start the binary on `dir` through `sh` (so a ulimit can be set first) and
 /// return it with the address from its "listening on" log line.
-type Spawned = (
-    KillOnDrop,
-    std::net::SocketAddr,
-    std::sync::mpsc::Receiver<String>,
-);
-
-fn spawn(dir: &std::path::Path, shell_prefix: &str) -> Spawned {
-    let exe = env!("CARGO_BIN_EXE_gaia-balancer");
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(format!(
-            "{shell_prefix} exec \"$0\" --port 0 --workers 4 --config \"$1\""
-        ))
-        .arg(exe)
-        .arg(dir);
-    for var in ["GAIA_CONFIG_DIR", "PORT", "BIND", "NODE_ENV"] {
-        cmd.env_remove(var);
-    }
-    let child = cmd
-        .env("LOG_LEVEL", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(child);
-    let stderr = child.0.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut addr = None;
-    let found = wait_for(Duration::from_secs(10), || {
-        while let Ok(line) = rx.try_recv() {
-            if let Some(rest) = line.split("listening on http://").nth(1) {
-                addr = rest.split_whitespace().next().and_then(|a| a.parse().ok());
-            }
-        }
-        addr.is_some()
-    });
-    assert!(found, "no listening line");
-    (child, addr.unwrap(), rx)
+/// The binary on `dir` with 4 workers, logging at info.
+fn spawn(dir: &std::path::Path, shell_prefix: &str) -> Balancer {
+    Balancer::start(dir, shell_prefix, &["--workers", "4"], "info")
 }
 
 fn config_for(name: &str, up: &Upstream) -> PathBuf {
@@ -173,7 +132,8 @@ fn config_for(name: &str, up: &Upstream) -> PathBuf {
 #[test]
 fn the_binary_serves_a_config_directory() {
     let up = Upstream::always(Reply::json(200, r#"{"ok":true}"#));
-    let (_child, addr, _log) = spawn(&config_for("run", &up), "");
+    let bal = spawn(&config_for("run", &up), "");
+    let addr = bal.addr;
     let r = post(addr, "/v1/chat/completions", &chat(false));
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), r#"{"ok":true}"#);
@@ -182,7 +142,8 @@ fn the_binary_serves_a_config_directory() {
 #[test]
 fn descriptor_exhaustion_does_not_stop_accepting() {
     let up = Upstream::always(Reply::json(200, r#"{"ok":true}"#));
-    let (_child, addr, log) = spawn(&config_for("emfile", &up), "ulimit -n 48 &&");
+    let bal = spawn(&config_for("emfile", &up), "ulimit -n 48 &&");
+    let addr = bal.addr;
     assert_eq!(post(addr, "/v1/embeddings", "{}").status, 200);
     // A busy keep-alive client, connected and served before the flood: one
     // request every 100 ms (an idle one would give way to the waiting flood).
@@ -219,9 +180,7 @@ fn descriptor_exhaustion_does_not_stop_accepting() {
         .filter_map(|_| std::net::TcpStream::connect(addr).ok())
         .collect();
     assert!(flood.len() > 48);
-    let exhausted = wait_for(Duration::from_secs(5), || {
-        log.try_iter().any(|l| l.contains("Too many open files"))
-    });
+    let exhausted = bal.logged("Too many open files", Duration::from_secs(5));
     assert!(exhausted, "the flood never exhausted descriptors");
     // Two more requests on the open connection while descriptors are out.
     let before = served();
@@ -261,16 +220,6 @@ fn descriptor_exhaustion_does_not_stop_accepting() {
         "keep-alive client: {statuses:?}"
     );
     assert_eq!(post(addr, "/v1/embeddings", "{}").status, 200);
-}
-
-/// Kills the child process even when an assertion fails first.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

@@ -3,116 +3,25 @@
 //! once, idle keep-alive connections close promptly, the grace is enforced,
 //! exit status 0), draining readiness, and logs that never show a whole key.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gaia_balancer::config::Config;
 use gaia_balancer::{routes, server};
 
 use crate::fake::{content_event, finish_events, refused_url, role_event, Reply, Step, Upstream};
+use crate::process::Balancer;
 use crate::util::{chat, connect, host, post, read_response, request, test_settings, wait_for};
 
-/// The balancer binary running on a config directory, killed when dropped.
-struct Binary {
-    child: Child,
-    addr: SocketAddr,
-    /// Every stderr line so far (a reader thread appends).
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Binary {
-    /// Start the binary on `dir` with `LOG_LEVEL=level` and wait for its
-    /// "listening on" line.
-    fn start(dir: &Path, level: &str) -> Binary {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gaia-balancer"));
-        for var in ["GAIA_CONFIG_DIR", "PORT", "BIND", "NODE_ENV", "LOG_LEVEL"] {
-            cmd.env_remove(var);
-        }
-        let mut child = cmd
-            .args(["--port", "0", "--workers", "8", "--config"])
-            .arg(dir)
-            .env("LOG_LEVEL", level)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let mut bin = Binary {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            log,
-        };
-        let mut addr = None;
-        let found = wait_for(Duration::from_secs(10), || {
-            addr = bin.lines().iter().find_map(|l| {
-                l.split("listening on http://")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            });
-            addr.is_some()
-        });
-        assert!(found, "no listening line: {:?}", bin.lines());
-        bin.addr = addr.unwrap();
-        bin
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn signal(&self, name: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{name} failed");
-    }
-
-    /// The exit status once the process has exited, waiting up to `limit`.
-    fn exit_within(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let mut status = None;
-        wait_for(limit, || {
-            status = self.child.try_wait().ok().flatten();
-            status.is_some()
-        });
-        status
-    }
-
-    /// Wait until a log line contains `text`.
-    fn logged(&self, text: &str, limit: Duration) -> bool {
-        wait_for(limit, || self.lines().iter().any(|l| l.contains(text)))
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The binary on `dir` with 8 workers, logging at `level`.
+fn start(dir: &Path, level: &str) -> Balancer {
+    Balancer::start(dir, "", &["--workers", "8"], level)
 }
 
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("gaia-it-ops-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    crate::process::temp_dir("it-ops", name)
 }
 
 /// `balancer.json` for tests that count upstream traffic: model discovery's
@@ -169,7 +78,7 @@ fn refused(addr: SocketAddr) -> bool {
 fn sigterm_lets_a_stream_finish_refuses_new_connections_and_exits_0() {
     let up = Upstream::always(slow_stream(Duration::from_millis(400)));
     let dir = config("sigterm", &[quoted(&up.url())], NO_DISCOVERY);
-    let mut bin = Binary::start(&dir, "info");
+    let mut bin = start(&dir, "info");
     let addr = bin.addr;
 
     // A keep-alive stream with a /readyz request pipelined behind it: the
@@ -230,7 +139,7 @@ fn sigint_closes_idle_keep_alive_connections_and_exits_0_at_once() {
         &[quoted(&up.url())],
         r#"{"keepAliveMs": 60000, "discoveryIntervalMs": 0}"#,
     );
-    let mut bin = Binary::start(&dir, "info");
+    let mut bin = start(&dir, "info");
     let mut s = connect(bin.addr);
     s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
         .unwrap();
@@ -260,7 +169,7 @@ fn the_grace_ends_a_stream_that_runs_too_long_and_still_exits_0() {
         &[quoted(&up.url())],
         r#"{"shutdownGraceMs": 300, "discoveryIntervalMs": 0}"#,
     );
-    let mut bin = Binary::start(&dir, "info");
+    let mut bin = start(&dir, "info");
     let mut s = connect(bin.addr);
     s.write_all(&stream_request()).unwrap();
     let client = std::thread::spawn(move || read_response(&mut BufReader::new(s)));
@@ -392,7 +301,7 @@ fn no_log_line_at_trace_contains_a_whole_key() {
         ),
     )
     .unwrap();
-    let mut bin = Binary::start(&dir, "trace");
+    let mut bin = start(&dir, "trace");
     let addr = bin.addr;
     let mut statuses = Vec::new();
     for i in 0..6 {

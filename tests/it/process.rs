@@ -7,10 +7,9 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Receiver;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -21,8 +20,8 @@ pub struct Balancer {
     child: Child,
     pub addr: SocketAddr,
     pub pid: u32,
-    /// Log lines (stderr), as they come.
-    pub log: Receiver<String>,
+    /// Every stderr line so far (a reader thread appends).
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Drop for Balancer {
@@ -32,11 +31,105 @@ impl Drop for Balancer {
     }
 }
 
-/// A fresh config directory for this test process.
-pub fn config_dir(name: &str, upstream: &str, balancer_json: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("gaia-proc-{}-{name}", std::process::id()));
+impl Balancer {
+    /// Start the binary on `dir` with `LOG_LEVEL=level` and `args` (after
+    /// `--port 0 --config DIR`), through `sh` so that `shell_prefix` (a
+    /// `ulimit`) applies first, and wait until it listens.
+    pub fn start(dir: &Path, shell_prefix: &str, args: &[&str], level: &str) -> Balancer {
+        let exe = env!("CARGO_BIN_EXE_gaia-balancer");
+        let mut cmd = Command::new("sh");
+        // `exec`: the pid (signals, /proc) is the balancer's, not the shell's.
+        // "$@" is the directory (the value of --config), then `args`.
+        cmd.arg("-c")
+            .arg(format!(
+                "{shell_prefix} exec \"$0\" --port 0 --config \"$@\""
+            ))
+            .arg(exe)
+            .arg(dir)
+            .args(args);
+        for var in ["GAIA_CONFIG_DIR", "PORT", "BIND", "NODE_ENV", "LOG_LEVEL"] {
+            cmd.env_remove(var);
+        }
+        let mut child = cmd
+            .env("LOG_LEVEL", level)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let pid = child.id();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut b = Balancer {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            pid,
+            log,
+        };
+        // Not every level logs the address: find the listening port in /proc.
+        let mut addr = None;
+        let found = wait_for(Duration::from_secs(10), || {
+            addr = listening_port(pid).map(|p| SocketAddr::from(([127, 0, 0, 1], p)));
+            addr.is_some()
+        });
+        assert!(
+            found,
+            "the balancer did not start listening: {:?}",
+            b.lines()
+        );
+        b.addr = addr.unwrap();
+        b
+    }
+
+    /// Every log line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Wait until a log line contains `text`.
+    pub fn logged(&self, text: &str, limit: Duration) -> bool {
+        wait_for(limit, || self.lines().iter().any(|l| l.contains(text)))
+    }
+
+    /// Send signal `name` (TERM, INT, ...).
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid.to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name} failed");
+    }
+
+    /// The exit status once the process has exited, waiting up to `limit`.
+    pub fn exit_within(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let mut status = None;
+        wait_for(limit, || {
+            status = self.child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        status
+    }
+}
+
+/// An empty directory of this test process's own, named `what-name`.
+pub fn temp_dir(what: &str, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("gaia-{what}-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A fresh config directory for this test process.
+pub fn config_dir(name: &str, upstream: &str, balancer_json: &str) -> PathBuf {
+    let dir = temp_dir("proc", name);
     std::fs::write(
         dir.join("hosts.json"),
         format!(r#"{{"hosts": ["{upstream}"]}}"#),
@@ -54,51 +147,10 @@ pub fn config_dir(name: &str, upstream: &str, balancer_json: &str) -> PathBuf {
     dir
 }
 
-/// Start the binary on `dir` (port 0, log level info) through `sh`, so that a
-/// `ulimit` can be set first, and wait for its "listening on" line.
+/// Start the binary on `dir` (port 0, log level warn) through `sh`, so that a
+/// `ulimit` can be set first.
 pub fn spawn(dir: &Path, shell_prefix: &str) -> Balancer {
-    let exe = env!("CARGO_BIN_EXE_gaia-balancer");
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(format!(
-            "{shell_prefix} exec \"$0\" --port 0 --config \"$1\""
-        ))
-        .arg(exe)
-        .arg(dir);
-    for var in ["GAIA_CONFIG_DIR", "PORT", "BIND", "NODE_ENV"] {
-        cmd.env_remove(var);
-    }
-    let mut child = cmd
-        .env("LOG_LEVEL", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    // The address is not logged at warn: find the listening port in /proc.
-    let mut addr = None;
-    let found = wait_for(Duration::from_secs(10), || {
-        addr = listening_port(pid).map(|p| SocketAddr::from(([127, 0, 0, 1], p)));
-        addr.is_some()
-    });
-    let mut b = Balancer {
-        child,
-        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        pid,
-        log: rx,
-    };
-    if !found {
-        let log: Vec<String> = b.log.try_iter().collect();
-        panic!("the balancer did not start listening: {log:?}");
-    }
-    b.addr = addr.unwrap();
-    b
+    Balancer::start(dir, shell_prefix, &[], "warn")
 }
 
 /// The port of the listening socket of `pid`, from /proc/PID/net/tcp and its
