@@ -97,7 +97,7 @@ impl Connector<Link> for TlsConnector {
 fn handshake(
     config: &Result<Arc<ClientConfig>, String>,
     details: &ConnectionDetails,
-    mut link: Link,
+    link: Link,
 ) -> Result<TlsLink, Error> {
     let config = match config {
         Ok(config) => config.clone(),
@@ -111,34 +111,38 @@ fn handshake(
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let name = ServerName::try_from(host.to_string())
         .map_err(|_| Error::Tls("the host is not a valid TLS server name"))?;
-    let mut tls = ClientConnection::new(config, name)?;
-    let deadline = match details.timeout.after {
-        UreqDuration::Exact(d) => Instant::now().checked_add(d),
-        UreqDuration::NotHappening => None,
-    };
-    let reason = details.timeout.reason;
+    TlsLink::establish(config, name, link, details.timeout)
+}
+
+/// Shake hands with the server at the other end of `link` as `name`; every
+/// read and write of it ends by `deadline` (else a `reason` timeout).
+fn shake(
+    config: &Arc<ClientConfig>,
+    name: &ServerName<'static>,
+    link: &mut Link,
+    deadline: Option<Instant>,
+    reason: ureq::Timeout,
+) -> Result<ClientConnection, Error> {
+    let mut tls = ClientConnection::new(config.clone(), name.clone())?;
     while tls.is_handshaking() {
-        let mut io = Deadlined {
-            link: &mut link,
-            deadline,
-        };
-        match tls.complete_io(&mut io) {
-            Ok(_) => {}
-            Err(e) => {
-                return Err(match rustls_error(&e) {
-                    Some(tls_error) => Error::Rustls(tls_error),
-                    None if is_timeout(&e) => Error::Timeout(reason),
-                    None => Error::Io(e),
-                });
-            }
+        let mut io = Deadlined { link, deadline };
+        if let Err(e) = tls.complete_io(&mut io) {
+            return Err(match rustls_error(&e) {
+                Some(tls_error) => Error::Rustls(tls_error),
+                None if is_timeout(&e) => Error::Timeout(reason),
+                None => Error::Io(e),
+            });
         }
     }
-    Ok(TlsLink {
-        link,
-        tls,
-        unsent: 0,
-        used: false,
-    })
+    Ok(tls)
+}
+
+/// When a wait of `timeout` from now ends (`None`: never).
+fn deadline_of(timeout: &NextTimeout) -> Option<Instant> {
+    match timeout.after {
+        UreqDuration::Exact(d) => Instant::now().checked_add(d),
+        UreqDuration::NotHappening => None,
+    }
 }
 
 /// The rustls error inside an I/O error from `complete_io`, if that is what it is.
@@ -211,6 +215,28 @@ impl fmt::Debug for TlsLink {
 }
 
 impl TlsLink {
+    /// TLS over `link` to the server `name`, the handshake done within `timeout`.
+    fn establish(
+        config: Arc<ClientConfig>,
+        name: ServerName<'static>,
+        mut link: Link,
+        timeout: NextTimeout,
+    ) -> Result<TlsLink, Error> {
+        let tls = shake(
+            &config,
+            &name,
+            &mut link,
+            deadline_of(&timeout),
+            timeout.reason,
+        )?;
+        Ok(TlsLink {
+            link,
+            tls,
+            unsent: 0,
+            used: false,
+        })
+    }
+
     /// Write every pending record; the write timeout is [`WRITE_STALL`] or
     /// `timeout`, whichever is nearer.
     fn flush(&mut self, timeout: &NextTimeout) -> Result<(), Error> {
@@ -350,5 +376,225 @@ impl Transport for TlsLink {
 
     fn is_tls(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::tests::{accept_within, budget, wait_peek};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::PrivateKeyDer;
+    use rustls::{ProtocolVersion, ServerConfig, ServerConnection, StreamOwned};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::thread;
+
+    /// The path of a file of the test certificates (`tests/tls/`).
+    macro_rules! tls_file {
+        ($name:literal) => {
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tls/", $name)
+        };
+    }
+
+    /// The server end of a test connection.
+    type Far = StreamOwned<ServerConnection, TcpStream>;
+
+    /// The test server: `server.pem` (signed by `ca.pem`), TLS 1.2 and 1.3,
+    /// session tickets as rustls sends them by default.
+    fn server_config() -> Arc<ServerConfig> {
+        let chain = CertificateDer::pem_file_iter(tls_file!("server.pem"))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(tls_file!("server.key")).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        Arc::new(config)
+    }
+
+    /// Our client settings with `ca.pem` added, as `caFile` would.
+    fn trusting_test_ca() -> Arc<ClientConfig> {
+        let ca = CertificateDer::from_pem_file(tls_file!("ca.pem")).unwrap();
+        Arc::new(client_config(&[ca]).unwrap())
+    }
+
+    /// Shake hands as the test server on `tcp`, in a thread (the client's
+    /// handshake blocks the test's).
+    fn serve_handshake(tcp: TcpStream) -> thread::JoinHandle<Far> {
+        thread::spawn(move || {
+            // A test never hangs on a silent client.
+            tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut far = StreamOwned::new(ServerConnection::new(server_config()).unwrap(), tcp);
+            while far.conn.is_handshaking() {
+                far.conn.complete_io(&mut far.sock).unwrap();
+            }
+            far
+        })
+    }
+
+    /// A TlsLink to a fresh loopback TLS server, the server's end, and the
+    /// listener (for reconnects).
+    fn tls_pair() -> (TlsLink, Far, TcpListener) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let link = Link::dial(listener.local_addr().unwrap());
+        let server = serve_handshake(accept_within(&listener));
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let tls = TlsLink::establish(trusting_test_ca(), name, link, budget(5)).unwrap();
+        (tls, server.join().unwrap(), listener)
+    }
+
+    /// Stage `bytes` in ureq's output buffer and transmit them.
+    fn transmit(tls: &mut TlsLink, bytes: &[u8]) {
+        tls.link.buffers_mut().output()[..bytes.len()].copy_from_slice(bytes);
+        tls.transmit_output(bytes.len(), budget(30)).unwrap();
+    }
+
+    /// Await input until `n` plaintext bytes are in (each wait bounded),
+    /// and consume them.
+    fn receive(tls: &mut TlsLink, n: usize) -> Vec<u8> {
+        while tls.link.buffers_mut().input().len() < n {
+            assert!(
+                tls.await_input(budget(5)).unwrap(),
+                "the answer ended early"
+            );
+        }
+        let got = tls.link.buffers_mut().input().to_vec();
+        tls.link.buffers_mut().input_consume(got.len());
+        got
+    }
+
+    /// `n` plaintext bytes as the server reads them.
+    fn far_reads(far: &mut Far, n: usize) -> Vec<u8> {
+        let mut got = vec![0; n];
+        far.read_exact(&mut got).unwrap();
+        got
+    }
+
+    /// One request and its answer over `tls`, both arriving intact.
+    fn exchange(tls: &mut TlsLink, far: &mut Far) {
+        transmit(tls, b"GET / HTTP/1.1\r\n\r\n");
+        let answer = thread::scope(|s| {
+            let server = s.spawn(|| {
+                let got = far_reads(far, 18);
+                far.write_all(b"ok").unwrap();
+                far.flush().unwrap();
+                got
+            });
+            let answer = receive(tls, 2);
+            assert_eq!(server.join().unwrap(), b"GET / HTTP/1.1\r\n\r\n");
+            answer
+        });
+        assert_eq!(answer, b"ok");
+    }
+
+    /// No new connection reached `listener` (made non-blocking by
+    /// `accept_within`).
+    fn no_new_connection(listener: &TcpListener) {
+        match listener.accept() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            other => panic!("a new connection was made: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn records_wait_for_the_answer_and_unsent_ones_keep_a_link_out_of_the_pool() {
+        let (mut tls, mut far, _listener) = tls_pair();
+        transmit(&mut tls, b"GET / HTTP/1.1\r\n\r\n");
+        // Encrypted but not written: the head waits for a body to join it.
+        assert_eq!(peek(far.get_ref()), Peek::Quiet);
+        // An exchange abandoned now would leave a request half-sent.
+        assert!(!tls.is_open(), "unsent records");
+        let server = thread::spawn(move || {
+            let got = far_reads(&mut far, 18);
+            far.write_all(b"ok").unwrap();
+            far.flush().unwrap();
+            (got, far)
+        });
+        assert_eq!(receive(&mut tls, 2), b"ok");
+        let (got, _far) = server.join().unwrap();
+        assert_eq!(got, b"GET / HTTP/1.1\r\n\r\n");
+        assert!(tls.is_open(), "all sent and answered: back to the pool");
+    }
+
+    /// A link whose server answered a request with "answer" and then ended
+    /// the connection: with `close_notify` first, or (a cut at the TCP
+    /// level) without; the answer has been received.
+    fn answered_then_ended(close_notify: bool) -> TlsLink {
+        let (mut tls, mut far, _listener) = tls_pair();
+        transmit(&mut tls, b"GET / HTTP/1.1\r\n\r\n");
+        let server = thread::spawn(move || {
+            far_reads(&mut far, 18);
+            far.write_all(b"answer").unwrap();
+            if close_notify {
+                far.conn.send_close_notify();
+            }
+            far.flush().unwrap();
+            far.get_ref().shutdown(Shutdown::Both).unwrap();
+        });
+        assert_eq!(receive(&mut tls, 6), b"answer");
+        server.join().unwrap();
+        tls
+    }
+
+    #[test]
+    fn eof_without_close_notify_is_an_error_not_a_clean_end() {
+        let mut tls = answered_then_ended(false);
+        match tls.await_input(budget(5)) {
+            Err(Error::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}"),
+            other => panic!("a cut-off answer passed for a complete one: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn close_notify_is_a_clean_end() {
+        let mut tls = answered_then_ended(true);
+        assert!(
+            !tls.await_input(budget(5)).unwrap(),
+            "the end, and no error"
+        );
+    }
+
+    /// A TLS 1.3 server sends session tickets once the handshake is done,
+    /// possibly while the connection sits idle: they are housekeeping, not an
+    /// answer nobody asked for, so the connection stays in service.
+    #[test]
+    fn a_session_ticket_arriving_while_idle_leaves_the_connection_usable() {
+        let (mut tls, mut far, listener) = tls_pair();
+        assert_eq!(tls.tls.protocol_version(), Some(ProtocolVersion::TLSv1_3));
+        // The tickets came after the client's last read, the handshake.
+        wait_peek(&tls.link, Peek::Data);
+        assert!(tls.is_open(), "taken out of the pool");
+        exchange(&mut tls, &mut far);
+        no_new_connection(&listener);
+        assert!(tls.is_open(), "back to the pool");
+        assert!(tls.is_open(), "and out again");
+        exchange(&mut tls, &mut far);
+        no_new_connection(&listener);
+    }
+
+    /// The handshake, like the connect before it, ends by the connect
+    /// deadline: a server that accepts but never speaks costs no more.
+    #[test]
+    fn a_silent_server_times_the_handshake_out_as_a_connect_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let link = Link::dial(listener.local_addr().unwrap());
+        let _silent = accept_within(&listener);
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let short = NextTimeout {
+            after: UreqDuration::Exact(Duration::from_millis(200)),
+            reason: ureq::Timeout::Connect,
+            ..NextTimeout::default()
+        };
+        let started = Instant::now();
+        match TlsLink::establish(trusting_test_ca(), name, link, short) {
+            Err(Error::Timeout(ureq::Timeout::Connect)) => {}
+            other => panic!("expected a connect timeout, got {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 }
