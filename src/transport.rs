@@ -350,16 +350,16 @@ impl Link {
         }
     }
 
-    /// A link to `addr` as the unit tests use it (5 s connect timeout,
-    /// 1 KiB of input at most, 64 KiB of output).
+    /// A link to `addr` as the unit tests use it (1 KiB of input at most,
+    /// 64 KiB of output).
     #[cfg(test)]
-    pub(crate) fn dial(addr: SocketAddr) -> Link {
+    pub(crate) fn dial(addr: SocketAddr, connect_timeout: Duration) -> Link {
         let (stream, peer) = connect(&[addr], NextTimeout::default()).unwrap();
         assert_eq!(peer, addr);
         Link::new(
             stream,
             peer,
-            Some(Duration::from_secs(5)),
+            Some(connect_timeout),
             LinkBuffers::new(1024, 64 * 1024),
         )
     }
@@ -379,14 +379,27 @@ impl Link {
         if peek(&self.stream) == Peek::Quiet {
             return Ok(());
         }
+        self.reconnect(self.connect_deadline())
+    }
+
+    /// When a connect started now must be done (`None`: never), by ureq's
+    /// connect timeout.
+    pub(crate) fn connect_deadline(&self) -> Option<Instant> {
+        self.connect_timeout
+            .and_then(|timeout| Instant::now().checked_add(timeout))
+    }
+
+    /// Replace the socket of a pooled connection found stale by a new
+    /// connection to the same address, made by `deadline`.
+    pub(crate) fn reconnect(&mut self, deadline: Option<Instant>) -> Result<(), Error> {
         log::debug!(
             "pooled connection to {} went stale; reconnecting",
             self.peer
         );
         let timeout = NextTimeout {
-            after: self
-                .connect_timeout
-                .map_or(UreqDuration::NotHappening, UreqDuration::Exact),
+            after: deadline.map_or(UreqDuration::NotHappening, |d| {
+                UreqDuration::Exact(d.saturating_duration_since(Instant::now()))
+            }),
             reason: ureq::Timeout::Connect,
             ..NextTimeout::default()
         };
@@ -595,7 +608,7 @@ pub(crate) mod tests {
     /// As [`pair`], keeping the listener for reconnects.
     fn pair_listening() -> (Link, TcpStream, TcpListener) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let link = Link::dial(listener.local_addr().unwrap());
+        let link = Link::dial(listener.local_addr().unwrap(), Duration::from_secs(5));
         let (far, _) = listener.accept().unwrap();
         (link, far, listener)
     }
