@@ -104,17 +104,12 @@ impl Connector<()> for LinkConnector {
     ) -> Result<Option<Link>, Error> {
         let (stream, peer) = connect(&details.addrs, details.timeout)?;
         let config = details.config;
-        Ok(Some(Link {
+        Ok(Some(Link::new(
             stream,
             peer,
-            connect_timeout: config.timeouts().connect,
-            recheck: false,
-            buffers: LinkBuffers::new(config.input_buffer_size(), config.output_buffer_size()),
-            pending: Vec::new(),
-            read_timeout: None,
-            write_timeout: None,
-            used: false,
-        }))
+            config.timeouts().connect,
+            LinkBuffers::new(config.input_buffer_size(), config.output_buffer_size()),
+        )))
     }
 }
 
@@ -335,6 +330,40 @@ impl fmt::Debug for Link {
 }
 
 impl Link {
+    /// A link over `stream`, just connected to `peer`.
+    fn new(
+        stream: TcpStream,
+        peer: SocketAddr,
+        connect_timeout: Option<Duration>,
+        buffers: LinkBuffers,
+    ) -> Link {
+        Link {
+            stream,
+            peer,
+            connect_timeout,
+            recheck: false,
+            buffers,
+            pending: Vec::new(),
+            read_timeout: None,
+            write_timeout: None,
+            used: false,
+        }
+    }
+
+    /// A link to `addr` as the unit tests use it (1 KiB of input at most,
+    /// 64 KiB of output).
+    #[cfg(test)]
+    pub(crate) fn dial(addr: SocketAddr, connect_timeout: Duration) -> Link {
+        let (stream, peer) = connect(&[addr], NextTimeout::default()).unwrap();
+        assert_eq!(peer, addr);
+        Link::new(
+            stream,
+            peer,
+            Some(connect_timeout),
+            LinkBuffers::new(1024, 64 * 1024),
+        )
+    }
+
     /// For a connection just taken from the pool: if the upstream closed it
     /// (or sent stray bytes) while it sat idle, connect afresh to the same
     /// address. Nothing of the request has left yet, so this is always safe,
@@ -350,14 +379,27 @@ impl Link {
         if peek(&self.stream) == Peek::Quiet {
             return Ok(());
         }
+        self.reconnect(self.connect_deadline())
+    }
+
+    /// When a connect started now must be done (`None`: never), by ureq's
+    /// connect timeout.
+    pub(crate) fn connect_deadline(&self) -> Option<Instant> {
+        self.connect_timeout
+            .and_then(|timeout| Instant::now().checked_add(timeout))
+    }
+
+    /// Replace the socket of a pooled connection found stale by a new
+    /// connection to the same address, made by `deadline`.
+    pub(crate) fn reconnect(&mut self, deadline: Option<Instant>) -> Result<(), Error> {
         log::debug!(
             "pooled connection to {} went stale; reconnecting",
             self.peer
         );
         let timeout = NextTimeout {
-            after: self
-                .connect_timeout
-                .map_or(UreqDuration::NotHappening, UreqDuration::Exact),
+            after: deadline.map_or(UreqDuration::NotHappening, |d| {
+                UreqDuration::Exact(d.saturating_duration_since(Instant::now()))
+            }),
             reason: ureq::Timeout::Connect,
             ..NextTimeout::default()
         };
@@ -552,7 +594,7 @@ impl Transport for Link {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::net::TcpListener;
     use std::thread;
@@ -566,25 +608,12 @@ mod tests {
     /// As [`pair`], keeping the listener for reconnects.
     fn pair_listening() -> (Link, TcpStream, TcpListener) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stream, peer) = connect(&[addr], NextTimeout::default()).unwrap();
-        assert_eq!(peer, addr);
+        let link = Link::dial(listener.local_addr().unwrap(), Duration::from_secs(5));
         let (far, _) = listener.accept().unwrap();
-        let link = Link {
-            stream,
-            peer,
-            connect_timeout: Some(Duration::from_secs(5)),
-            recheck: false,
-            buffers: LinkBuffers::new(1024, 64 * 1024),
-            pending: Vec::new(),
-            read_timeout: None,
-            write_timeout: None,
-            used: false,
-        };
         (link, far, listener)
     }
 
-    fn budget(secs: u64) -> NextTimeout {
+    pub(crate) fn budget(secs: u64) -> NextTimeout {
         NextTimeout {
             after: UreqDuration::Exact(Duration::from_secs(secs)),
             ..NextTimeout::default()
@@ -745,7 +774,7 @@ mod tests {
     }
 
     /// Wait (bounded) until a peek at `link`'s socket sees `want`.
-    fn wait_peek(link: &Link, want: Peek) {
+    pub(crate) fn wait_peek(link: &Link, want: Peek) {
         let deadline = Instant::now() + Duration::from_secs(5);
         while peek(&link.stream) != want && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(1));
@@ -754,7 +783,7 @@ mod tests {
     }
 
     /// The next connection to `listener`, waited for at most 5 s.
-    fn accept_within(listener: &TcpListener) -> TcpStream {
+    pub(crate) fn accept_within(listener: &TcpListener) -> TcpStream {
         listener.set_nonblocking(true).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {

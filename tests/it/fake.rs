@@ -134,6 +134,8 @@ struct Inner {
     /// When each `Step::Send` was written, in order.
     sent: Mutex<Vec<Instant>>,
     count: AtomicUsize,
+    /// TCP connections accepted (before any TLS handshake on them).
+    accepted: AtomicUsize,
     /// Connections closed after a `Reply::Closing`.
     closed: AtomicUsize,
     stop: AtomicBool,
@@ -223,6 +225,7 @@ impl Upstream {
             peer_closed: Mutex::new(Vec::new()),
             sent: Mutex::new(Vec::new()),
             count: AtomicUsize::new(0),
+            accepted: AtomicUsize::new(0),
             closed: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             handler,
@@ -235,6 +238,7 @@ impl Upstream {
                     return;
                 }
                 let Ok(stream) = stream else { continue };
+                acc.accepted.fetch_add(1, Ordering::SeqCst);
                 let inner = acc.clone();
                 let config = config.clone();
                 // The handshake happens on the connection's first read, in
@@ -273,6 +277,14 @@ impl Upstream {
     /// Connections closed after a `Reply::Closing`, so far.
     pub fn closed(&self) -> usize {
         self.inner.closed.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections accepted so far, plain or TLS (over TLS, each is
+    /// also one handshake): how often a client opened a new connection
+    /// rather than reusing one. The connection `Drop` makes to wake the
+    /// accept loop is not counted.
+    pub fn accepted(&self) -> usize {
+        self.inner.accepted.load(Ordering::SeqCst)
     }
 
     pub fn hits(&self) -> usize {

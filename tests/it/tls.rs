@@ -210,3 +210,64 @@ fn a_tls_stream_cut_without_close_notify_is_not_passed_off_as_complete() {
     assert!(!String::from_utf8_lossy(&r.body).contains("[DONE]"));
     assert!(!r.complete || r.status != 200 || String::from_utf8_lossy(&r.body).contains("error"));
 }
+
+/// Request `i`, a chat completion through `bal` (over [`balancer_over`]),
+/// succeeds at its first attempt: no failure was retried.
+fn chat_succeeds_at_once(bal: &crate::util::Running, i: usize) {
+    let r = crate::util::post(bal.addr, "/v1/chat/completions", &crate::util::chat(false));
+    assert_eq!(r.status, 200, "request {i}: {}", r.text());
+    // One attempt (with key k1, shown masked), which succeeded.
+    assert_eq!(
+        r.header("x-gaia-attempts"),
+        Some("h0[****]:200"),
+        "request {i}"
+    );
+}
+
+/// Keep-alive works over TLS: one TCP connection and one handshake serve
+/// every sequential request to a host (no connection left unusable by the
+/// session tickets a TLS 1.3 server sends after the handshake, none thrown
+/// away by the liveness check at pool checkout).
+#[test]
+fn https_upstream_connections_are_reused() {
+    let up = Upstream::always_tls(Reply::json(200, r#"{"ok":true}"#));
+    let bal = balancer_over(&[up.url()]);
+    for i in 0..8 {
+        chat_succeeds_at_once(&bal, i);
+    }
+    assert_eq!(up.hits(), 8);
+    // Every request has been answered, so any connection opened for one
+    // has been accepted by now.
+    assert_eq!(up.accepted(), 1, "one connection, one handshake");
+}
+
+/// The TLS twin of `proxy::an_upstream_closing_idle_connections_costs_no_attempt`:
+/// an upstream that ends every connection after its answer (`close_notify`,
+/// then FIN, as a server whose keep-alive timeout ran out) costs no failed
+/// attempt, no retry and no host failure: the stale pooled connection is
+/// never sent a request.
+#[test]
+fn an_https_upstream_closing_idle_connections_costs_no_attempt() {
+    let up = Upstream::always_tls(Reply::Closing(Box::new(Reply::json(200, r#"{"ok":1}"#))));
+    let bal = balancer_over(&[up.url()]);
+    for i in 0..20 {
+        chat_succeeds_at_once(&bal, i);
+        // The close has happened before the next request takes a connection.
+        assert!(
+            wait_for(Duration::from_secs(5), || up.closed() > i),
+            "the fake did not close after request {i}"
+        );
+    }
+    assert_eq!(up.hits(), 20);
+    assert_eq!(up.accepted(), 20, "each request on a connection of its own");
+    // The balancer counts an exchange once its answer has gone out, so the
+    // last one may be counted a moment after the client has it.
+    let status = || crate::util::request(bal.addr, "GET", "/status", &[], b"").json();
+    wait_for(Duration::from_secs(5), || {
+        status()["hosts"][0]["successes"] == 20
+    });
+    let status = status();
+    let host = &status["hosts"][0];
+    assert_eq!(host["failures"], 0, "{status}");
+    assert_eq!(host["successes"], 20, "{status}");
+}
