@@ -342,7 +342,12 @@ fn an_upstream_closing_idle_connections_costs_no_attempt() {
         );
     }
     assert_eq!(up.hits(), 20);
-    let status = crate::util::request(bal.addr, "GET", "/status", &[], b"").json();
+    // The last success is recorded just after its answer went out.
+    let status = || crate::util::request(bal.addr, "GET", "/status", &[], b"").json();
+    crate::util::wait_for(Duration::from_secs(5), || {
+        status()["hosts"][0]["successes"] == 20
+    });
+    let status = status();
     let host = &status["hosts"][0];
     assert_eq!(host["failures"], 0, "{status}");
     assert_eq!(host["successes"], 20, "{status}");
