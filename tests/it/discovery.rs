@@ -334,6 +334,135 @@ fn discovery_is_forwarded_when_off() {
     assert_eq!(polls(&up), 1, "that one request, no polling");
 }
 
+/// Requests a fake got that are not discovery polls, as "METHOD path".
+fn others(up: &Upstream) -> Vec<String> {
+    up.requests()
+        .iter()
+        .filter(|s| s.path != "/v1/models")
+        .map(|s| format!("{} {}", s.method, s.path))
+        .collect()
+}
+
+fn model_object(id: &str) -> serde_json::Value {
+    serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "gaia-balancer"})
+}
+
+#[test]
+fn v1_models_id_is_answered_locally_from_the_same_union() {
+    let a = node(&["alpha", "org/name"]);
+    let b = node(&["real-beta"]);
+    let bal = start(&[a.url(), b.url()], &[], |c| {
+        c.settings.discovery_interval = Some(Duration::from_secs(60));
+        // Known to clients as "mapped"; a node asked for it by that name would say 404.
+        c.hosts[1].models = BTreeMap::from([("mapped".into(), "real-beta".into())]);
+    });
+    answered(&bal, &[0, 1]);
+    let counted = || {
+        bal.server()
+            .shared()
+            .metrics
+            .requests(gaia_balancer::metrics::Route::Models)
+    };
+    let before = counted();
+    let cases = [
+        ("/v1/models/alpha", "alpha"),
+        ("/v1/models/mapped", "mapped"),
+        ("/v1/models/real-beta", "real-beta"),
+        ("/v1/models/org%2Fname", "org/name"),
+        ("/v1/models/org%2fname?x=1", "org/name"),
+        ("/v1/models/org/name", "org/name"),
+    ];
+    for (path, id) in cases {
+        let r = request(bal.addr, "GET", path, &[], b"");
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        assert_eq!(r.header("content-type"), Some("application/json"), "{path}");
+        assert!(r.body.ends_with(b"}\n"), "{path}: newline-terminated");
+        assert_eq!(r.json(), model_object(id), "{path}");
+        assert_eq!(
+            r.header("x-gaia-upstream"),
+            None,
+            "{path}: no host served it"
+        );
+    }
+    // The list and the lookup agree.
+    let list = request(bal.addr, "GET", "/v1/models", &[], b"").json();
+    for id in ["alpha", "mapped", "org/name", "real-beta"] {
+        assert!(
+            list["data"].as_array().unwrap().contains(&model_object(id)),
+            "{id} listed as it is found"
+        );
+    }
+    assert_eq!(others(&a), Vec::<String>::new(), "no upstream call");
+    assert_eq!(others(&b), Vec::<String>::new(), "no upstream call");
+    let asked = cases.len() as u64 + 1; // the list too
+    assert!(
+        wait_for(LIMIT, || counted() >= before + asked),
+        "counted under route=\"models\""
+    );
+}
+
+#[test]
+fn v1_models_id_unknown_is_an_openai_404_under_the_client_rules() {
+    let a = node(&["alpha"]);
+    let bal = start(&[a.url()], &[], |c| {
+        c.settings.discovery_interval = Some(Duration::from_secs(60));
+        c.settings.client_keys = vec!["client-key-0001".into()];
+    });
+    answered(&bal, &[0]);
+    let auth = [("Authorization", "Bearer client-key-0001")];
+    for (path, id) in [
+        ("/v1/models/gamma", "gamma"),
+        ("/v1/models/", ""),
+        ("/v1/models/alph", "alph"),
+        ("/v1/models/a%22b%5C%0A", "a\"b\\\n"),
+    ] {
+        let r = request(bal.addr, "GET", path, &auth, b"");
+        assert_eq!(r.status, 404, "{path}: {}", r.text());
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert_eq!(
+            r.json(),
+            serde_json::json!({"error": {
+                "message": format!("The model '{id}' does not exist"),
+                "type": "invalid_request_error",
+                "param": "model",
+                "code": "model_not_found",
+            }}),
+            "{path}"
+        );
+    }
+    let r = request(bal.addr, "GET", "/v1/models/%zz", &auth, b"");
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = request(bal.addr, "DELETE", "/v1/models/alpha", &auth, b"");
+    assert_eq!(r.status, 405, "{}", r.text());
+    assert_eq!(r.header("allow"), Some("GET"));
+    let r = request(bal.addr, "GET", "/v1/models/alpha", &[], b"");
+    assert_eq!(r.status, 401, "{}", r.text());
+    let r = request(bal.addr, "GET", "/v1/models/alpha", &auth, b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(others(&a), Vec::<String>::new(), "no upstream call");
+}
+
+#[test]
+fn v1_models_id_is_forwarded_when_discovery_is_off() {
+    let up = Upstream::start(|seen, _| {
+        Reply::json(
+            200,
+            &serde_json::json!({"id": seen.path, "object": "model", "owned_by": "node"})
+                .to_string(),
+        )
+    });
+    let bal = start(&[up.url()], &[], |_| {});
+    let r = request(bal.addr, "GET", "/v1/models/org%2Fname", &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["owned_by"], "node", "the host's own answer");
+    let r = request(bal.addr, "DELETE", "/v1/models/ft:x", &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        others(&up),
+        ["GET /v1/models/org%2Fname", "DELETE /v1/models/ft:x"]
+    );
+}
+
 #[test]
 fn discovery_uses_the_pool_key() {
     const GLOBAL: &str = "gaia-global-key-000000001";
