@@ -10,10 +10,8 @@
 //! and keeps per host the set of model ids it last listed in OpenAI list
 //! format. Guarantees:
 //!
-//! - Nothing on the request path calls an upstream for this: routing,
-//!   `GET /v1/models` and `GET /v1/models/{id}` read only what was already
-//!   learned, and the last two read the same union (a random host asked for
-//!   one model may not serve it, or know it under another name).
+//! - Nothing on the request path calls an upstream for this: routing and
+//!   `GET /v1/models` read only what was already learned.
 //! - A bad answer (refused, timeout, non-200, not a list, too large) is no
 //!   information: the last good list stays, and the host's health and keys
 //!   are left alone (many servers do not implement `/v1/models`, or protect
@@ -29,8 +27,8 @@
 //!   (through [`Hosts::record`], so the ejection accounting holds) — without
 //!   risking live traffic on it.
 //! - Discovery off (`discoveryIntervalMs: 0`): no polling, every host is
-//!   eligible for every model (but for 404 exclusions), and `/v1/models` and
-//!   `/v1/models/{id}` are forwarded upstream as before.
+//!   eligible for every model (but for 404 exclusions), and `/v1/models` is
+//!   forwarded upstream as before.
 
 use std::collections::{BTreeSet, HashSet};
 use std::fmt;
@@ -206,14 +204,14 @@ pub fn exclude(b: &Balancer, host: &Host, model: &Arc<str>) {
     );
 }
 
-/// Calls `visit` with each model a routable host (backups included: a model
-/// only a backup serves is still served) offers, repeats included, until it
-/// returns true; returns whether it did. What `GET /v1/models` lists and
-/// `GET /v1/models/{id}` finds, so the two cannot disagree.
-fn scan_offered(b: &Balancer, mut visit: impl FnMut(&str) -> bool) -> bool {
+/// Body of `GET /v1/models`: the union over routable hosts (backups
+/// included: a model only a backup serves is still served) of the models
+/// they listed and the names of their `models` maps, sorted.
+pub fn models_json(b: &Balancer) -> Vec<u8> {
     let now = Instant::now();
     // In panic mode ejections are ignored for routing, so here too.
     let panic = b.hosts.panic_mode(now);
+    let mut ids: BTreeSet<String> = BTreeSet::new();
     for host in b.hosts.all() {
         let ejected = matches!(host.health().state, HostState::Ejected(until) if until > now);
         if ejected && !panic {
@@ -223,52 +221,24 @@ fn scan_offered(b: &Balancer, mut visit: impl FnMut(&str) -> bool) -> bool {
         let listed = k.models.iter().flatten().map(|m| &**m);
         let mapped = host.spec.models.keys().map(String::as_str);
         for id in listed.chain(mapped).filter(|m| !k.excludes(m, now)) {
-            if visit(id) {
-                return true;
+            if !ids.contains(id) {
+                ids.insert(id.to_string());
             }
         }
     }
-    false
-}
-
-/// The models offered: the union over routable hosts of the models they
-/// listed and the names of their `models` maps, less those they refused.
-pub fn offered(b: &Balancer) -> BTreeSet<String> {
-    let mut ids = BTreeSet::new();
-    scan_offered(b, |id| {
-        if !ids.contains(id) {
-            ids.insert(id.to_string());
-        }
-        false
-    });
-    ids
-}
-
-/// True when `id` is among the [`offered`] models (without building them all).
-pub fn offers(b: &Balancer, id: &str) -> bool {
-    scan_offered(b, |m| m == id)
-}
-
-/// One model as OpenAI describes it, in the list and on its own.
-fn model_object(id: &str) -> serde_json::Value {
-    serde_json::json!({ "id": id, "object": "model", "created": 0, "owned_by": "gaia-balancer" })
-}
-
-fn json_line(value: &serde_json::Value) -> Vec<u8> {
-    let mut out = value.to_string().into_bytes();
+    let data: Vec<serde_json::Value> = ids
+        .iter()
+        .map(|id| {
+            serde_json::json!({
+                "id": id, "object": "model", "created": 0, "owned_by": "gaia-balancer"
+            })
+        })
+        .collect();
+    let mut out = serde_json::json!({ "object": "list", "data": data })
+        .to_string()
+        .into_bytes();
     out.push(b'\n');
     out
-}
-
-/// Body of `GET /v1/models`: the [`offered`] models, sorted, as an OpenAI list.
-pub fn models_json(b: &Balancer) -> Vec<u8> {
-    let data: Vec<serde_json::Value> = offered(b).iter().map(|id| model_object(id)).collect();
-    json_line(&serde_json::json!({ "object": "list", "data": data }))
-}
-
-/// Body of `GET /v1/models/{id}` when `id` is [`offered`]; `None` when not.
-pub fn model_json(b: &Balancer, id: &str) -> Option<Vec<u8>> {
-    offers(b, id).then(|| json_line(&model_object(id)))
 }
 
 /// Start the discovery thread. It holds the shared state weakly and ends
@@ -673,64 +643,6 @@ mod tests {
             .exclude(&Arc::from("m"), Instant::now() + Duration::from_secs(60));
         a.catalog.round(started, ids(&["m"]));
         assert!(!admits(a, "m", true, Instant::now()));
-    }
-
-    #[test]
-    fn one_model_is_found_where_the_list_has_it() {
-        let spec = |i: usize, models: &[(&str, &str)]| HostSpec {
-            name: format!("h{i}"),
-            base_url: format!("http://h{i}"),
-            weight: 1,
-            backup: i == 2,
-            api_keys: None,
-            models: models
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        };
-        let b = Balancer::new(crate::config::Config {
-            dir: "t".into(),
-            hosts: vec![
-                spec(0, &[]),
-                spec(1, &[]),
-                spec(2, &[("alias", "org/real")]),
-                spec(3, &[]),
-            ],
-            api_keys: vec![],
-            settings: crate::config::Settings::default(),
-        });
-        let all = b.hosts.all();
-        let start = Instant::now() - Duration::from_secs(1);
-        all[0].catalog.round(start, ids(&["a", "org/name", "gone"]));
-        all[2].catalog.round(start, ids(&["org/real"]));
-        all[3].catalog.round(start, ids(&["ejected-only"]));
-        all[0]
-            .catalog
-            .exclude(&Arc::from("gone"), Instant::now() + Duration::from_secs(60));
-        for _ in 0..5 {
-            b.hosts
-                .record(&all[3], Verdict::Failure, false, Some("test"));
-        }
-        assert!(matches!(all[3].health().state, HostState::Ejected(_)));
-        let listed: Vec<String> = offered(&b).into_iter().collect();
-        assert_eq!(listed, ["a", "alias", "org/name", "org/real"]);
-        for id in &listed {
-            assert!(offers(&b, id), "{id} is listed, so it is found");
-            let body = model_json(&b, id).unwrap();
-            assert_eq!(body.last(), Some(&b'\n'));
-            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-            assert_eq!(v, model_object(id));
-            let list: serde_json::Value = serde_json::from_slice(&models_json(&b)).unwrap();
-            assert!(list["data"].as_array().unwrap().contains(&v), "same shape");
-        }
-        for id in ["gone", "ejected-only", "", "A", "org", "name", "org%2Fname"] {
-            assert!(!offers(&b, id), "{id:?}");
-            assert_eq!(model_json(&b, id), None, "{id:?}");
-        }
-        assert_eq!(
-            model_object("x"),
-            serde_json::json!({"id": "x", "object": "model", "created": 0, "owned_by": "gaia-balancer"})
-        );
     }
 
     #[test]

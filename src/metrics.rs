@@ -37,7 +37,7 @@ pub enum Route {
     Completions,
     /// `/v1/embeddings`.
     Embeddings,
-    /// `/v1/models` and `/v1/models/{id}`.
+    /// `/v1/models`.
     Models,
     /// Any other `/v1/*` path.
     OtherV1,
@@ -75,7 +75,6 @@ impl Route {
             "/v1/completions" => Route::Completions,
             "/v1/embeddings" => Route::Embeddings,
             "/v1/models" => Route::Models,
-            p if p.starts_with("/v1/models/") => Route::Models,
             "/healthz" => Route::Healthz,
             "/readyz" => Route::Readyz,
             "/status" => Route::Status,
@@ -985,10 +984,6 @@ mod tests {
     fn routes_from_paths() {
         assert_eq!(Route::of("/v1/chat/completions"), Route::Chat);
         assert_eq!(Route::of("/v1/models"), Route::Models);
-        assert_eq!(Route::of("/v1/models/llama"), Route::Models);
-        assert_eq!(Route::of("/v1/models/org%2Fname"), Route::Models);
-        assert_eq!(Route::of("/v1/models/org/name"), Route::Models);
-        assert_eq!(Route::of("/v1/modelsx"), Route::OtherV1);
         assert_eq!(Route::of("/v1/files/x"), Route::OtherV1);
         assert_eq!(Route::of("/v1"), Route::OtherV1);
         assert_eq!(Route::of("/v2"), Route::Unknown);

@@ -63,19 +63,10 @@ fn error_type(status: u16) -> &'static str {
 
 /// The OpenAI-shaped JSON body for an error we produce.
 pub fn error_body(status: u16, code: &str, message: &str) -> Vec<u8> {
-    error_body_as(error_type(status), code, None, message)
-}
-
-/// [`error_body`] with the `type` and `param` given, for errors that mirror
-/// one OpenAI itself answers (SDKs and clients may match on them).
-pub fn error_body_as(kind: &str, code: &str, param: Option<&str>, message: &str) -> Vec<u8> {
-    let mut error = serde_json::json!({ "message": message, "type": kind, "code": code });
-    if let (Some(param), Some(fields)) = (param, error.as_object_mut()) {
-        fields.insert("param".into(), param.into());
-    }
-    let mut out = serde_json::json!({ "error": error })
-        .to_string()
-        .into_bytes();
+    let body = serde_json::json!({
+        "error": { "message": message, "type": error_type(status), "code": code }
+    });
+    let mut out = body.to_string().into_bytes();
     out.push(b'\n');
     out
 }
@@ -306,28 +297,5 @@ impl<'a, W: Write> Responder<'a, W> {
     pub fn abort(&mut self) {
         self.keep_alive = false;
         self.state = State::Done;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn error_bodies() {
-        let plain: serde_json::Value = serde_json::from_slice(&error_body(404, "c", "m")).unwrap();
-        assert_eq!(
-            plain,
-            serde_json::json!({"error": {"message": "m", "type": "not_found_error", "code": "c"}}),
-            "no param unless given"
-        );
-        let body = error_body_as("invalid_request_error", "c", Some("model"), "a\"b\\\n");
-        assert_eq!(body.last(), Some(&b'\n'));
-        assert_eq!(body.iter().filter(|&&b| b == b'\n').count(), 1, "escaped");
-        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(
-            v,
-            serde_json::json!({"error": {"message": "a\"b\\\n", "type": "invalid_request_error", "param": "model", "code": "c"}})
-        );
     }
 }

@@ -14,7 +14,7 @@ use crate::request::Head;
 use crate::state::{Balancer, Shared};
 
 /// What a request is for.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
     /// Any `/v1/*` path: proxied upstream.
     Proxy,
@@ -26,9 +26,6 @@ pub enum Route {
     Status,
     /// `GET /v1/models`, answered from model discovery (client rules of `/v1/*`).
     Models,
-    /// `GET /v1/models/{id}` with the id percent-decoded, answered from model
-    /// discovery (client rules of `/v1/*`).
-    Model(String),
     /// `GET /metrics` (admin).
     Metrics,
 }
@@ -58,24 +55,6 @@ fn reject(status: u16, code: &'static str, message: impl Into<String>) -> Reject
 /// The path part of a request target.
 pub fn path_of(target: &str) -> &str {
     target.split(['?', '#']).next().unwrap_or(target)
-}
-
-/// `s` with `%XX` escapes decoded; `None` for a broken escape or a result
-/// that is not UTF-8. `+` stays itself: this is a path, not a form.
-pub fn percent_decode(s: &str) -> Option<String> {
-    let hex = |b: u8| char::from(b).to_digit(16);
-    let mut out = Vec::with_capacity(s.len());
-    let mut bytes = s.bytes();
-    while let Some(b) = bytes.next() {
-        if b == b'%' {
-            let hi = hex(bytes.next()?)?;
-            let lo = hex(bytes.next()?)?;
-            out.push(u8::try_from(hi * 16 + lo).ok()?);
-        } else {
-            out.push(b);
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// True for loopback peers, IPv4-mapped IPv6 included.
@@ -129,32 +108,16 @@ pub fn route(b: &Balancer, head: &Head, peer: IpAddr) -> Result<Route, Rejection
                     "path segments '.', '..' and empty segments are not allowed",
                 ));
             }
-            let discovery = settings.discovery_interval.is_some();
-            // Answered locally only with discovery on: otherwise the
-            // balancer knows nothing to answer with.
-            let one = p.strip_prefix("/v1/models/").filter(|_| discovery);
-            if (p == "/v1/models" || one.is_some()) && head.method != "GET" {
-                // Not even DELETE /v1/models/{id}: the balancer cannot delete
-                // a model on every node, and one node deleting it is no answer.
+            if p == "/v1/models" && head.method != "GET" {
                 return Err(Rejection {
                     allow: Some("GET"),
-                    ..reject(
-                        405,
-                        "method_not_allowed",
-                        format!("{path} accepts GET only"),
-                    )
+                    ..reject(405, "method_not_allowed", "/v1/models accepts GET only")
                 });
             }
-            match one {
-                Some(rest) => Route::Model(percent_decode(rest).ok_or_else(|| {
-                    reject(
-                        400,
-                        "invalid_path",
-                        "the model id in /v1/models/{id} is not valid percent-encoded UTF-8",
-                    )
-                })?),
-                None if p == "/v1/models" && discovery => Route::Models,
-                None => Route::Proxy,
+            if p == "/v1/models" && settings.discovery_interval.is_some() {
+                Route::Models
+            } else {
+                Route::Proxy
             }
         }
         _ => {
@@ -474,78 +437,5 @@ mod tests {
                 .allow,
             Some("GET, HEAD")
         );
-    }
-
-    #[test]
-    fn one_model_by_id() {
-        let b = balancer(|_| {});
-        let get = |b: &Balancer, target: &str| route(b, &head("GET", target, None), LOCAL);
-        let model = |id: &str| Ok(Route::Model(id.into()));
-        assert_eq!(get(&b, "/v1/models/llama"), model("llama"));
-        assert_eq!(get(&b, "/v1/models/org%2Fname?x=1"), model("org/name"));
-        assert_eq!(get(&b, "/v1/models/org%2fname#f"), model("org/name"));
-        assert_eq!(get(&b, "/v1/models/org/name"), model("org/name"));
-        assert_eq!(get(&b, "/v1/models/a+b%20c"), model("a+b c"));
-        assert_eq!(
-            get(&b, "/v1/models/"),
-            model(""),
-            "empty: looked up, unknown"
-        );
-        assert_eq!(get(&b, "/v1/modelsx"), Ok(Route::Proxy));
-        for bad in [
-            "/v1/models/%",
-            "/v1/models/%2",
-            "/v1/models/%zz",
-            "/v1/models/%C3",
-        ] {
-            let rej = get(&b, bad).unwrap_err();
-            assert_eq!((rej.status, rej.code), (400, "invalid_path"), "{bad}");
-        }
-        // Path traversal and empty segments are refused before the id is read.
-        for bad in [
-            "/v1/models/../status",
-            "/v1/models/a/../b",
-            "/v1/models/./x",
-            "/v1/models/a//b",
-        ] {
-            assert_eq!(get(&b, bad).unwrap_err().status, 400, "{bad}");
-        }
-        for method in ["DELETE", "POST", "HEAD"] {
-            let rej = route(&b, &head(method, "/v1/models/ft:x", None), LOCAL).unwrap_err();
-            assert_eq!((rej.status, rej.allow), (405, Some("GET")), "{method}");
-        }
-        // The client rules of /v1/* apply.
-        let rej = route(&b, &head("GET", "/v1/models/llama", None), REMOTE).unwrap_err();
-        assert_eq!(rej.status, 403);
-        let keyed = balancer(|s| s.client_keys = vec!["ck-1".into()]);
-        assert_eq!(get(&keyed, "/v1/models/llama").unwrap_err().status, 401);
-        let with = head("GET", "/v1/models/llama", Some("Bearer ck-1"));
-        assert_eq!(route(&keyed, &with, REMOTE), model("llama"));
-        // Discovery off: forwarded as it is, whatever the method or encoding.
-        let off = balancer(|s| s.discovery_interval = None);
-        for (method, target) in [
-            ("GET", "/v1/models/llama"),
-            ("GET", "/v1/models/org%2Fname"),
-            ("GET", "/v1/models/%zz"),
-            ("DELETE", "/v1/models/ft:x"),
-        ] {
-            let h = head(method, target, None);
-            assert_eq!(
-                route(&off, &h, LOCAL),
-                Ok(Route::Proxy),
-                "{method} {target}"
-            );
-        }
-        assert_eq!(get(&off, "/v1/models/../x").unwrap_err().status, 400);
-    }
-
-    #[test]
-    fn percent_decoding() {
-        assert_eq!(percent_decode("a%2Fb%2fc").as_deref(), Some("a/b/c"));
-        assert_eq!(percent_decode("%E2%82%AC+").as_deref(), Some("€+"));
-        assert_eq!(percent_decode("").as_deref(), Some(""));
-        for bad in ["%", "%2", "a%g0", "%C3", "%ff"] {
-            assert_eq!(percent_decode(bad), None, "{bad}");
-        }
     }
 }

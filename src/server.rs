@@ -50,7 +50,7 @@ use crate::metrics::{self, Shed};
 use crate::proxy::{self, Proxied};
 use crate::reload::{self, Reloader};
 use crate::request::{Framing, Head, Limits, Reader, RequestError, Source};
-use crate::response::{self, valid_value, Responder};
+use crate::response::{valid_value, Responder};
 use crate::rng;
 use crate::routes::{self, Route};
 use crate::state::{Balancer, Shared};
@@ -869,22 +869,6 @@ fn handle(
         }
         Route::Models => {
             let _ = out.send(200, &json, &discovery::models_json(ctx.b));
-        }
-        Route::Model(id) => {
-            let _ = match discovery::model_json(ctx.b, &id) {
-                Some(body) => out.send(200, &json, &body),
-                None => {
-                    // OpenAI's own answer for an unknown model, word for word.
-                    let message = format!("The model '{id}' does not exist");
-                    let body = response::error_body_as(
-                        "invalid_request_error",
-                        "model_not_found",
-                        Some("model"),
-                        &message,
-                    );
-                    out.send(404, &json, &body)
-                }
-            };
         }
         Route::Metrics => {
             let exposition = [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")];
