@@ -131,10 +131,15 @@ fn chunked_request_body_and_expect_continue_are_forwarded() {
 
 #[test]
 fn full_queue_sheds_with_503_and_retry_after() {
-    let up = Upstream::always(Reply::sse(vec![Step::Sleep(Duration::from_secs(3))]));
+    // Silent far longer than the test (it ends when the balancer hangs up):
+    // a stream that ended would free the worker and empty the queue while
+    // a loaded machine is still filling it.
+    let up = Upstream::always(Reply::sse(vec![Step::Sleep(Duration::from_secs(60))]));
     let bal = start(&[up.url()], &[], |c| {
         c.settings.workers = 1;
         c.settings.queue_size = 1;
+        // Nor may the queued connections time out of the queue meanwhile.
+        c.settings.queue_wait = Duration::from_secs(30);
     });
     // Occupy the only worker with a stream that stays silent.
     let mut busy = connect(bal.addr);
