@@ -107,6 +107,33 @@ pub fn mask(secret: &str) -> String {
     format!("...{tail}")
 }
 
+/// Replace every occurrence of `key`'s secret in `body` by its masked form:
+/// an upstream that echoes the key it was sent (in a 401 body, say) must not
+/// hand a pool key to the client. Returns true when something was replaced.
+pub fn redact(body: &mut Vec<u8>, key: &Key) -> bool {
+    let secret = key.secret().as_bytes();
+    if secret.is_empty() || body.len() < secret.len() {
+        return false;
+    }
+    let Some(first) = body.windows(secret.len()).position(|w| w == secret) else {
+        return false;
+    };
+    let mut out = Vec::with_capacity(body.len());
+    out.extend_from_slice(&body[..first]);
+    let mut rest = &body[first..];
+    while !rest.is_empty() {
+        if rest.starts_with(secret) {
+            out.extend_from_slice(key.masked().as_bytes());
+            rest = &rest[secret.len()..];
+        } else {
+            out.push(rest[0]);
+            rest = &rest[1..];
+        }
+    }
+    *body = out;
+    true
+}
+
 /// A set of keys used in rotation.
 #[derive(Debug, Default)]
 pub struct KeyPool {
@@ -172,6 +199,18 @@ mod tests {
         assert_eq!(mask("gaia-abcdefghijkl-WXYZ"), "...WXYZ");
         assert_eq!(mask("short"), "****");
         assert_eq!(mask("héllo-wörld-ÿÿÿÿ"), "...ÿÿÿÿ");
+    }
+
+    #[test]
+    fn redact_masks_every_copy_of_the_key_and_nothing_else() {
+        let key = Key::new(0, "gaia-secret-key-0000-WXYZ".into());
+        let mut body =
+            b"bad key gaia-secret-key-0000-WXYZ (gaia-secret-key-0000-WXYZ) gaia-secret".to_vec();
+        assert!(redact(&mut body, &key));
+        assert_eq!(body, b"bad key ...WXYZ (...WXYZ) gaia-secret");
+        let mut clean = b"nothing to see".to_vec();
+        assert!(!redact(&mut clean, &key));
+        assert_eq!(clean, b"nothing to see");
     }
 
     fn secret(k: Option<Arc<Key>>) -> String {

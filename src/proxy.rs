@@ -18,7 +18,7 @@ use crate::cooldowns;
 use crate::discovery;
 use crate::hedge;
 use crate::hosts::{Candidate, Host, InFlight, Verdict};
-use crate::keys::Key;
+use crate::keys::{self, Key};
 use crate::metrics;
 use crate::model;
 use crate::response::{valid_value, Responder};
@@ -674,8 +674,11 @@ pub fn run_to_commit(
         // to its end lets the connection go back to the pool.
         watch::set_deadline(Some((Instant::now() + t.idle).min(deadline)));
         let mut body = response.into_body().into_reader();
-        let body =
+        let mut body =
             read_bounded(&mut body, ERROR_BODY_LIMIT).map_or_else(|_| Vec::new(), |(b, _)| b);
+        if let Some(k) = key {
+            keys::redact(&mut body, k);
+        }
         return Err(AttemptError::Failed(Failed {
             outcome: Outcome::Status(status),
             detail: format!("{}: status {status}", host.spec.name),
@@ -734,6 +737,10 @@ pub fn run_to_commit(
         }
     }
     let ended = !sse && held.len() < JSON_HOLD_LIMIT;
+    if let (true, true, Some(k)) = (ended, status >= 400, key) {
+        // A whole error answer is passed through, so it may quote the key.
+        keys::redact(&mut held, k);
+    }
     Ok(Ready {
         host: host.clone(),
         key: key.cloned(),

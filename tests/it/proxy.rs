@@ -445,3 +445,42 @@ fn a_client_head_near_the_32_kib_limit_is_forwarded_whole() {
         assert_eq!(seen.header(name).map(str::len), Some(value.len()), "{name}");
     }
 }
+
+#[test]
+fn an_upstream_echoing_the_pool_key_never_shows_it_to_the_client() {
+    const KEY: &str = "pool-key-echoed-0000-WXYZ";
+    // The 401 quotes the key; with one key and one host every attempt fails,
+    // so the 502 quotes the last upstream error.
+    let up = Upstream::start(|seen, _| {
+        let sent = seen.header("authorization").unwrap_or("").to_string();
+        if seen.path.contains("embeddings") {
+            Reply::json(
+                400,
+                &format!(r#"{{"error":{{"message":"bad input for {sent}"}}}}"#),
+            )
+        } else {
+            Reply::json(
+                401,
+                &format!(r#"{{"error":{{"message":"invalid key {sent}"}}}}"#),
+            )
+        }
+    });
+    let bal = start(&[up.url()], &[KEY], |c| c.settings.max_attempts = 1);
+    // A 400 is passed through as-is, except for the key.
+    let r = post(bal.addr, "/v1/embeddings", r#"{"input":"a"}"#);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(
+        r.text(),
+        r#"{"error":{"message":"bad input for Bearer ...WXYZ"}}"#
+    );
+    // The 401 takes the only key out, so this comes last.
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(!r.text().contains("echoed"), "{}", r.text());
+    assert!(
+        r.text().contains("invalid key Bearer ...WXYZ"),
+        "{}",
+        r.text()
+    );
+    assert!(up.hits() >= 2);
+}
