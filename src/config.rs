@@ -770,7 +770,31 @@ impl<'de, S: Shape> Visitor<'de> for Via<S> {
 /// Walk an object's fields: unknown and repeated fields are errors (with a
 /// spelling hint); `each` gets the map, the field name and its path and must
 /// consume the value.
-fn fields<'de, A, F>(map: &mut A, path: &str, known: &[&str], mut each: F) -> Result<(), A::Error>
+fn fields<'de, A, F>(map: &mut A, path: &str, known: &[&str], each: F) -> Result<(), A::Error>
+where
+    A: MapAccess<'de>,
+    F: FnMut(&mut A, &str, &str) -> Result<(), A::Error>,
+{
+    fields_with(map, path, known, Unknown::Refuse, each)
+}
+
+/// What to do with a field that is not in the known list.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Unknown {
+    /// An error naming the field.
+    Refuse,
+    /// Skipped, unless it looks like a typo of a known field (then an error):
+    /// for objects other tools write too, such as the original project's keys.
+    SkipUnlessTypo,
+}
+
+fn fields_with<'de, A, F>(
+    map: &mut A,
+    path: &str,
+    known: &[&str],
+    unknown: Unknown,
+    mut each: F,
+) -> Result<(), A::Error>
 where
     A: MapAccess<'de>,
     F: FnMut(&mut A, &str, &str) -> Result<(), A::Error>,
@@ -779,8 +803,13 @@ where
     while let Some(key) = map.next_key::<String>()? {
         let child = join(path, &key);
         if !known.contains(&key.as_str()) {
+            let hint = suggest(&key, known);
+            if unknown == Unknown::SkipUnlessTypo && hint.is_none() {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                continue;
+            }
             let mut message = format!("unknown field {}", quote(&key));
-            if let Some(hint) = suggest(&key, known) {
+            if let Some(hint) = hint {
                 message.push_str(&format!("; did you mean \"{hint}\"?"));
             }
             message.push_str(&format!("; expected one of: {}", known.join(", ")));
@@ -1476,19 +1505,27 @@ impl Shape for KeyEntry<'_> {
     fn map<'de, A: MapAccess<'de>>(self, mut map: A) -> Result<(String, bool), A::Error> {
         let mut key = None;
         let mut active = true;
-        fields(&mut map, self.path, &KEY_FIELDS, |map, field, path| {
-            match field {
-                "key" => key = Some(secret(map, path)?),
-                "description" => {
-                    map.next_value_seed(Via(Text {
-                        path,
-                        nonempty: false,
-                    }))?;
+        // The original project writes more than these (e.g. `createdAt`).
+        let unknown = Unknown::SkipUnlessTypo;
+        fields_with(
+            &mut map,
+            self.path,
+            &KEY_FIELDS,
+            unknown,
+            |map, field, path| {
+                match field {
+                    "key" => key = Some(secret(map, path)?),
+                    "description" => {
+                        map.next_value_seed(Via(Text {
+                            path,
+                            nonempty: false,
+                        }))?;
+                    }
+                    _ => active = map.next_value_seed(Via(Bool(path)))?,
                 }
-                _ => active = map.next_value_seed(Via(Bool(path)))?,
-            }
-            Ok(())
-        })?;
+                Ok(())
+            },
+        )?;
         let Some(key) = key else {
             return Err(fail(
                 self.path,
@@ -2521,7 +2558,7 @@ mod tests {
             "api-keys.json",
             Some("apiKeys[0].active"),
             Some((1, 34)),
-            "unknown field \"active\"",
+            "unknown field \"active\"; did you mean \"isActive\"?",
         );
         assert_err(
             settings("{\n  \"max_attempts\": 3\n}"),
@@ -2713,6 +2750,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(k, ["gaia-aaaaaaaaaaaa", "gaia-cccccccccccc"]);
+        // Fields other tools (the original project) write are skipped.
+        let k = keys(
+            r#"{"apiKeys": [{"key": "gaia-dddddddddddd", "createdAt": "2025-01-01T00:00:00Z",
+                "wallet": {"address": "0x1"}, "usage": [1, 2]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(k, ["gaia-dddddddddddd"]);
         assert_eq!(keys("{}").unwrap(), Vec::<String>::new());
         assert_eq!(keys("{\"apiKeys\": []}").unwrap(), Vec::<String>::new());
         // No file at all: no keys, not an error.
