@@ -52,6 +52,28 @@ fn reject(status: u16, code: &'static str, message: impl Into<String>) -> Reject
     }
 }
 
+/// Methods forwarded on `/v1/*` paths.
+pub const PROXIED_METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+const PROXIED_ALLOW: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
+/// `.` or `..`, also percent-encoded (`%2e`), which an upstream may decode
+/// and resolve to a path outside `/v1/`.
+fn is_dot_segment(seg: &str) -> bool {
+    let mut rest = seg.as_bytes();
+    let mut dots = 0;
+    while !rest.is_empty() {
+        if rest[0] == b'.' {
+            rest = &rest[1..];
+        } else if rest.len() >= 3 && rest[0] == b'%' && rest[1] == b'2' && rest[2] | 0x20 == b'e' {
+            rest = &rest[3..];
+        } else {
+            return false;
+        }
+        dots += 1;
+    }
+    dots == 1 || dots == 2
+}
+
 /// The path part of a request target.
 pub fn path_of(target: &str) -> &str {
     target.split(['?', '#']).next().unwrap_or(target)
@@ -101,12 +123,25 @@ pub fn route(b: &Balancer, head: &Head, peer: IpAddr) -> Result<Route, Rejection
         "/status" => get_only(Route::Status)?,
         "/metrics" => get_only(Route::Metrics)?,
         p if p == "/v1" || p.starts_with("/v1/") => {
-            if p.split('/').any(|seg| seg == "." || seg == "..") || p.contains("//") {
+            if p.split('/').any(is_dot_segment) || p.contains("//") {
                 return Err(reject(
                     400,
                     "invalid_path",
                     "path segments '.', '..' and empty segments are not allowed",
                 ));
+            }
+            if !PROXIED_METHODS.contains(&head.method.as_str()) {
+                // TRACE would echo the client's headers (keys included);
+                // CONNECT is not for an API; anything else the upstream
+                // client cannot send, and no host is to blame for that.
+                return Err(Rejection {
+                    allow: Some(PROXIED_ALLOW),
+                    ..reject(
+                        405,
+                        "method_not_allowed",
+                        format!("/v1/* accepts {PROXIED_ALLOW}"),
+                    )
+                });
             }
             if p == "/v1/models" && head.method != "GET" {
                 return Err(Rejection {
@@ -431,6 +466,27 @@ mod tests {
                 .status,
             400
         );
+        for encoded in [
+            "/v1/%2e%2e/admin",
+            "/v1/.%2E/x",
+            "/v1/chat/%2e",
+            "/v1/a/%2E%2e",
+        ] {
+            let refused = route(&b, &head("POST", encoded, None), LOCAL);
+            assert_eq!(refused.map_err(|r| r.status), Err(400), "{encoded}");
+        }
+        for fine in ["/v1/...", "/v1/a.b", "/v1/%2e%2ex", "/v1/%2"] {
+            let ok = route(&b, &head("POST", fine, None), LOCAL);
+            assert_eq!(ok, Ok(Route::Proxy), "{fine}");
+        }
+        for method in PROXIED_METHODS {
+            let ok = route(&b, &head(method, "/v1/files", None), LOCAL);
+            assert_eq!(ok, Ok(Route::Proxy), "{method}");
+        }
+        for method in ["TRACE", "CONNECT", "FOO", "PROPFIND", "get"] {
+            let refused = route(&b, &head(method, "/v1/files", None), LOCAL).unwrap_err();
+            assert_eq!((refused.status, refused.allow), (405, Some(PROXIED_ALLOW)));
+        }
         assert_eq!(
             route(&b, &head("PUT", "/healthz", None), LOCAL)
                 .unwrap_err()

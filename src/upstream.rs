@@ -151,8 +151,22 @@ pub fn send(
     let mut builder = http::Request::builder()
         .method(out.method)
         .uri(host.url(out.path));
+    // Fields the client's `Connection` header names are hop-by-hop too
+    // (RFC 9110 section 7.6.1); `close` and `keep-alive` name no field we would send.
+    let named: Vec<&[u8]> = out
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+        .flat_map(|(_, v)| v.split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive"))
+        .collect();
     for (name, value) in out.headers.iter() {
-        if !DROPPED.iter().any(|d| name.eq_ignore_ascii_case(d)) {
+        let hop = DROPPED.iter().any(|d| name.eq_ignore_ascii_case(d))
+            || named
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case(name.as_bytes()));
+        if !hop {
             builder = builder.header(name, value);
         }
     }

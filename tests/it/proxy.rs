@@ -236,11 +236,17 @@ fn client_keys_are_required_when_configured() {
 fn errors_are_openai_shaped() {
     let up = Upstream::always(Reply::json(200, OK));
     let bal = start(&[up.url()], &[], |_| {});
-    let cases: [(&str, &str, &[u8], u16); 4] = [
+    // Methods the upstream client cannot send (or must not: TRACE echoes
+    // headers) are refused here, so no host is blamed or ejected for them.
+    let cases: [(&str, &str, &[u8], u16); 8] = [
         ("GET", "/nope", b"", 404),
         ("POST", "/v1/models", b"", 405),
         ("POST", "/v1/chat/completions", b"{not json", 400),
         ("DELETE", "/healthz", b"", 405),
+        ("FOO", "/v1/chat/completions", b"", 405),
+        ("PROPFIND", "/v1/files", b"", 405),
+        ("TRACE", "/v1/files", b"", 405),
+        ("POST", "/v1/%2e%2e/status", b"{}", 400),
     ];
     for (method, path, body, status) in cases {
         let r = request(
@@ -483,4 +489,41 @@ fn an_upstream_echoing_the_pool_key_never_shows_it_to_the_client() {
         r.text()
     );
     assert!(up.hits() >= 2);
+}
+
+#[test]
+fn hop_by_hop_and_connection_named_headers_stay_here() {
+    let up = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[up.url()], &[], |_| {});
+    let r = request(
+        bal.addr,
+        "POST",
+        "/v1/embeddings",
+        &[
+            ("Content-Type", "application/json"),
+            ("Connection", "keep-alive, X-Hop-One"),
+            ("Connection", "x-hop-two"),
+            ("X-Hop-One", "1"),
+            ("X-Hop-Two", "2"),
+            ("X-Kept", "3"),
+            ("Cookie", "session=1"),
+            ("Accept-Encoding", "gzip"),
+            ("Proxy-Authorization", "Basic eDp5"),
+            ("Keep-Alive", "timeout=5"),
+        ],
+        br#"{"input":"a"}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = &up.requests()[0];
+    assert_eq!(seen.header("x-kept"), Some("3"));
+    for gone in [
+        "x-hop-one",
+        "x-hop-two",
+        "cookie",
+        "accept-encoding",
+        "proxy-authorization",
+        "keep-alive",
+    ] {
+        assert_eq!(seen.header(gone), None, "{gone} was forwarded");
+    }
 }
