@@ -125,6 +125,14 @@ impl Host {
         self.health.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// True when some key of the host's pool is usable with it now.
+    fn free_key(&self, h: &Health, now: Instant) -> bool {
+        self.keys
+            .keys()
+            .iter()
+            .any(|k| k.usable(now) && !Host::pair_cooling(h, k.index, now))
+    }
+
     /// True when the (host, key) pair is cooling.
     fn pair_cooling(h: &Health, key: usize, now: Instant) -> bool {
         h.pairs.iter().any(|(k, c)| *k == key && c.active(now))
@@ -224,11 +232,14 @@ impl Hosts {
     /// True when at least one host could take a request now.
     pub fn any_routable(&self) -> bool {
         let now = Instant::now();
+        let panic = self.panic_mode(now);
+        // A host whose every key is disabled or cooling cannot take one either.
         self.hosts.iter().any(|h| {
             let health = h.health();
-            !matches!(health.state, HostState::Ejected(until) if until > now)
+            (panic || !matches!(health.state, HostState::Ejected(until) if until > now))
                 && !health.cooldown.active(now)
-        }) || self.panic_mode(now)
+                && (h.keys.is_empty() || h.free_key(&health, now))
+        })
     }
 
     /// The failover order for one request.
@@ -480,12 +491,7 @@ impl Candidates<'_> {
             return None;
         }
         if !host.keys.is_empty() {
-            let free = host
-                .keys
-                .keys()
-                .iter()
-                .any(|k| k.usable(now) && !Host::pair_cooling(&h, k.index, now));
-            if !free {
+            if !host.free_key(&h, now) {
                 let pairs = h.pairs.iter().filter_map(|(_, c)| c.until(now)).min();
                 if let Some(t) = host.keys.earliest_usable(now).max(pairs) {
                     self.note(t);
@@ -746,6 +752,22 @@ mod tests {
         }
         assert!(all_out.candidates().next().is_some());
         assert!(all_out.any_routable());
+    }
+
+    #[test]
+    fn no_usable_key_means_not_routable() {
+        let hosts = table(
+            &[spec("a", 1, false), spec("b", 1, false)],
+            &["k0-xxxxxxxxxx"],
+        );
+        assert!(hosts.any_routable());
+        let key = hosts.all()[0].keys.keys()[0].clone();
+        // Cooling for one pair leaves the other host.
+        hosts.rate_limited(&hosts.all()[0], Some(&key), None);
+        assert!(hosts.any_routable());
+        key.disable();
+        assert!(!hosts.any_routable());
+        assert!(hosts.candidates().next().is_none());
     }
 
     #[test]

@@ -527,3 +527,16 @@ fn hop_by_hop_and_connection_named_headers_stay_here() {
         assert_eq!(seen.header(gone), None, "{gone} was forwarded");
     }
 }
+
+#[test]
+fn readyz_is_503_once_every_pool_key_is_rejected() {
+    let up = Upstream::always(Reply::json(401, r#"{"error":{"message":"bad key"}}"#));
+    let bal = start(&[up.url()], &["pool-key-rejected-000001"], |_| {});
+    assert_eq!(request(bal.addr, "GET", "/readyz", &[], b"").status, 200);
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 503, "no key left: {}", r.text());
+    // The host is fine, but nothing can be sent to it until the key file changes.
+    let ready = request(bal.addr, "GET", "/readyz", &[], b"");
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    assert_eq!(request(bal.addr, "GET", "/healthz", &[], b"").status, 200);
+}
