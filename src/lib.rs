@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod cooldowns;
 pub mod discovery;
+pub mod health_lane;
 pub mod hedge;
 pub mod hosts;
 pub mod keys;

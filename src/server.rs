@@ -21,6 +21,10 @@
 //! waits for a worker, idle and slow connections give theirs up after
 //! [`HEAD_GRACE`], so they cannot starve the pool.
 //!
+//! While every worker is busy, the acceptor passes new connections through
+//! the [`crate::health_lane`] first, so health checks are answered without a
+//! worker; everything else is queued from there as it would have been.
+//!
 //! [`start_with_reload`] also runs the config reloader ([`crate::reload`]) on
 //! its own thread; it stops when the server drains.
 //!
@@ -46,6 +50,7 @@ use serde::Deserialize;
 
 use crate::config::{Config, Overrides};
 use crate::discovery;
+use crate::health_lane;
 use crate::metrics::{self, Shed};
 use crate::proxy::{self, Proxied};
 use crate::reload::{self, Reloader};
@@ -102,10 +107,12 @@ pub struct Server {
 }
 
 /// One accepted connection waiting for a worker.
-struct Conn {
-    stream: TcpStream,
+pub(crate) struct Conn {
+    /// The client's socket.
+    pub(crate) stream: TcpStream,
     peer: SocketAddr,
-    accepted: Instant,
+    /// When it was accepted: the queue wait counts from here.
+    pub(crate) accepted: Instant,
     _slot: Option<Slot>,
 }
 
@@ -143,11 +150,23 @@ pub fn start(config: Config) -> io::Result<Server> {
             .spawn(move || dispatch(&rx, &handoff_tx, &shared, &waiting, &pool))?
     };
     let limiter = Arc::new(Limiter::new(settings.max_connections_per_client));
+    let (lane_tx, lane_rx) = crossbeam_channel::bounded::<Conn>(health_lane::LANE_CAP);
+    {
+        let (tx, shared) = (tx.clone(), shared.clone());
+        thread::Builder::new()
+            .name("health-lane".into())
+            .stack_size(WORKER_STACK)
+            .spawn(move || health_lane::run(&lane_rx, &tx, &shared))?;
+    }
     let acceptor = {
         let shared = shared.clone();
+        let lane = Lane {
+            tx: lane_tx,
+            pool: pool.clone(),
+        };
         thread::Builder::new()
             .name("acceptor".into())
-            .spawn(move || accept_loop(listener, &shared, &tx, &limiter))?
+            .spawn(move || accept_loop(listener, &shared, &tx, &lane, &limiter))?
     };
     log::info!(
         "listening on http://{addr} with up to {} workers ({} started)",
@@ -199,6 +218,11 @@ impl Server {
     /// Worker threads started so far (they start on demand, up to `workers`).
     pub fn workers_started(&self) -> usize {
         self.pool.started()
+    }
+
+    /// Started workers waiting for a connection.
+    pub fn idle_workers(&self) -> usize {
+        self.pool.idle.load(Ordering::Acquire)
     }
 
     /// Block until the server stops (it only stops through [`Server::shutdown`]).
@@ -359,7 +383,29 @@ impl Pool {
 
 /// Takes the listener by value: returning closes it, which is what makes new
 /// connections be refused as soon as a drain begins.
-fn accept_loop(listener: TcpListener, shared: &Shared, tx: &Sender<Conn>, limiter: &Arc<Limiter>) {
+/// The acceptor's way into the [`health_lane`].
+struct Lane {
+    tx: Sender<Conn>,
+    pool: Arc<Pool>,
+}
+
+impl Lane {
+    /// A new connection would wait for a worker: connections are waiting
+    /// already, or every worker is busy and the pool is at its cap.
+    fn saturated(&self, queue: &Sender<Conn>) -> bool {
+        self.pool.waiting.load(Ordering::Relaxed)
+            || !queue.is_empty()
+            || (self.pool.idle.load(Ordering::Acquire) == 0 && self.pool.started() >= self.pool.cap)
+    }
+}
+
+fn accept_loop(
+    listener: TcpListener,
+    shared: &Shared,
+    tx: &Sender<Conn>,
+    lane: &Lane,
+    limiter: &Arc<Limiter>,
+) {
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = listener.accept();
@@ -392,19 +438,17 @@ fn accept_loop(listener: TcpListener, shared: &Shared, tx: &Sender<Conn>, limite
                     accepted: Instant::now(),
                     _slot: slot,
                 };
-                // Counted before the send, so a worker's dequeue never comes first.
-                shared.metrics.queued();
-                match tx.try_send(conn) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(c)) => {
-                        shared.metrics.dequeued();
-                        shared.metrics.shed(Shed::QueueFull);
-                        shed(c.stream, "every worker is busy");
+                // Every worker busy: a health check must not wait in line.
+                let conn = if lane.saturated(tx) {
+                    match lane.tx.try_send(conn) {
+                        Ok(()) => continue,
+                        Err(TrySendError::Full(c) | TrySendError::Disconnected(c)) => c,
                     }
-                    Err(TrySendError::Disconnected(_)) => {
-                        shared.metrics.dequeued();
-                        return;
-                    }
+                } else {
+                    conn
+                };
+                if !enqueue(shared, tx, conn) {
+                    return;
                 }
             }
             Err(e) => {
@@ -416,6 +460,34 @@ fn accept_loop(listener: TcpListener, shared: &Shared, tx: &Sender<Conn>, limite
             }
         }
     }
+}
+
+/// Queue a connection for a worker, or refuse it with 503 when the queue is
+/// full; false when the queue is gone (the server drains).
+pub(crate) fn enqueue(shared: &Shared, tx: &Sender<Conn>, conn: Conn) -> bool {
+    // Counted before the send, so a worker's dequeue never comes first.
+    shared.metrics.queued();
+    match tx.try_send(conn) {
+        Ok(()) => true,
+        Err(TrySendError::Full(c)) => {
+            shared.metrics.dequeued();
+            shared.metrics.shed(Shed::QueueFull);
+            shed(c.stream, "every worker is busy");
+            true
+        }
+        Err(TrySendError::Disconnected(_)) => {
+            shared.metrics.dequeued();
+            false
+        }
+    }
+}
+
+/// The client's `X-Request-Id` when it is usable, else a fresh one.
+pub(crate) fn request_id(given: Option<&str>) -> String {
+    given
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.len() <= 128 && valid_value(v.as_bytes()))
+        .map_or_else(rng::request_id, str::to_string)
 }
 
 /// Refuse a connection at once with 503 and `Retry-After`.
@@ -680,11 +752,7 @@ fn serve_connection(shared: &Arc<Shared>, conn: Conn, waiting: &AtomicBool) {
             max_body: b.config.settings.max_body_bytes,
             ..limits
         };
-        let id = head
-            .header_str("x-request-id")
-            .map(str::trim)
-            .filter(|v| !v.is_empty() && v.len() <= 128 && valid_value(v.as_bytes()))
-            .map_or_else(rng::request_id, str::to_string);
+        let id = request_id(head.header_str("x-request-id"));
         let keep_alive = head.keep_alive && !shared.draining();
         let mut out = Responder::new(
             &mut writer,

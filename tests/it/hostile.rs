@@ -162,9 +162,22 @@ fn full_queue_sheds_with_503_and_retry_after() {
         .server()
         .queue_depth()
         == 2));
-    let shed = raw(bal.addr, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+    let shed = raw(bal.addr, b"GET /v1/models HTTP/1.1\r\nHost: t\r\n\r\n");
     assert_eq!(status_of(&shed), 503, "{shed}");
     assert!(shed.contains("Retry-After: 1"), "{shed}");
+    // Health checks are answered without a worker (the health lane).
+    for path in ["/healthz", "/readyz"] {
+        let probe = raw(
+            bal.addr,
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes(),
+        );
+        assert_eq!(status_of(&probe), 200, "{path}: {probe}");
+        assert!(probe.contains("Connection: close"), "{probe}");
+    }
+    let head = raw(bal.addr, b"HEAD /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(status_of(&head), 200, "{head}");
+    assert!(!head.contains("ok\n"), "{head}");
+    assert_eq!(bal.server().queue_depth(), 2, "the queue is untouched");
 }
 
 #[test]
@@ -175,7 +188,7 @@ fn a_panic_ends_the_request_not_the_worker() {
         let r = request(
             bal.addr,
             "GET",
-            "/healthz",
+            "/v1/models",
             &[("x-gaia-debug-panic", "1")],
             b"",
         );
@@ -205,7 +218,7 @@ fn a_queued_connection_gets_503_at_queue_wait_while_every_worker_is_busy() {
     .unwrap();
     assert!(crate::util::wait_for(Duration::from_secs(3), || up.hits() == 1));
     let began = Instant::now();
-    let resp = raw(bal.addr, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+    let resp = raw(bal.addr, b"GET /v1/models HTTP/1.1\r\nHost: t\r\n\r\n");
     let waited = began.elapsed();
     assert_eq!(status_of(&resp), 503, "{resp}");
     assert!(resp.contains("Retry-After: 1"), "{resp}");
@@ -244,17 +257,35 @@ fn idle_and_slow_connections_give_way_to_a_waiting_one() {
     served_within("behind an idle keep-alive connection");
     assert_eq!(read_all(ka), "");
 
+    // Each of the next two reaches the free worker before the request behind
+    // it arrives (while every worker is busy, the health lane lets a request
+    // that has arrived overtake a connection that has sent nothing yet).
+    let worker_takes = |what: &str| {
+        let server = bal.server();
+        let taken = crate::util::wait_for(Duration::from_secs(3), || server.idle_workers() == 0);
+        assert!(taken, "{what}: the worker did not take it");
+    };
+    let worker_free = || {
+        let server = bal.server();
+        assert!(crate::util::wait_for(Duration::from_secs(3), || server
+            .idle_workers()
+            == 1));
+    };
     // A fresh connection that sends nothing: 503, so a late request learns why.
+    worker_free();
     let idle = connect(bal.addr);
+    worker_takes("silent");
     served_within("behind a silent new connection");
     let out = read_all(idle);
     assert_eq!(status_of(&out), 503, "{out}");
     assert!(out.contains("Retry-After: 1"));
 
     // A head that trickles in: 408.
+    worker_free();
     let mut slow = connect(bal.addr);
     slow.write_all(b"POST /v1/embeddings HTTP/1.1\r\nHo")
         .unwrap();
+    worker_takes("slow");
     served_within("behind a slow head");
     let out = read_all(slow);
     assert_eq!(status_of(&out), 408, "{out}");

@@ -1,0 +1,275 @@
+//! The health lane: `/healthz` and `/readyz` answered while every worker is busy.
+//!
+//! With every worker held by long streams, a new connection waits in the
+//! queue (up to `queueWaitMs`) and is then refused with 503. A liveness probe
+//! that waits or gets 503 makes an orchestrator restart a balancer that is
+//! doing its job, cutting every stream it carries. So while the pool is
+//! saturated the acceptor passes new connections through this lane first:
+//! one thread that looks at the first bytes of each (a peek, which consumes
+//! nothing), answers a complete `GET` or `HEAD` of `/healthz` or `/readyz`
+//! itself and closes, and queues every other connection as the acceptor
+//! would have, with its accept time unchanged.
+//!
+//! Guarantees: the lane never blocks on a client (sockets are non-blocking
+//! while they are here, and the answer's write has a short timeout); a
+//! connection spends at most [`LOOK_LIMIT`] here; the lane holds at most
+//! [`LANE_CAP`] connections, beyond which the acceptor queues them directly,
+//! as it does whenever a worker is free.
+
+use std::io::{self, Read};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use crate::metrics;
+use crate::response::Responder;
+use crate::routes;
+use crate::server::{self, Conn};
+use crate::state::Shared;
+
+/// Connections the lane holds at once.
+pub const LANE_CAP: usize = 64;
+/// Longest a connection waits here for enough bytes to tell what it asks.
+pub const LOOK_LIMIT: Duration = Duration::from_millis(100);
+/// How often connections without a verdict are looked at again.
+const TICK: Duration = Duration::from_millis(2);
+/// Bytes peeked; a health check's head is far smaller.
+const PEEK_BYTES: usize = 1024;
+/// Longest the lane spends writing one answer.
+const WRITE_LIMIT: Duration = Duration::from_millis(100);
+
+/// What the first bytes of a connection say.
+#[derive(Debug, PartialEq, Eq)]
+enum Look {
+    /// Too few bytes yet to tell.
+    Wait,
+    /// A complete health check of `len` bytes, for a worker-free answer.
+    Health {
+        len: usize,
+        route: metrics::Route,
+        head_only: bool,
+        http10: bool,
+        id: Option<String>,
+    },
+    /// Anything else: a worker's job.
+    Queue,
+    /// Closed or broken before it asked anything.
+    Drop,
+}
+
+/// Run the lane until the acceptor hangs up; then queue what is left and return.
+pub(crate) fn run(rx: &Receiver<Conn>, queue: &Sender<Conn>, shared: &Arc<Shared>) {
+    let mut pending: Vec<Conn> = Vec::new();
+    let mut buf = [0u8; PEEK_BYTES];
+    loop {
+        let received = if pending.is_empty() {
+            rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+        } else {
+            rx.recv_timeout(TICK)
+        };
+        match received {
+            Ok(conn) => {
+                if conn.stream.set_nonblocking(true).is_ok() {
+                    pending.push(conn);
+                } else {
+                    server::enqueue(shared, queue, conn);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                for conn in pending.drain(..) {
+                    forward(shared, queue, conn);
+                }
+                return;
+            }
+        }
+        let mut i = 0;
+        while i < pending.len() {
+            let look = look(&pending[i].stream, &mut buf);
+            let expired = pending[i].accepted.elapsed() >= LOOK_LIMIT;
+            match look {
+                Look::Wait if !expired => i += 1,
+                Look::Wait | Look::Queue => forward(shared, queue, pending.swap_remove(i)),
+                Look::Drop => drop(pending.swap_remove(i)),
+                Look::Health {
+                    len,
+                    route,
+                    head_only,
+                    http10,
+                    id,
+                } => {
+                    let conn = pending.swap_remove(i);
+                    answer(shared, conn.stream, len, route, head_only, http10, id);
+                }
+            }
+        }
+    }
+}
+
+/// Back to blocking, and into the worker queue (or shed when it is full).
+fn forward(shared: &Shared, queue: &Sender<Conn>, conn: Conn) {
+    let _ = conn.stream.set_nonblocking(false);
+    server::enqueue(shared, queue, conn);
+}
+
+fn look(stream: &TcpStream, buf: &mut [u8]) -> Look {
+    match stream.peek(buf) {
+        Ok(0) => Look::Drop,
+        Ok(n) => classify(&buf[..n], n == buf.len()),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
+            Look::Wait
+        }
+        Err(_) => Look::Drop,
+    }
+}
+
+/// The request lines the lane answers.
+const HEALTH_LINES: [&[u8]; 4] = [
+    b"GET /healthz",
+    b"GET /readyz",
+    b"HEAD /healthz",
+    b"HEAD /readyz",
+];
+
+/// Decide from the bytes seen so far; `full` when no more fit in the peek.
+fn classify(bytes: &[u8], full: bool) -> Look {
+    let maybe = HEALTH_LINES
+        .iter()
+        .any(|line| line.starts_with(bytes) || bytes.starts_with(line));
+    if !maybe {
+        return Look::Queue;
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(bytes) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if !full => return Look::Wait,
+        // Too long, too many headers or malformed: the worker says why.
+        _ => return Look::Queue,
+    };
+    let route = match req.path.map(routes::path_of) {
+        Some("/healthz") => metrics::Route::Healthz,
+        Some("/readyz") => metrics::Route::Readyz,
+        _ => return Look::Queue,
+    };
+    // A body (or anything unusual about framing) is the worker's to read.
+    let framed = req.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("transfer-encoding")
+            || (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")
+    });
+    if framed {
+        return Look::Queue;
+    }
+    let id = req
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("x-request-id"))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+        .map(str::to_string);
+    Look::Health {
+        len,
+        route,
+        head_only: req.method == Some("HEAD"),
+        http10: req.version == Some(0),
+        id,
+    }
+}
+
+/// Consume the head (its bytes are there already), answer it, and close.
+fn answer(
+    shared: &Shared,
+    mut stream: TcpStream,
+    len: usize,
+    route: metrics::Route,
+    head_only: bool,
+    http10: bool,
+    id: Option<String>,
+) {
+    let started = Instant::now();
+    let mut head = [0u8; PEEK_BYTES];
+    let Some(head) = head.get_mut(..len) else {
+        return;
+    };
+    if stream.read_exact(head).is_err()
+        || stream.set_nonblocking(false).is_err()
+        || stream.set_write_timeout(Some(WRITE_LIMIT)).is_err()
+    {
+        return;
+    }
+    metrics::begin_request();
+    let b = shared.current();
+    let (status, body) = match route {
+        metrics::Route::Readyz => routes::readiness(shared, &b),
+        _ => (200, "ok\n"),
+    };
+    let id = server::request_id(id.as_deref());
+    let mut out = Responder::new(&mut stream, false, head_only, http10);
+    out.add_header("X-Request-Id", &id);
+    let text = [("Content-Type", "text/plain; charset=utf-8")];
+    let _ = out.send(status, &text, body.as_bytes());
+    shared.metrics.request(route, status, started, false, false);
+    log::info!(
+        "{id} {} {} {status} host=- attempts=0 {}ms (health lane: every worker busy)",
+        if head_only { "HEAD" } else { "GET" },
+        if route == metrics::Route::Readyz {
+            "/readyz"
+        } else {
+            "/healthz"
+        },
+        started.elapsed().as_millis()
+    );
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_complete_bodiless_health_checks_are_answered_here() {
+        let text = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+        let health = classify(text, false);
+        assert!(
+            matches!(health, Look::Health { len, route: metrics::Route::Healthz, head_only: false, http10: false, id: None } if len == text.len()),
+            "{health:?}"
+        );
+        let ready = classify(
+            b"HEAD /readyz?x=1 HTTP/1.0\r\nX-Request-Id: r1\r\n\r\n",
+            false,
+        );
+        assert!(
+            matches!(&ready, Look::Health { route: metrics::Route::Readyz, head_only: true, http10: true, id: Some(id), .. } if id == "r1"),
+            "{ready:?}"
+        );
+        for waiting in [
+            &b"G"[..],
+            b"GET /heal",
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n",
+        ] {
+            assert_eq!(classify(waiting, false), Look::Wait, "{waiting:?}");
+        }
+        for queued in [
+            &b"POST /v1/chat/completions HTTP/1.1\r\n\r\n"[..],
+            b"GET /healthzz HTTP/1.1\r\n\r\n",
+            b"GET /status HTTP/1.1\r\n\r\n",
+            b"GET /healthz HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+            b"GET /healthz HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET /healthz HTTP/1.1\r\nBad Header\r\n\r\n",
+            b"\x16\x03\x01",
+        ] {
+            assert_eq!(classify(queued, false), Look::Queue, "{queued:?}");
+        }
+        // A head that does not fit the peek goes to a worker.
+        assert_eq!(
+            classify(b"GET /healthz HTTP/1.1\r\nA: b", true),
+            Look::Queue
+        );
+    }
+}
