@@ -490,14 +490,12 @@ impl Candidates<'_> {
             self.note(until);
             return None;
         }
-        if !host.keys.is_empty() {
-            if !host.free_key(&h, now) {
-                let pairs = h.pairs.iter().filter_map(|(_, c)| c.until(now)).min();
-                if let Some(t) = host.keys.earliest_usable(now).max(pairs) {
-                    self.note(t);
-                }
-                return None;
+        if !host.keys.is_empty() && !host.free_key(&h, now) {
+            let pairs = h.pairs.iter().filter_map(|(_, c)| c.until(now)).min();
+            if let Some(t) = host.keys.earliest_usable(now).max(pairs) {
+                self.note(t);
             }
+            return None;
         }
         Some(probe)
     }
