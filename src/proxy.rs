@@ -196,6 +196,8 @@ fn attempts(
     let settings = &b.config.settings;
     let deadline = req.started + settings.timeouts.total;
     let mut last: Option<Failed> = None;
+    // Pauses before going back to a failed host: the backoff doubles with each.
+    let mut pauses = 0u32;
     let mut candidates = b.hosts.candidates().for_model(req.model.clone());
     if let (true, Some(after)) = (req.stream, settings.stream_keep_alive_after) {
         // A slow first token: commit the head early and keep the line warm,
@@ -238,9 +240,10 @@ fn attempts(
             .as_ref()
             .is_some_and(|f| retry::decide(f.outcome).host_failure);
         if c.repeat && host_failed {
-            let floor = settings.timeouts.connect.min(Duration::from_secs(1));
+            pauses += 1;
+            let turnaround = settings.timeouts.connect.min(Duration::from_secs(1));
             let pause = pause_until(
-                Instant::now() + retry::backoff(served.attempts, floor),
+                Instant::now() + retry::backoff(pauses, turnaround),
                 deadline,
             );
             if pause.is_err() {

@@ -3,8 +3,8 @@
 //!
 //! The table in [`decide`] is the contract (SPEC "Retries, failover, keys");
 //! everything else in the request path asks it rather than deciding on its own.
-//! Backoff is only ever slept when the next attempt goes to the same host: a
-//! different host is tried at once.
+//! Backoff is only ever slept when the next attempt goes back to a host that
+//! just failed: a different host or key is tried at once.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -64,19 +64,21 @@ pub fn decide(outcome: Outcome) -> Decision {
     }
 }
 
-/// Base of the exponential backoff before retrying the same host.
-pub const BACKOFF_BASE: Duration = Duration::from_millis(25);
-/// Cap of the exponential backoff.
-pub const BACKOFF_CAP: Duration = Duration::from_millis(250);
+/// The backoff window stops doubling at this many turn-arounds.
+pub const BACKOFF_CAP_FACTOR: u32 = 4;
 
-/// Full-jitter backoff before retry number `retry` (1-based) to the same host,
-/// floored at `floor` (HAProxy's turn-around: a host that just failed gets a moment).
-pub fn backoff(retry: u32, floor: Duration) -> Duration {
-    let exp = BACKOFF_BASE
-        .saturating_mul(1u32 << retry.min(16))
-        .min(BACKOFF_CAP);
-    let jitter = Duration::from_nanos(rng::below(exp.as_nanos() as u64 + 1));
-    jitter.max(floor)
+/// The pause before going back to a host that just failed, for the `n`th
+/// such pause of one request (1-based): HAProxy's turn-around `t`
+/// (`min(connectMs, 1 s)`, passed in) doubled per pause up to
+/// [`BACKOFF_CAP_FACTOR`]` × t`, with "equal jitter" (uniform over the upper
+/// half of the window), so requests that failed together do not come back
+/// together, yet none comes back at once. With the default `t` of 1 s:
+/// 0.5–1 s, 1–2 s, then 2–4 s.
+pub fn backoff(n: u32, turnaround: Duration) -> Duration {
+    let doublings = n.saturating_sub(1).min(BACKOFF_CAP_FACTOR.ilog2());
+    let window = turnaround.saturating_mul(1 << doublings);
+    let half = window / 2;
+    half + Duration::from_nanos(rng::below(half.as_nanos() as u64 + 1))
 }
 
 /// Seconds of history the retry budget looks at.
@@ -365,11 +367,22 @@ mod tests {
     }
 
     #[test]
-    fn backoff_is_capped_and_floored() {
-        for retry in 1..40 {
-            let b = backoff(retry, Duration::ZERO);
-            assert!(b <= BACKOFF_CAP, "{b:?}");
-            assert!(backoff(retry, Duration::from_secs(1)) >= Duration::from_secs(1));
+    fn backoff_doubles_with_jitter_and_is_capped() {
+        let t = Duration::from_millis(1000);
+        let window = |n: u32| t * (1 << (n - 1).min(2));
+        let mut seen = [Duration::MAX, Duration::ZERO];
+        for n in 1..40 {
+            for _ in 0..50 {
+                let b = backoff(n, t);
+                assert!(b >= window(n) / 2 && b <= window(n), "pause {n}: {b:?}");
+                assert!(b <= t * BACKOFF_CAP_FACTOR);
+                if n == 1 {
+                    seen = [seen[0].min(b), seen[1].max(b)];
+                }
+            }
         }
+        // Jittered, not one fixed value.
+        assert!(seen[1] - seen[0] > Duration::from_millis(50), "{seen:?}");
+        assert_eq!(backoff(1, Duration::ZERO), Duration::ZERO);
     }
 }

@@ -503,3 +503,32 @@ fn chaos_run_every_request_succeeds() {
     let injected = faults.load(Ordering::SeqCst);
     assert!(injected >= 20, "only {injected} faults injected");
 }
+
+#[test]
+fn going_back_to_a_failed_host_backs_off_exponentially() {
+    // One host, so every retry goes back to it after a turn-around of
+    // min(connectMs, 1 s) = 200 ms, doubled per pause (jittered over the
+    // upper half of the window, capped at 4 turn-arounds).
+    let times = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = times.clone();
+    let up = Upstream::start(move |_, n| {
+        seen.lock().unwrap().push(Instant::now());
+        if n < 4 {
+            Reply::json(500, "{}")
+        } else {
+            Reply::json(200, OK)
+        }
+    });
+    let bal = start(&[up.url()], &[], |c| {
+        c.settings.timeouts.connect = Duration::from_millis(200);
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let times = times.lock().unwrap().clone();
+    assert_eq!(times.len(), 5);
+    let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    // Lower bounds only: a pause is never shorter than half its window.
+    for (gap, floor) in gaps.iter().zip([100u64, 200, 400, 400]) {
+        assert!(*gap >= Duration::from_millis(floor), "{gaps:?}");
+    }
+}
