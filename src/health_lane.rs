@@ -12,9 +12,10 @@
 //!
 //! Guarantees: the lane never blocks on a client (sockets are non-blocking
 //! while they are here, and the answer's write has a short timeout); a
-//! connection spends at most [`LOOK_LIMIT`] here; the lane holds at most
-//! [`LANE_CAP`] connections, beyond which the acceptor queues them directly,
-//! as it does whenever a worker is free.
+//! connection spends at most [`LOOK_LIMIT`] here (plus a tick); the lane
+//! holds at most twice [`LANE_CAP`] connections (half being looked at, half
+//! in its channel), beyond which the acceptor queues them directly, as it
+//! does whenever a worker is free.
 
 use std::io::{self, Read};
 use std::net::TcpStream;
@@ -29,12 +30,13 @@ use crate::routes;
 use crate::server::{self, Conn};
 use crate::state::Shared;
 
-/// Connections the lane holds at once.
-pub const LANE_CAP: usize = 64;
+/// Connections the lane looks at at once; as many more may wait in its
+/// channel, and past those the acceptor queues directly.
+pub const LANE_CAP: usize = 32;
 /// Longest a connection waits here for enough bytes to tell what it asks.
 pub const LOOK_LIMIT: Duration = Duration::from_millis(100);
 /// How often connections without a verdict are looked at again.
-const TICK: Duration = Duration::from_millis(2);
+const TICK: Duration = Duration::from_millis(5);
 /// Bytes peeked; a health check's head is far smaller.
 const PEEK_BYTES: usize = 1024;
 /// Longest the lane spends writing one answer.
@@ -66,6 +68,10 @@ pub(crate) fn run(rx: &Receiver<Conn>, queue: &Sender<Conn>, shared: &Arc<Shared
     loop {
         let received = if pending.is_empty() {
             rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+        } else if pending.len() >= LANE_CAP {
+            // Full: let the channel fill, so the acceptor goes around the lane.
+            std::thread::sleep(TICK);
+            Err(RecvTimeoutError::Timeout)
         } else {
             rx.recv_timeout(TICK)
         };

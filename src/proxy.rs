@@ -300,6 +300,15 @@ fn attempts(
                     served.attempts += 1;
                     return Ok(());
                 }
+                if let Delivered::Abandoned(name, hedged) = end {
+                    if hedged {
+                        served.attempts += 1; // counted as for Hedged
+                    } else {
+                        b.hosts.record(&c.host, Verdict::Unknown, c.probe, None);
+                    }
+                    served.host = Some(name);
+                    return Err(Stop::ClientGone);
+                }
                 let (verdict, detail) = match &end {
                     Delivered::Cut(why) => (Verdict::Failure, Some(why.as_str())),
                     _ => (Verdict::Success, None),
@@ -588,7 +597,7 @@ fn commit_hedge(
     let verdict = match &end {
         Ok(Delivered::Complete | Delivered::Hedged(_)) => Verdict::Success,
         Ok(Delivered::Cut(_)) => Verdict::Failure,
-        Err(_) => Verdict::Unknown,
+        Ok(Delivered::Abandoned(..)) | Err(_) => Verdict::Unknown,
     };
     b.hosts.record(&host, verdict, false, None);
     if let (Some(k), Verdict::Success) = (&key, verdict) {
@@ -766,6 +775,21 @@ fn commit(
     out: &mut Responder<'_, TcpStream>,
     trail: &mut Trail,
 ) -> Result<Delivered, AttemptError> {
+    let (name, hedged) = (ready.host.spec.name.clone(), ready.hedged);
+    // Past this point the answer is the host's: a client that leaves
+    // abandons it, and the log still names who served it.
+    match pass_on(ready, retry, out, trail) {
+        Err(AttemptError::ClientGone) => Ok(Delivered::Abandoned(name, hedged)),
+        other => other,
+    }
+}
+
+fn pass_on(
+    ready: Ready,
+    retry: Option<RetryTicket<'_>>,
+    out: &mut Responder<'_, TcpStream>,
+    trail: &mut Trail,
+) -> Result<Delivered, AttemptError> {
     // A retry that reached real output is no longer a retry in the budget's
     // sense: its slot frees now, not when its stream ends minutes later.
     drop(retry);
@@ -936,6 +960,9 @@ enum Delivered {
     Hedged(String),
     /// The upstream failed after the commit; the client saw the cut.
     Cut(String),
+    /// The client went away after the commit; the host named had served it
+    /// (a hedge when the flag is set).
+    Abandoned(String, bool),
 }
 
 /// Metrics hook: count one attempt on `host` by how it ended. A client that
@@ -948,8 +975,9 @@ fn observe(b: &Balancer, host: &Host, begun: Instant, result: &Result<Delivered,
         Err(AttemptError::Failed(f) | AttemptError::Recorded(f)) => {
             Some(metrics::AttemptOutcome::of(f.outcome))
         }
-        // Outrun by its hedge: the host was only slower, not wrong.
-        Ok(Delivered::Hedged(_)) => None,
+        // Outrun by its hedge: the host was only slower, not wrong. A client
+        // that left says nothing about the host either.
+        Ok(Delivered::Hedged(_) | Delivered::Abandoned(..)) => None,
         Err(_) => None,
     };
     b.metrics.attempt(b, host, begun, outcome, result.is_ok());

@@ -728,9 +728,16 @@ fn serve_connection(shared: &Arc<Shared>, conn: Conn, waiting: &AtomicBool) {
             }
             Err(e) => {
                 if let Some(status) = e.status() {
+                    let began = Instant::now();
+                    let id = rng::request_id();
                     let mut out = Responder::new(&mut writer, false, false, false);
+                    out.add_header("X-Request-Id", &id);
                     let _ = out.send_error(status, "bad_request", &e.to_string());
-                    log::debug!("{peer}: refused request: {e}");
+                    // The request line may be what was wrong: method and path unknown.
+                    log::info!(
+                        "{id} - - {status} host=- attempts=0 {}ms refused from {peer}: {e}",
+                        began.elapsed().as_millis()
+                    );
                     metrics::begin_request();
                     shared.metrics.request(
                         metrics::Route::Unknown,

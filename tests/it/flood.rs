@@ -99,14 +99,19 @@ const NORMAL_LATENCY: Duration = Duration::from_millis(2_500);
 const CONNECT_LATENCY: Duration = Duration::from_millis(7_500);
 
 /// Caps for a balancer with `workers` workers and a `QUEUE` queue. Threads:
-/// the fixed pool, the acceptor, dispatcher, main, signal and reload threads,
+/// the fixed pool, the acceptor, dispatcher, health lane, main, signal and reload threads,
 /// plus at most one short-lived resolver thread per worker that is opening
 /// an upstream connection (ureq resolves with a timeout on a thread).
 /// Descriptors: each worker holds its client socket and a clone of it and
-/// one upstream connection; the queue holds one per waiting connection.
+/// one upstream connection; the queue holds one per waiting connection, and
+/// the health lane up to twice its cap while every worker is busy.
 fn caps(workers: usize, peak: Sample) {
     assert!(peak.threads <= 2 * workers + 8, "threads {peak:?}");
-    assert!(peak.fds <= 3 * workers + QUEUE + 32, "descriptors {peak:?}");
+    let lane = 2 * gaia_balancer::health_lane::LANE_CAP;
+    assert!(
+        peak.fds <= 3 * workers + QUEUE + lane + 32,
+        "descriptors {peak:?}"
+    );
 }
 
 /// How each flood connection was answered, by a non-blocking look at what

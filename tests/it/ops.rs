@@ -351,3 +351,48 @@ fn no_log_line_at_trace_contains_a_whole_key() {
         assert!(bad.is_empty(), "key material in the log: {bad:#?}");
     }
 }
+
+#[test]
+fn every_request_gets_an_info_line_refused_and_abandoned_ones_included() {
+    let up = Upstream::always(slow_stream(Duration::from_secs(2)));
+    let host = format!(r#"{{"url": "{}", "name": "node-a"}}"#, up.url());
+    let dir = config("info-lines", &[host], NO_DISCOVERY);
+    let mut bin = start(&dir, "info");
+
+    // A head refused before any body (413 from Content-Length) gets an id and a line.
+    let mut s = connect(bin.addr);
+    s.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000000000\r\n\r\n",
+    )
+    .unwrap();
+    let r = read_response(&mut BufReader::new(s)).unwrap();
+    assert_eq!(r.status, 413);
+    let id = r.header("x-request-id").expect("an id").to_string();
+    assert!(
+        bin.logged(&format!("{id} - - 413 host=-"), Duration::from_secs(5)),
+        "{:?}",
+        bin.lines()
+    );
+
+    // A client that leaves mid-stream: 499, and the host that served it is named.
+    let mut s = connect(bin.addr);
+    s.write_all(&stream_request()).unwrap();
+    let mut first = [0u8; 64];
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert!(s.read(&mut first).unwrap() > 0);
+    drop(s);
+    assert!(
+        bin.logged(
+            " POST /v1/chat/completions 499 host=node-a ",
+            Duration::from_secs(10)
+        ),
+        "{:?}",
+        bin.lines()
+    );
+    bin.signal("TERM");
+    assert_eq!(
+        bin.exit_within(Duration::from_secs(10))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+}
