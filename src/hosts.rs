@@ -166,7 +166,10 @@ pub struct Hosts {
     ejected: AtomicUsize,
 }
 
-/// Which cooldown a 429 ended up setting.
+/// How long a (host, key) pair stays out after the host alone rejected the key.
+pub const REJECTED_PAIR_COOLDOWN: Duration = crate::cooldowns::MAX_COOLDOWN;
+
+/// Which cooldown a 429 (or a 401/403) ended up setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
     /// The key, on every host.
@@ -347,6 +350,33 @@ impl Hosts {
             None => {
                 let mut c = Cooldown::default();
                 c.hit(now, hint);
+                h.pairs.push((key.index, c));
+            }
+        }
+        Scope::Pair
+    }
+
+    /// A 401/403 from `host` with `key`: the key leaves rotation everywhere
+    /// when a second host rejects it too, or when no other host uses its
+    /// pool; until then only the pair cools (for [`REJECTED_PAIR_COOLDOWN`]),
+    /// so one misconfigured host cannot take every shared key out.
+    pub fn rejected(&self, host: &Host, key: &Key) -> Scope {
+        let sharing = self
+            .hosts
+            .iter()
+            .filter(|h| Arc::ptr_eq(&h.keys, &host.keys))
+            .count();
+        if sharing < 2 || key.rejected_by(host.index) >= 2 {
+            key.disable();
+            return Scope::Key;
+        }
+        let now = Instant::now();
+        let mut h = host.health();
+        match h.pairs.iter_mut().find(|(k, _)| *k == key.index) {
+            Some((_, c)) => c.extend(now, REJECTED_PAIR_COOLDOWN),
+            None => {
+                let mut c = Cooldown::default();
+                c.extend(now, REJECTED_PAIR_COOLDOWN);
                 h.pairs.push((key.index, c));
             }
         }
@@ -750,6 +780,30 @@ mod tests {
         }
         assert!(all_out.candidates().next().is_some());
         assert!(all_out.any_routable());
+    }
+
+    #[test]
+    fn a_key_leaves_rotation_once_two_hosts_reject_it() {
+        let hosts = table(
+            &[spec("a", 1, false), spec("b", 1, false)],
+            &["k0-xxxxxxxxxx", "k1-xxxxxxxxxx"],
+        );
+        let (a, b) = (hosts.all()[0].clone(), hosts.all()[1].clone());
+        let k0 = a.keys.keys()[0].clone();
+        assert_eq!(hosts.rejected(&a, &k0), Scope::Pair);
+        assert!(k0.usable(Instant::now()), "b may still take it");
+        // a gets only k1 now; b still gets k0 in turn.
+        for _ in 0..4 {
+            let c = hosts.candidates().find(|c| c.host.index == 0).unwrap();
+            assert_eq!(c.key.unwrap().index, 1);
+        }
+        assert_eq!(hosts.rejected(&a, &k0), Scope::Pair, "the same host again");
+        assert_eq!(hosts.rejected(&b, &k0), Scope::Key);
+        assert!(!k0.usable(Instant::now()));
+        // No second host to ask: out at once.
+        let single = table(&[spec("only", 1, false)], &["k0-xxxxxxxxxx"]);
+        let only = single.all()[0].clone();
+        assert_eq!(single.rejected(&only, &only.keys.keys()[0]), Scope::Key);
     }
 
     #[test]

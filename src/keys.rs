@@ -37,6 +37,8 @@ pub struct KeyState {
     pub cooldown: Cooldown,
     /// Hosts that answered 429 with this key recently (host index, when).
     pub limited_by: Vec<(usize, Instant)>,
+    /// Hosts that rejected this key (401/403), by index.
+    pub rejected_by: Vec<usize>,
 }
 
 impl Key {
@@ -83,6 +85,15 @@ impl Key {
     /// Take the key out of rotation (401/403).
     pub fn disable(&self) {
         self.state().disabled = true;
+    }
+
+    /// Record that `host` rejected this key; returns how many distinct hosts have.
+    pub fn rejected_by(&self, host: usize) -> usize {
+        let mut s = self.state();
+        if !s.rejected_by.contains(&host) {
+            s.rejected_by.push(host);
+        }
+        s.rejected_by.len()
     }
 
     /// Record that `host` rate-limited this key; returns how many distinct

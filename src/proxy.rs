@@ -360,12 +360,20 @@ pub(crate) fn learn(b: &Balancer, c: &Candidate, f: &Failed, model: Option<&Arc<
     match decision.key {
         KeyFault::Rejected => {
             if let Some(k) = &c.key {
-                k.disable();
-                log::warn!(
-                    "key {} rejected by {}; out of rotation until the key file changes",
-                    k.masked(),
-                    c.host.spec.name
-                );
+                match b.hosts.rejected(&c.host, k) {
+                    crate::hosts::Scope::Key => log::warn!(
+                        "key {} rejected by {}; out of rotation until the key file changes",
+                        k.masked(),
+                        c.host.spec.name
+                    ),
+                    _ => log::warn!(
+                        "key {} rejected by {}; not sent there for {} s (out of rotation \
+                         once a second host rejects it)",
+                        k.masked(),
+                        c.host.spec.name,
+                        crate::hosts::REJECTED_PAIR_COOLDOWN.as_secs()
+                    ),
+                }
             }
         }
         KeyFault::RateLimited => {

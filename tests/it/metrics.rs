@@ -115,7 +115,8 @@ fn metrics_parse_and_count_what_happened() {
     let revoked = |seen: &crate::fake::Seen| {
         seen.header("authorization") == Some(&format!("Bearer {REVOKED}"))
     };
-    // Every host refuses the revoked key, so it is disabled on first use.
+    // Every host refuses the revoked key, so it is out of rotation once a
+    // second host has rejected it (after the first, only that pair cools).
     let ok = Upstream::start(move |seen, _| {
         let body = String::from_utf8_lossy(&seen.body);
         if revoked(seen) {
@@ -251,8 +252,8 @@ fn metrics_parse_and_count_what_happened() {
     assert_eq!(sum(&after, att, &[("host", "h2")]), backup.hits() as f64);
     assert_eq!(
         sum(&after, att, &[("outcome", "status_4xx")]),
-        1.0,
-        "the 401"
+        2.0,
+        "the two 401s"
     );
     assert_eq!(
         value(&after, att, &[("host", "h0"), ("outcome", "status_429")]),

@@ -540,3 +540,31 @@ fn readyz_is_503_once_every_pool_key_is_rejected() {
     assert_eq!(ready.status, 503, "{}", ready.text());
     assert_eq!(request(bal.addr, "GET", "/healthz", &[], b"").status, 200);
 }
+
+#[test]
+fn one_host_rejecting_every_key_does_not_take_the_shared_keys_out() {
+    // A misconfigured node answers 401 to everything; the other accepts both keys.
+    let wrong = Upstream::always(Reply::json(401, r#"{"error":{"message":"no"}}"#));
+    let good = Upstream::always(Reply::json(200, OK));
+    let keys = ["pool-key-shared-000001", "pool-key-shared-000002"];
+    let bal = start(&[wrong.url(), good.url()], &keys, |_| {});
+    for _ in 0..8 {
+        let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-gaia-upstream"), Some("h1"));
+    }
+    // Both keys still work on the good host, and the bad one is not tried again.
+    let used: std::collections::BTreeSet<String> = good
+        .requests()
+        .iter()
+        .filter_map(|s| s.header("authorization").map(str::to_string))
+        .collect();
+    assert_eq!(used.len(), 2, "{used:?}");
+    assert_eq!(wrong.hits(), 2, "each key was rejected once there");
+    let status = request(bal.addr, "GET", "/status", &[], b"").json();
+    let states: Vec<&str> = status["keys"]
+        .as_array()
+        .map(|ks| ks.iter().filter_map(|k| k["state"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(states, ["active", "active"], "{status}");
+}
