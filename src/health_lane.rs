@@ -160,6 +160,10 @@ fn classify(bytes: &[u8], full: bool) -> Look {
         // Too long, too many headers or malformed: the worker says why.
         _ => return Look::Queue,
     };
+    if len < bytes.len() {
+        // Pipelined requests behind it: a worker serves the whole connection.
+        return Look::Queue;
+    }
     let route = match req.path.map(routes::path_of) {
         Some("/healthz") => metrics::Route::Healthz,
         Some("/readyz") => metrics::Route::Readyz,
@@ -272,6 +276,9 @@ mod tests {
         ] {
             assert_eq!(classify(queued, false), Look::Queue, "{queued:?}");
         }
+        // So does a connection with a request pipelined behind the check.
+        let pipelined = b"GET /healthz HTTP/1.1\r\n\r\nGET /v1/models HTTP/1.1\r\n\r\n";
+        assert_eq!(classify(pipelined, false), Look::Queue);
         // A head that does not fit the peek goes to a worker.
         assert_eq!(
             classify(b"GET /healthz HTTP/1.1\r\nA: b", true),
