@@ -169,7 +169,7 @@ fn classify(bytes: &[u8], full: bool) -> Look {
         Some("/readyz") => metrics::Route::Readyz,
         _ => return Look::Queue,
     };
-    // A body (or anything unusual about framing) is the worker's to read.
+    // A body (or anything unusual about framing) is the worker's to refuse.
     let framed = req.headers.iter().any(|h| {
         h.name.eq_ignore_ascii_case("transfer-encoding")
             || (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")

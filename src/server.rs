@@ -929,6 +929,11 @@ fn handle(
             return proxy::Served::default();
         }
     };
+    if route != Route::Proxy && head.framing != Framing::None {
+        // Answered locally without reading the body: it must not be parsed
+        // as the next request (a smuggled one would dodge a proxy in front).
+        out.close_after();
+    }
     let text = [("Content-Type", "text/plain; charset=utf-8")];
     let json = [("Content-Type", "application/json")];
     match route {

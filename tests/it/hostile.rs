@@ -316,3 +316,40 @@ fn without_a_waiting_connection_idle_ones_keep_their_time() {
         "closed after {held:?}"
     );
 }
+
+#[test]
+fn a_body_on_a_locally_answered_request_is_never_read_as_a_request() {
+    let up = Upstream::always(Reply::json(200, "{}"));
+    let bal = start(&[up.url()], &[], |c| {
+        c.settings.keep_alive = Duration::from_millis(300);
+        c.settings.discovery_interval = Some(Duration::from_secs(60));
+    });
+    let smuggled = "GET /status HTTP/1.1\r\nHost: x\r\n\r\n";
+    for path in ["/healthz", "/readyz", "/status", "/metrics", "/v1/models"] {
+        let by_length = format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{smuggled}",
+            smuggled.len()
+        );
+        let chunked = format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{smuggled}\r\n0\r\n\r\n",
+            smuggled.len()
+        );
+        for input in [by_length, chunked] {
+            let out = raw(bal.addr, input.as_bytes());
+            assert_eq!(out.matches("HTTP/1.1 ").count(), 1, "{path}: {out}");
+            assert!(out.contains("Connection: close"), "{path}: {out}");
+        }
+    }
+    // /status answered only the two requests for it, never a body.
+    let m = request(bal.addr, "GET", "/metrics", &[], b"").text();
+    let status_200 = m
+        .lines()
+        .find(|l| {
+            l.contains("route=\"status\"")
+                && l.contains("code=\"200\"")
+                && l.starts_with("gaia_balancer_requests_total")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert_eq!(status_200, Some(2.0), "{m}");
+}
