@@ -414,8 +414,9 @@ impl Hosts {
     /// (ejection, cooldowns, failure counts), counters, and its in-flight
     /// count, which stays one counter shared with the old generation so that
     /// requests still running there are counted and released. Its own key
-    /// pool is kept while its `apiKeys` are unchanged; evidence about keys
-    /// (pair cooldowns, 429s per key) is dropped when its pool is new.
+    /// pool is kept while its `apiKeys` are unchanged and `fresh_own_keys`
+    /// (hosts.json, their key file, was rewritten) is false; evidence about
+    /// keys (pair cooldowns, 429s per key) is dropped when its pool is new.
     ///
     /// The host objects are new even for unchanged hosts, because a host's
     /// index is its position in the table; health is copied at the swap, so a
@@ -425,6 +426,7 @@ impl Hosts {
         global: &Arc<KeyPool>,
         old: &Hosts,
         strategy: Strategy,
+        fresh_own_keys: bool,
     ) -> Hosts {
         let mut table = Hosts::new(specs, global, strategy);
         let mut out = 0;
@@ -442,7 +444,10 @@ impl Hosts {
             let Some(host) = Arc::get_mut(slot) else {
                 continue;
             };
-            if host.spec.api_keys.is_some() && host.spec.api_keys == prev.spec.api_keys {
+            if !fresh_own_keys
+                && host.spec.api_keys.is_some()
+                && host.spec.api_keys == prev.spec.api_keys
+            {
                 host.keys = prev.keys.clone();
             }
             let same_keys = Arc::ptr_eq(&host.keys, &prev.keys);

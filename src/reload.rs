@@ -55,6 +55,8 @@ const STOP_POLL: Duration = Duration::from_millis(50);
 
 /// The three files, in the order of [`Stamps`].
 const FILES: [&str; 3] = [HOSTS_FILE, API_KEYS_FILE, BALANCER_FILE];
+/// Index of `hosts.json` in [`Stamps`].
+const HOSTS: usize = 0;
 /// Index of `api-keys.json` in [`Stamps`].
 const KEYS: usize = 1;
 /// Index of `balancer.json` in [`Stamps`].
@@ -291,16 +293,23 @@ impl Reloader {
             );
         }
         self.pending_restart = restart;
-        let keys_changed = self
-            .applied
-            .is_some_and(|applied| applied[KEYS] != now[KEYS]);
+        // A rewritten key file brings its rejected keys back, even unchanged:
+        // api-keys.json for the global pool, hosts.json for hosts' own keys.
+        let rewritten = |file: usize| {
+            self.applied
+                .is_some_and(|applied| applied[file] != now[file])
+        };
+        let files = KeyFiles {
+            global: rewritten(KEYS),
+            own: rewritten(HOSTS),
+        };
         self.applied = Some(now);
-        if !keys_changed && config == old.config {
+        if !files.global && !files.own && config == old.config {
             return Check::Unchanged;
         }
-        let summary = describe(&old.config, &config, keys_changed);
+        let summary = describe(&old.config, &config, files.global);
         let keys_gone = config.api_keys.is_empty() && !old.config.api_keys.is_empty();
-        let generation = self.shared.replace(rebuild(&old, config, keys_changed));
+        let generation = self.shared.replace(rebuild(&old, config, files));
         self.shared.reload.applied.fetch_add(1, Ordering::Relaxed);
         if keys_gone {
             log::warn!("configuration reloaded (generation {generation}): {summary}");
@@ -361,14 +370,24 @@ impl Drop for Handle {
     }
 }
 
+/// Which key files were rewritten since the last generation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KeyFiles {
+    /// `api-keys.json`: the global pool starts afresh.
+    pub global: bool,
+    /// `hosts.json`: hosts' own pools start afresh.
+    pub own: bool,
+}
+
 /// The next generation: `config`, with what is unchanged carried over from `old`.
-pub fn rebuild(old: &Balancer, config: Config, keys_changed: bool) -> Balancer {
-    let keys = if keys_changed || config.api_keys != old.config.api_keys {
+pub fn rebuild(old: &Balancer, config: Config, files: KeyFiles) -> Balancer {
+    let keys = if files.global || config.api_keys != old.config.api_keys {
         Arc::new(KeyPool::new(&config.api_keys))
     } else {
         old.keys.clone()
     };
-    let hosts = Hosts::reloaded(&config.hosts, &keys, &old.hosts, config.settings.strategy);
+    let strategy = config.settings.strategy;
+    let hosts = Hosts::reloaded(&config.hosts, &keys, &old.hosts, strategy, files.own);
     let (was, is) = (&old.config.settings, &config.settings);
     let agent = if same_agent(was, is) {
         old.agent.clone()
@@ -485,7 +504,11 @@ mod tests {
         let busy = b.busy();
         old.keys.keys()[0].disable();
         // "a" goes away, so "b" moves from index 1 to 0; "d" is new.
-        let new = rebuild(&old, config(&["b", "c", "d"], &["k-000000000001"]), false);
+        let new = rebuild(
+            &old,
+            config(&["b", "c", "d"], &["k-000000000001"]),
+            KeyFiles::default(),
+        );
         let nb = &new.hosts.all()[0];
         assert_eq!((nb.spec.name.as_str(), nb.index), ("b", 0));
         assert!(matches!(nb.health().state, HostState::Ejected(_)));
@@ -498,7 +521,14 @@ mod tests {
         assert!(Arc::ptr_eq(&new.keys, &old.keys), "key file unchanged");
         assert!(new.keys.keys()[0].state().disabled);
         // The key file changed: a new pool, every key back.
-        let newer = rebuild(&new, config(&["b", "c", "d"], &["k-000000000001"]), true);
+        let newer = rebuild(
+            &new,
+            config(&["b", "c", "d"], &["k-000000000001"]),
+            KeyFiles {
+                global: true,
+                own: false,
+            },
+        );
         assert!(!newer.keys.keys()[0].state().disabled);
     }
 
@@ -508,12 +538,29 @@ mod tests {
         c.hosts[0].api_keys = Some(vec!["own-000000000001".into()]);
         let old = Balancer::new(c.clone());
         old.hosts.all()[0].keys.keys()[0].disable();
-        c.hosts[1].weight = 3;
-        let same = rebuild(&old, c.clone(), false);
+        // Only api-keys.json rewritten: hosts' own pools are kept.
+        let global = KeyFiles {
+            global: true,
+            own: false,
+        };
+        let same = rebuild(&old, c.clone(), global);
         assert!(same.hosts.all()[0].keys.keys()[0].state().disabled);
         c.hosts[0].api_keys = Some(vec!["own-000000000002".into()]);
-        let changed = rebuild(&same, c, false);
+        let changed = rebuild(&same, c.clone(), KeyFiles::default());
         assert!(!changed.hosts.all()[0].keys.keys()[0].state().disabled);
+        // hosts.json rewritten (another host's weight, or a mere touch): its
+        // own keys are its key file's, so a rejected one comes back.
+        changed.hosts.all()[0].keys.keys()[0].disable();
+        c.hosts[1].weight = 3;
+        let rewritten = rebuild(
+            &changed,
+            c,
+            KeyFiles {
+                global: false,
+                own: true,
+            },
+        );
+        assert!(!rewritten.hosts.all()[0].keys.keys()[0].state().disabled);
     }
 
     #[test]

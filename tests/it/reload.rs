@@ -295,6 +295,38 @@ fn a_changed_key_file_brings_back_a_key_rejected_with_401() {
 }
 
 #[test]
+fn rewriting_hosts_json_brings_back_a_host_s_own_rejected_key() {
+    let own = "sk-own-Rejected7Hq2mX9vB";
+    let up = Upstream::always(Reply::json(401, r#"{"error":{"message":"invalid key"}}"#));
+    let dir = Dir::new("own-keys");
+    let hosts = format!(
+        r#"{{"hosts": [{{"url": "{}", "apiKeys": ["{own}"]}}]}}"#,
+        up.url()
+    );
+    dir.write("hosts.json", &hosts);
+    let bal = start_reloading(&dir.0);
+    let g0 = generation(&bal);
+    let own_state = |bal: &Running| status(bal)["hosts"][0]["keys"][0]["state"].clone();
+    assert_eq!(own_state(&bal), "active");
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_ne!(r.status, 200);
+    assert_eq!(own_state(&bal), "disabled", "its only host rejected it");
+
+    // The global key file changing does not touch a host's own keys.
+    dir.keys(&["gaia-Global3Kd8sQ2vX6mT"], "x");
+    reloaded_to(&bal, g0 + 1);
+    assert_eq!(own_state(&bal), "disabled");
+
+    // hosts.json is their key file: rewritten, even unchanged, they are back.
+    dir.write("hosts.json", &format!("{hosts}\n"));
+    reloaded_to(&bal, g0 + 2);
+    assert_eq!(own_state(&bal), "active");
+    let hits = up.hits();
+    post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert!(up.hits() > hits, "the key is sent again");
+}
+
+#[test]
 fn health_and_in_flight_counts_carry_over_and_requests_finish_on_their_config() {
     let bad = Upstream::always(Reply::json(500, "{}"));
     let good = Upstream::start(|seen, _| {
