@@ -5,14 +5,16 @@
 //! closes, requests in flight finish for up to `shutdownGraceMs`) and the
 //! process exits 0, also when the grace ran out, because the stop was asked
 //! for and systemd or Kubernetes should not record it as a failure. A second
-//! signal during the drain exits at once with status 1.
+//! signal during the drain exits at once with status 1. SIGHUP re-reads the
+//! configuration at once, as if every file had been rewritten (as nginx and
+//! HAProxy reload on it); it never stops the process.
 
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 use std::time::Instant;
 
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use gaia_balancer::cli::{self, Command};
@@ -58,7 +60,7 @@ fn run(inv: &cli::Invocation) -> ExitCode {
     logging::init(inv.log_level);
     // Installed before the listener opens, so a signal during startup
     // drains instead of killing the process with the default action.
-    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
+    let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(signals) => signals,
         Err(e) => {
             eprintln!("gaia-balancer: cannot install signal handlers: {e}");
@@ -86,10 +88,19 @@ fn run(inv: &cli::Invocation) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-    let Some(signal) = signals.forever().next() else {
-        // The iterator only ends when closed through a handle, which nothing does.
-        server.wait();
-        return ExitCode::SUCCESS;
+    let signal = loop {
+        match signals.forever().next() {
+            Some(SIGHUP) => {
+                log::info!("SIGHUP received: re-reading the configuration");
+                server.reload_now();
+            }
+            Some(signal) => break signal,
+            None => {
+                // The iterator only ends when closed through a handle, which nothing does.
+                server.wait();
+                return ExitCode::SUCCESS;
+            }
+        }
     };
     // Read at signal time, so a reloaded configuration's grace applies.
     let grace = server.shared().current().config.settings.shutdown_grace;
@@ -100,7 +111,7 @@ fn run(inv: &cli::Invocation) -> ExitCode {
     );
     // An operator pressing Ctrl-C twice wants out now, not in 30 s.
     std::thread::spawn(move || {
-        if let Some(again) = signals.forever().next() {
+        if let Some(again) = signals.forever().find(|s| *s != SIGHUP) {
             log::warn!(
                 "{} received again while draining: exiting now",
                 signal_name(again)

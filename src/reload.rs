@@ -235,6 +235,9 @@ pub struct Reloader {
     applied: Option<Stamps>,
     /// The listener changes last logged as needing a restart.
     pending_restart: Vec<String>,
+    /// Set by [`Handle::reload_now`] (SIGHUP): the next check reads the
+    /// files as if each had been rewritten.
+    force: Arc<AtomicBool>,
 }
 
 impl Reloader {
@@ -250,6 +253,7 @@ impl Reloader {
             seen: None,
             applied: None,
             pending_restart: Vec::new(),
+            force: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -261,12 +265,16 @@ impl Reloader {
     pub fn check(&mut self) -> Check {
         self.shared.reload.checks.fetch_add(1, Ordering::Relaxed);
         let now = stamps(&self.dir);
-        if self.seen == Some(now) {
+        let forced = self.force.swap(false, Ordering::AcqRel);
+        if !forced && self.seen == Some(now) {
             return Check::Unchanged;
         }
         if self.seen.is_some() {
             thread::sleep(SETTLE);
             if stamps(&self.dir) != now {
+                if forced {
+                    self.force.store(true, Ordering::Release); // still asked for
+                }
                 return Check::Settling;
             }
         }
@@ -296,8 +304,10 @@ impl Reloader {
         // A rewritten key file brings its rejected keys back, even unchanged:
         // api-keys.json for the global pool, hosts.json for hosts' own keys.
         let rewritten = |file: usize| {
-            self.applied
-                .is_some_and(|applied| applied[file] != now[file])
+            forced
+                || self
+                    .applied
+                    .is_some_and(|applied| applied[file] != now[file])
         };
         let files = KeyFiles {
             global: rewritten(KEYS),
@@ -324,6 +334,7 @@ impl Reloader {
     pub fn spawn(mut self) -> io::Result<Handle> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let force = self.force.clone();
         let thread = thread::Builder::new()
             .name("reload".into())
             .spawn(move || loop {
@@ -333,11 +344,15 @@ impl Reloader {
                     if flag.load(Ordering::Relaxed) || self.shared.draining() {
                         return;
                     }
+                    if self.force.load(Ordering::Acquire) {
+                        break;
+                    }
                     thread::sleep(STOP_POLL.min(next.saturating_duration_since(Instant::now())));
                 }
             })?;
         Ok(Handle {
             stop,
+            force,
             thread: Some(thread),
         })
     }
@@ -347,10 +362,18 @@ impl Reloader {
 #[derive(Debug)]
 pub struct Handle {
     stop: Arc<AtomicBool>,
+    force: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Handle {
+    /// Re-read the files within [`STOP_POLL`], as if each had been
+    /// rewritten: a good configuration is applied even when unchanged, so
+    /// keys rejected with 401/403 come back (what SIGHUP asks for).
+    pub fn reload_now(&self) {
+        self.force.store(true, Ordering::Release);
+    }
+
     /// Stop the thread and wait for it (at most one check).
     pub fn stop(mut self) {
         self.halt();

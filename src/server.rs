@@ -220,6 +220,12 @@ impl Server {
         self.pool.started()
     }
 
+    /// Re-read the config directory now, as if every file had been
+    /// rewritten (SIGHUP); false when this server has no reloader.
+    pub fn reload_now(&self) -> bool {
+        self.reloader.as_ref().map(|r| r.reload_now()).is_some()
+    }
+
     /// Started workers waiting for a connection.
     pub fn idle_workers(&self) -> usize {
         self.pool.idle.load(Ordering::Acquire)

@@ -396,3 +396,60 @@ fn every_request_gets_an_info_line_refused_and_abandoned_ones_included() {
         Some(0)
     );
 }
+
+#[test]
+fn sighup_re_reads_the_configuration_and_never_stops_the_process() {
+    let key = "gaia-HupRevoked4Hn8sQ2vX";
+    let bearer = format!("Bearer {key}");
+    let up = Upstream::start(move |seen, _| {
+        if seen.header("authorization") == Some(&bearer) {
+            Reply::json(401, r#"{"error":{"message":"invalid key"}}"#)
+        } else {
+            slow_stream(Duration::from_millis(300))
+        }
+    });
+    let dir = config("sighup", &[quoted(&up.url())], NO_DISCOVERY);
+    std::fs::write(
+        dir.join("api-keys.json"),
+        format!(r#"{{"apiKeys": [{{"key": "{key}"}}, {{"key": "gaia-HupGood5Jk9wE3rP7cY"}}]}}"#),
+    )
+    .unwrap();
+    let mut bin = start(&dir, "info");
+    let key_state =
+        |addr| request(addr, "GET", "/status", &[], b"").json()["keys"][0]["state"].clone();
+    // Rotation reaches the revoked key within a few requests (the other key serves them).
+    assert!(wait_for(Duration::from_secs(10), || {
+        assert_eq!(post(bin.addr, "/v1/embeddings", "{}").status, 200);
+        key_state(bin.addr) == "disabled"
+    }));
+
+    // A stream in flight while SIGHUP arrives runs to its end.
+    let before = up.sent().len();
+    let mut s = connect(bin.addr);
+    s.write_all(&stream_request()).unwrap();
+    let client = std::thread::spawn(move || read_response(&mut BufReader::new(s)));
+    assert!(wait_for(Duration::from_secs(10), || up.sent().len() >= before + 2));
+    bin.signal("HUP");
+    assert!(bin.logged(
+        "SIGHUP received: re-reading the configuration",
+        Duration::from_secs(5)
+    ));
+    // The files are unchanged, yet the rejected key is back.
+    assert!(
+        wait_for(Duration::from_secs(5), || key_state(bin.addr) == "active"),
+        "{:?}",
+        bin.lines()
+    );
+    let resp = client.join().unwrap().unwrap();
+    assert!(resp.text().ends_with("data: [DONE]\n\n"), "{}", resp.text());
+    assert!(
+        bin.exit_within(Duration::from_millis(200)).is_none(),
+        "still running"
+    );
+    bin.signal("TERM");
+    assert_eq!(
+        bin.exit_within(Duration::from_secs(10))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+}
