@@ -492,6 +492,20 @@ impl<S: Source> Reader<S> {
         idle: Duration,
         head_time: Duration,
     ) -> Result<Head, RequestError> {
+        self.read_head_by(limits, idle, head_time, None)
+    }
+
+    /// [`Reader::read_head`], with the whole head due by `by` at the latest:
+    /// a connection's first head is due `headTimeoutMs` after its accept, not
+    /// after its first byte (nginx's `client_header_timeout`, HAProxy's
+    /// `timeout http-request`).
+    pub fn read_head_by(
+        &mut self,
+        limits: &Limits,
+        idle: Duration,
+        head_time: Duration,
+        by: Option<Instant>,
+    ) -> Result<Head, RequestError> {
         let idle_deadline = after(Instant::now(), idle);
         let mut head_deadline = None;
         let mut scan = Scan::default();
@@ -514,7 +528,8 @@ impl<S: Source> Reader<S> {
             // A lone CR may still be an empty line to skip, so it does not start a request.
             let pending = &self.buf[self.start..self.end];
             if head_deadline.is_none() && !pending.is_empty() && pending != b"\r" {
-                head_deadline = Some(after(Instant::now(), head_time));
+                let due = after(Instant::now(), head_time);
+                head_deadline = Some(by.map_or(due, |by| due.min(by)));
             }
             match self.fill(
                 limits,

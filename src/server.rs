@@ -721,7 +721,12 @@ fn serve_connection(shared: &Arc<Shared>, conn: Conn, waiting: &AtomicBool) {
             client.idle = true;
         }
         let fresh = std::mem::replace(&mut first, false);
-        let head = reader.read_head(&limits, idle, settings.head_timeout);
+        let due = if fresh {
+            accepted.checked_add(settings.head_timeout)
+        } else {
+            None
+        };
+        let head = reader.read_head_by(&limits, idle, settings.head_timeout, due);
         let client = reader.get_mut();
         client.yield_at = None;
         client.idle = false;

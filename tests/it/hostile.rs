@@ -66,6 +66,29 @@ fn slow_head_gets_408_while_others_are_served() {
 }
 
 #[test]
+fn the_first_head_is_due_head_timeout_after_the_accept_not_after_its_first_byte() {
+    let up = Upstream::always(Reply::json(200, "{}"));
+    let bal = start(&[up.url()], &[], |c| {
+        c.settings.head_timeout = Duration::from_millis(500)
+    });
+    let mut slow = connect(bal.addr);
+    let connected = Instant::now();
+    // The scenario itself: silent for 300 ms, then the head in pieces, the
+    // last sent at least 700 ms after connecting (within 500 ms of the
+    // first byte, but not of the accept).
+    std::thread::sleep(Duration::from_millis(300));
+    let head = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n";
+    let (start, end) = head.split_at(head.len() - 2);
+    let _ = slow.write_all(start);
+    std::thread::sleep(Duration::from_millis(700).saturating_sub(connected.elapsed()));
+    let _ = slow.write_all(end);
+    let mut out = String::new();
+    slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = slow.read_to_string(&mut out);
+    assert_eq!(status_of(&out), 408, "{out}");
+}
+
+#[test]
 fn ambiguous_framing_is_refused_and_nothing_is_smuggled() {
     let up = Upstream::always(Reply::json(200, "{}"));
     let bal = start(&[up.url()], &[], |_| {});
