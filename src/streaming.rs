@@ -153,11 +153,16 @@ fn carries_output(choice: &Value) -> bool {
     let Some(delta) = choice.get("delta").or_else(|| choice.get("message")) else {
         return false;
     };
+    // Reasoning is output too, under each provider's name for it:
+    // `reasoning_content` (DeepSeek, vLLM, llama.cpp), `reasoning` and
+    // `reasoning_details` (OpenRouter), `reasoning` (Ollama).
     [
         "content",
         "tool_calls",
         "function_call",
         "reasoning_content",
+        "reasoning",
+        "reasoning_details",
         "refusal",
     ]
     .iter()
@@ -202,11 +207,28 @@ mod tests {
             "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
             "data: [DONE]\n\n",
             "data: {\"choices\":[{\"text\":\"hi\"}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"\",\"reasoning_content\":\"Let\"}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"\",\"reasoning\":\"Let me\"}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"reasoning_details\":[{\"type\":\"reasoning.text\",\"text\":\"Let\"}]}}]}\n\n",
             "data: not json\n\n",
         ] {
             assert_eq!(
                 Preamble::default().push(ev.as_bytes()),
                 Verdict::Commit,
+                "{ev}"
+            );
+        }
+    }
+
+    #[test]
+    fn empty_reasoning_is_preamble() {
+        for ev in [
+            "data: {\"choices\":[{\"delta\":{\"reasoning\":\"\",\"reasoning_details\":[]}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"reasoning\":null}}]}\n\n",
+        ] {
+            assert_eq!(
+                Preamble::default().push(ev.as_bytes()),
+                Verdict::Hold,
                 "{ev}"
             );
         }
