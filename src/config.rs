@@ -1245,6 +1245,9 @@ fn parse_url(scheme: &str, rest: &str) -> Result<(String, String), String> {
     }
     let (host, port) = split_host_port(authority)?;
     let host = host.to_ascii_lowercase();
+    // The scheme's own port is the same host without it (duplicates, names).
+    let default_port = if scheme == "https" { 443 } else { 80 };
+    let port = port.filter(|p| *p != default_port);
     let host_port = match port {
         Some(port) => format!("{host}:{port}"),
         None => host,
@@ -2323,10 +2326,12 @@ mod tests {
             ),
             ("http://[::1]:8080/v1", "http://[::1]:8080", "[::1]:8080"),
             ("http://[::1]", "http://[::1]", "[::1]"),
+            ("http://my_service:80", "http://my_service", "my_service"),
+            ("https://n.example:443", "https://n.example", "n.example"),
             (
-                "http://my_service:80",
-                "http://my_service:80",
-                "my_service:80",
+                "https://n.example:80",
+                "https://n.example:80",
+                "n.example:80",
             ),
         ];
         for (input, base, name) in cases {
@@ -2441,6 +2446,22 @@ mod tests {
                 says,
             );
         }
+    }
+
+    #[test]
+    fn a_default_port_is_the_same_host() {
+        for text in [
+            r#"{"hosts": ["asia", "https://asia.gaia.domains:443/v1"]}"#,
+            r#"{"hosts": ["HTTP://127.0.0.1:80", "http://127.0.0.1"]}"#,
+        ] {
+            let e = hosts(text).unwrap_err().to_string();
+            assert!(e.contains("hosts[1] has the same URL as hosts[0]"), "{e}");
+        }
+        // Another port, or the other scheme's default, is another host.
+        let ok = hosts(
+            r#"{"hosts": ["https://n.example:80", "http://n.example:443", "https://n.example"]}"#,
+        );
+        assert_eq!(ok.map(|h| h.len()).ok(), Some(3));
     }
 
     #[test]
