@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::metrics;
+use crate::request::{self, Framing, Limits};
 use crate::response::Responder;
 use crate::routes;
 use crate::server::{self, Conn};
@@ -152,42 +153,39 @@ fn classify(bytes: &[u8], full: bool) -> Look {
     if !maybe {
         return Look::Queue;
     }
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut req = httparse::Request::new(&mut headers);
-    let len = match req.parse(bytes) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if !full => return Look::Wait,
-        // Too long, too many headers or malformed: the worker says why.
+    // The worker's own parser, so that nothing a worker refuses (a missing
+    // or repeated Host, duplicate Content-Length, bare LF, ...) gets 200 here.
+    let limits = Limits {
+        max_line: server::MAX_LINE,
+        max_head: server::MAX_HEAD,
+        max_headers: server::MAX_HEADERS,
+        max_body: u64::MAX,
+    };
+    let (head, len) = match request::parse_prefix(bytes, &limits) {
+        Ok(Some(parsed)) => parsed,
+        Ok(None) if !full => return Look::Wait,
+        // Too long for the peek, or refused: the worker says why.
         _ => return Look::Queue,
     };
     if len < bytes.len() {
         // Pipelined requests behind it: a worker serves the whole connection.
         return Look::Queue;
     }
-    let route = match req.path.map(routes::path_of) {
-        Some("/healthz") => metrics::Route::Healthz,
-        Some("/readyz") => metrics::Route::Readyz,
+    let route = match routes::path_of(&head.target) {
+        "/healthz" => metrics::Route::Healthz,
+        "/readyz" => metrics::Route::Readyz,
         _ => return Look::Queue,
     };
     // A body (or anything unusual about framing) is the worker's to refuse.
-    let framed = req.headers.iter().any(|h| {
-        h.name.eq_ignore_ascii_case("transfer-encoding")
-            || (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")
-    });
-    if framed {
+    if !matches!(head.framing, Framing::None | Framing::Length(0)) {
         return Look::Queue;
     }
-    let id = req
-        .headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("x-request-id"))
-        .and_then(|h| std::str::from_utf8(h.value).ok())
-        .map(str::to_string);
+    let id = head.header_str("x-request-id").map(str::to_string);
     Look::Health {
         len,
         route,
-        head_only: req.method == Some("HEAD"),
-        http10: req.version == Some(0),
+        head_only: head.method == "HEAD",
+        http10: head.minor_version == 0,
         id,
     }
 }
@@ -279,6 +277,16 @@ mod tests {
         // So does a connection with a request pipelined behind the check.
         let pipelined = b"GET /healthz HTTP/1.1\r\n\r\nGET /v1/models HTTP/1.1\r\n\r\n";
         assert_eq!(classify(pipelined, false), Look::Queue);
+        // So does anything a worker would refuse.
+        for refused in [
+            &b"GET /healthz HTTP/1.1\r\n\r\n"[..],
+            b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"GET /readyz HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+            b"GET /healthz HTTP/1.1\nHost: a\n\n",
+            b"GET /healthz#x HTTP/1.1\r\nHost: a\r\n\r\n",
+        ] {
+            assert_eq!(classify(refused, false), Look::Queue, "{refused:?}");
+        }
         // A head that does not fit the peek goes to a worker.
         assert_eq!(
             classify(b"GET /healthz HTTP/1.1\r\nA: b", true),

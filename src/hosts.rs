@@ -366,7 +366,7 @@ impl Hosts {
             .iter()
             .filter(|h| Arc::ptr_eq(&h.keys, &host.keys))
             .count();
-        if sharing < 2 || key.rejected_by(host.index) >= 2 {
+        if sharing < 2 || key.rejected_by(&host.spec.base_url) >= 2 {
             key.disable();
             return Scope::Key;
         }

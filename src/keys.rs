@@ -37,8 +37,10 @@ pub struct KeyState {
     pub cooldown: Cooldown,
     /// Hosts that answered 429 with this key recently (host index, when).
     pub limited_by: Vec<(usize, Instant)>,
-    /// Hosts that rejected this key (401/403), by index.
-    pub rejected_by: Vec<usize>,
+    /// Hosts that rejected this key (401/403), by base URL: not by index,
+    /// which a reload that adds, removes or reorders hosts gives to another
+    /// host while this key (and what it learned) is kept.
+    pub rejected_by: Vec<String>,
 }
 
 impl Key {
@@ -87,11 +89,12 @@ impl Key {
         self.state().disabled = true;
     }
 
-    /// Record that `host` rejected this key; returns how many distinct hosts have.
-    pub fn rejected_by(&self, host: usize) -> usize {
+    /// Record that the host at `base_url` rejected this key; returns how
+    /// many distinct hosts have.
+    pub fn rejected_by(&self, base_url: &str) -> usize {
         let mut s = self.state();
-        if !s.rejected_by.contains(&host) {
-            s.rejected_by.push(host);
+        if !s.rejected_by.iter().any(|u| u == base_url) {
+            s.rejected_by.push(base_url.to_string());
         }
         s.rejected_by.len()
     }
@@ -143,6 +146,59 @@ pub fn redact(body: &mut Vec<u8>, key: &Key) -> bool {
     }
     *body = out;
     true
+}
+
+/// [`redact`] for a body that passes through in pieces (an error answer
+/// too large to hold whole): a copy of the key split between two pieces is
+/// masked too. Holds back at most the key's length less one byte, and only
+/// while those bytes could still be the start of the key.
+pub struct Redactor {
+    secret: Vec<u8>,
+    masked: Vec<u8>,
+    /// The tail of the last piece that may begin a copy of the key.
+    carry: Vec<u8>,
+}
+
+impl Redactor {
+    /// A redactor for `key`.
+    pub fn new(key: &Key) -> Redactor {
+        Redactor {
+            secret: key.secret().as_bytes().to_vec(),
+            masked: key.masked().as_bytes().to_vec(),
+            carry: Vec::new(),
+        }
+    }
+
+    /// The next piece, masked: what is safe to pass on now.
+    pub fn push(&mut self, piece: &[u8]) -> Vec<u8> {
+        let mut buf = std::mem::take(&mut self.carry);
+        buf.extend_from_slice(piece);
+        let n = self.secret.len();
+        if n == 0 {
+            return buf;
+        }
+        let mut out = Vec::with_capacity(buf.len());
+        let mut i = 0;
+        while i < buf.len() {
+            let rest = &buf[i..];
+            if rest.starts_with(&self.secret) {
+                out.extend_from_slice(&self.masked);
+                i += n;
+            } else if rest.len() < n && self.secret.starts_with(rest) {
+                self.carry = rest.to_vec();
+                break;
+            } else {
+                out.push(buf[i]);
+                i += 1;
+            }
+        }
+        out
+    }
+
+    /// The body ended: what was held back (never a whole key).
+    pub fn finish(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.carry)
+    }
 }
 
 /// A set of keys used in rotation.
@@ -222,6 +278,22 @@ mod tests {
         let mut clean = b"nothing to see".to_vec();
         assert!(!redact(&mut clean, &key));
         assert_eq!(clean, b"nothing to see");
+    }
+
+    #[test]
+    fn redactor_masks_a_key_split_between_pieces() {
+        let key = Key::new(0, "gaia-secret-key-0000-WXYZ".into());
+        let body = b"a gaia-secret-key-0000-WXYZ b gaia-secret-key-0000-WXYZ c gaia-secret";
+        for cut in 0..body.len() {
+            for second in cut..body.len() {
+                let mut r = Redactor::new(&key);
+                let mut out = r.push(&body[..cut]);
+                out.extend(r.push(&body[cut..second]));
+                out.extend(r.push(&body[second..]));
+                out.extend(r.finish());
+                assert_eq!(out, b"a ...WXYZ b ...WXYZ c gaia-secret", "{cut} {second}");
+            }
+        }
     }
 
     fn secret(k: Option<Arc<Key>>) -> String {

@@ -640,6 +640,8 @@ pub struct Ready {
     pub held: Vec<u8>,
     /// The rest of the body, when it has not ended yet.
     pub rest: Option<ureq::BodyReader<'static>>,
+    /// Masks the key in the rest of an error body too large to hold.
+    pub redactor: Option<keys::Redactor>,
     /// Time from sending the request to the response head.
     pub first_byte: Duration,
     /// Idle timeout for the rest of the body.
@@ -739,11 +741,19 @@ pub fn run_to_commit(
             match preamble.push(&chunk[..n]) {
                 Preview::Hold => continue,
                 Preview::Error(msg) => {
+                    // Quoted in the final error and the log: it may quote the key.
+                    let mut msg = msg.into_bytes();
+                    if let Some(k) = key {
+                        keys::redact(&mut msg, k);
+                    }
                     return Err(upstream::failure(
                         Outcome::Broken,
-                        &format!("error event before output: {msg}"),
+                        &format!(
+                            "error event before output: {}",
+                            String::from_utf8_lossy(&msg)
+                        ),
                         host,
-                    ))
+                    ));
                 }
                 Preview::Commit => {
                     held = preamble.take();
@@ -757,9 +767,17 @@ pub fn run_to_commit(
         }
     }
     let ended = !sse && held.len() < JSON_HOLD_LIMIT;
-    if let (true, true, Some(k)) = (ended, status >= 400, key) {
-        // A whole error answer is passed through, so it may quote the key.
-        keys::redact(&mut held, k);
+    // An error answer is passed through, so it may quote the key: masked
+    // whole, or piece by piece when it is too large to hold.
+    let mut redactor = None;
+    if let (true, Some(k)) = (status >= 400, key) {
+        if ended {
+            keys::redact(&mut held, k);
+        } else {
+            let mut r = keys::Redactor::new(k);
+            held = r.push(&held);
+            redactor = Some(r);
+        }
     }
     Ok(Ready {
         host: host.clone(),
@@ -769,6 +787,7 @@ pub fn run_to_commit(
         sse,
         held,
         rest: (!ended).then_some(reader),
+        redactor,
         first_byte,
         idle: t.idle,
         hedged: false,
@@ -810,6 +829,7 @@ fn pass_on(
         sse,
         held,
         rest,
+        redactor,
         idle,
         hedged,
         busy: _busy,
@@ -874,6 +894,7 @@ fn pass_on(
     pump(
         &mut reader,
         &mut chunk,
+        redactor,
         idle,
         out,
         &host,
@@ -921,6 +942,7 @@ fn stream_error_event(host: &str, why: &str) -> Vec<u8> {
 fn pump(
     reader: &mut impl Read,
     chunk: &mut [u8],
+    mut redactor: Option<keys::Redactor>,
     idle: Duration,
     out: &mut Responder<'_, TcpStream>,
     host: &Host,
@@ -930,6 +952,10 @@ fn pump(
         watch::set_deadline(Some(Instant::now() + idle));
         match reader.read(chunk) {
             Ok(0) => {
+                let held_back = redactor.as_mut().map(keys::Redactor::finish);
+                if held_back.is_some_and(|b| out.chunk(&b).is_err()) {
+                    return Err(AttemptError::ClientGone);
+                }
                 return if out.finish().is_ok() {
                     Ok(Delivered::Complete)
                 } else {
@@ -937,7 +963,11 @@ fn pump(
                 };
             }
             Ok(n) => {
-                if out.chunk(&chunk[..n]).is_err() {
+                let sent = match redactor.as_mut() {
+                    Some(r) => out.chunk(&r.push(&chunk[..n])),
+                    None => out.chunk(&chunk[..n]),
+                };
+                if sent.is_err() {
                     return Err(AttemptError::ClientGone);
                 }
             }

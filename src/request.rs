@@ -836,6 +836,19 @@ impl Scan {
     }
 }
 
+/// The request head at the very start of `bytes`, checked exactly as
+/// [`Reader::read_head`] checks one (no empty lines are skipped before it),
+/// with its length; `Ok(None)` while it is incomplete. For a caller that
+/// must not answer a head a worker would refuse (the health lane).
+pub fn parse_prefix(bytes: &[u8], limits: &Limits) -> Result<Option<(Head, usize)>, RequestError> {
+    let mut scan = Scan::default();
+    let Some(len) = scan.advance(bytes, limits)? else {
+        return Ok(None);
+    };
+    let head = parse_head(&bytes[..len], scan.headers, limits)?;
+    Ok(Some((head, len)))
+}
+
 /// Parse and validate a complete head whose line structure `Scan` accepted.
 fn parse_head(bytes: &[u8], count: usize, limits: &Limits) -> Result<Head, RequestError> {
     let mut stack = [httparse::EMPTY_HEADER; HEADER_SLOTS];

@@ -376,3 +376,39 @@ fn a_body_on_a_locally_answered_request_is_never_read_as_a_request() {
         .and_then(|v| v.parse::<f64>().ok());
     assert_eq!(status_200, Some(2.0), "{m}");
 }
+
+#[test]
+fn the_health_lane_answers_no_check_a_worker_would_refuse() {
+    // While the only worker is busy, health checks are answered by the lane;
+    // it must be as strict as a worker (400 for each of these), never 200.
+    let up = Upstream::always(Reply::sse(vec![Step::Sleep(Duration::from_secs(60))]));
+    let bal = start(&[up.url()], &[], |c| {
+        c.settings.workers = 1;
+        c.settings.queue_wait = Duration::from_millis(300);
+    });
+    let mut busy = connect(bal.addr);
+    let body = chat(true);
+    write!(
+        busy,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    assert!(crate::util::wait_for(Duration::from_secs(3), || up.hits() == 1));
+    let good = raw(bal.addr, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(status_of(&good), 200, "the lane is on: {good}");
+    for bad in [
+        &b"GET /healthz HTTP/1.1\r\n\r\n"[..],
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET /readyz HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+        b"GET /healthz HTTP/1.1\nHost: a\n\n",
+    ] {
+        let r = raw(bal.addr, bad);
+        assert_ne!(
+            status_of(&r),
+            200,
+            "{:?} answered: {r}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+}

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::fake::{refused_url, Reply, Upstream};
+use crate::fake::{refused_url, Reply, Step, Upstream};
 use crate::util::{chat, post, request, start};
 
 const OK: &str = r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#;
@@ -567,4 +567,61 @@ fn one_host_rejecting_every_key_does_not_take_the_shared_keys_out() {
         .map(|ks| ks.iter().filter_map(|k| k["state"].as_str()).collect())
         .unwrap_or_default();
     assert_eq!(states, ["active", "active"], "{status}");
+}
+
+#[test]
+fn a_pool_key_echoed_in_an_error_body_too_large_to_hold_is_masked_too() {
+    // Past JSON_HOLD_LIMIT (8 MiB) an error body is streamed, not held: the
+    // key must be masked in the streamed part too, even split between reads.
+    const KEY: &str = "pool-key-echoed-large-0000-WXYZ";
+    let up = Upstream::start(|seen, _| {
+        let sent = seen.header("authorization").unwrap_or("").to_string();
+        let (front, back) = sent.split_at(sent.len() / 2);
+        Reply::Chunked {
+            status: 400,
+            content_type: "application/json".into(),
+            steps: vec![
+                Step::Send(
+                    format!(r#"{{"error":{{"message":"bad input for {sent}","pad":""#).into_bytes(),
+                ),
+                Step::Repeat(vec![b'x'; 64 * 1024], 130),
+                Step::Send(format!(r#"","again":"{sent}","split":"{front}"#).into_bytes()),
+                Step::Send(format!(r#"{back}"}}}}"#).into_bytes()),
+            ],
+        }
+    });
+    let bal = start(&[up.url()], &[KEY], |c| c.settings.max_attempts = 1);
+    let r = post(bal.addr, "/v1/embeddings", r#"{"input":"a"}"#);
+    assert_eq!(r.status, 400);
+    assert!(r.complete);
+    let text = r.text();
+    assert!(r.body.len() > 8 * 1024 * 1024, "{}", r.body.len());
+    assert!(!text.contains(KEY), "the pool key reached the client");
+    assert_eq!(text.matches("Bearer ...WXYZ").count(), 3);
+    assert!(
+        text.ends_with(r#""split":"Bearer ...WXYZ"}}"#),
+        "{}",
+        &text[text.len() - 80..]
+    );
+}
+
+#[test]
+fn a_pool_key_echoed_in_an_sse_error_event_before_output_is_masked() {
+    // The message of an error event before any output is quoted in the 502.
+    const KEY: &str = "pool-key-echoed-sse-0000-WXYZ";
+    let up = Upstream::start(|seen, _| {
+        let sent = seen.header("authorization").unwrap_or("").to_string();
+        Reply::sse(vec![Step::Send(
+            format!("data: {{\"error\":{{\"message\":\"invalid key {sent}\"}}}}\n\n").into_bytes(),
+        )])
+    });
+    let bal = start(&[up.url()], &[KEY], |c| c.settings.max_attempts = 1);
+    let r = post(bal.addr, "/v1/chat/completions", &chat(true));
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(!r.text().contains(KEY), "{}", r.text());
+    assert!(
+        r.text().contains("invalid key Bearer ...WXYZ"),
+        "{}",
+        r.text()
+    );
 }

@@ -441,3 +441,44 @@ fn listener_settings_wait_for_a_restart_and_the_rest_applies() {
         200
     );
 }
+
+#[test]
+fn a_reload_that_moves_a_host_does_not_make_it_count_as_a_second_rejecting_host() {
+    // One misconfigured node rejects the shared key; the other accepts it.
+    // A shared key leaves rotation only once a *second* host rejects it.
+    let bad = Upstream::always(Reply::json(401, r#"{"error":{"message":"no"}}"#));
+    let good = Upstream::always(Reply::json(200, OK));
+    let dir = Dir::new("rejected-moved");
+    dir.hosts(&[&bad.url(), &good.url()]);
+    dir.keys(&["pool-key-shared-moved-000001"], "shared");
+    let bal = start_reloading(&dir.0);
+    let g0 = generation(&bal);
+    assert!(wait_for(RELOAD, || {
+        assert_eq!(
+            post(bal.addr, "/v1/chat/completions", &chat(false)).status,
+            200
+        );
+        bad.hits() == 1
+    }));
+    // The operator puts the good node first: the bad one moves, unchanged.
+    dir.hosts(&[&good.url(), &bad.url()]);
+    reloaded_to(&bal, g0 + 1);
+    let moved = bal.server().shared().current().hosts.all()[1].clone();
+    assert_eq!(moved.spec.base_url, bad.url());
+    // As if REJECTED_PAIR_COOLDOWN (300 s) had passed: the pair may be tried again.
+    moved.health().pairs.clear();
+    assert!(wait_for(RELOAD, || {
+        assert_eq!(
+            post(bal.addr, "/v1/chat/completions", &chat(false)).status,
+            200
+        );
+        bad.hits() == 2
+    }));
+    // Still one host that rejected the key: it stays in rotation.
+    let state = status(&bal)["keys"][0]["state"].clone();
+    assert_eq!(state, "active", "{}", status(&bal));
+    assert_eq!(
+        post(bal.addr, "/v1/chat/completions", &chat(false)).status,
+        200
+    );
+}
