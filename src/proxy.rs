@@ -233,7 +233,7 @@ fn attempts(
                 "retry budget spent; giving up after {} attempts",
                 served.attempts
             );
-            return finish_failed(out, trail, served.attempts, last, true);
+            return finish_failed(out, trail, served.attempts, last, GaveUp::Budget);
         }
         // Waiting only helps a host that failed itself; a new key needs no pause.
         let host_failed = last
@@ -242,10 +242,13 @@ fn attempts(
         if c.repeat && host_failed {
             pauses += 1;
             let turnaround = settings.timeouts.connect.min(Duration::from_secs(1));
-            let pause = pause_until(
-                Instant::now() + retry::backoff(pauses, turnaround),
-                deadline,
-            );
+            let resume = Instant::now() + retry::backoff(pauses, turnaround);
+            if resume >= deadline {
+                // No attempt fits after the pause: say so now, not at the deadline.
+                b.hosts.record(&c.host, Verdict::Unknown, c.probe, None);
+                return finish_failed(out, trail, served.attempts, last, GaveUp::NoTime);
+            }
+            let pause = pause_until(resume, deadline);
             if pause.is_err() {
                 b.hosts.record(&c.host, Verdict::Unknown, c.probe, None);
             }
@@ -264,7 +267,7 @@ fn attempts(
                         "retry budget spent; giving up after {} attempts",
                         served.attempts
                     );
-                    return finish_failed(out, trail, served.attempts, last, true);
+                    return finish_failed(out, trail, served.attempts, last, GaveUp::Budget);
                 }
             }
         }
@@ -345,7 +348,7 @@ fn attempts(
             return finish_timeout(out, trail, last.as_ref());
         }
     }
-    finish_failed(out, trail, served.attempts, last, false)
+    finish_failed(out, trail, served.attempts, last, GaveUp::MaxAttempts)
 }
 
 /// Apply what a failed attempt says about its host, key and model.
@@ -399,12 +402,21 @@ pub(crate) fn learn(b: &Balancer, c: &Candidate, f: &Failed, model: Option<&Arc<
     }
 }
 
+/// Why retrying stopped before `timeouts.totalMs` ran out.
+#[derive(Clone, Copy)]
+enum GaveUp {
+    MaxAttempts,
+    Budget,
+    /// The backoff before the next attempt would end past the deadline.
+    NoTime,
+}
+
 fn finish_failed(
     out: &mut Responder<'_, TcpStream>,
     trail: &Trail,
     attempts: u32,
     last: Option<Failed>,
-    budget_spent: bool,
+    why: GaveUp,
 ) -> Result<(), Stop> {
     let mut detail = last
         .as_ref()
@@ -416,10 +428,10 @@ fn finish_failed(
             detail = format!("{detail}: {}", excerpt.trim());
         }
     }
-    let why = if budget_spent {
-        "retry budget spent"
-    } else {
-        "maxAttempts reached"
+    let why = match why {
+        GaveUp::MaxAttempts => "maxAttempts reached",
+        GaveUp::Budget => "retry budget spent",
+        GaveUp::NoTime => "no time left in timeouts.totalMs for another attempt after backoff",
     };
     let msg = format!("all {attempts} attempts failed ({why}); last: {detail}");
     send_proxy_error(out, trail, 502, "upstream_failed", &msg)

@@ -532,3 +532,25 @@ fn going_back_to_a_failed_host_backs_off_exponentially() {
         assert!(*gap >= Duration::from_millis(floor), "{gaps:?}");
     }
 }
+
+#[test]
+fn a_backoff_that_would_outlast_total_ms_ends_the_request_at_once_with_502() {
+    // One host, always 500: the second pause (1-2 s) cannot end before
+    // totalMs (1.2 s), so the client hears now instead of at the deadline.
+    let up = Upstream::always(Reply::json(500, r#"{"error":{"message":"down"}}"#));
+    let bal = start(&[up.url()], &[], |c| {
+        c.settings.timeouts.connect = Duration::from_secs(1);
+        c.settings.timeouts.total = Duration::from_millis(1200);
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 502, "{}", r.text());
+    let message = r.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(message.contains("no time left"), "{message}");
+    assert!(
+        message.contains("down"),
+        "the last upstream error is quoted: {message}"
+    );
+}
