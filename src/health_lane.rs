@@ -13,9 +13,11 @@
 //! Guarantees: the lane never blocks on a client (sockets are non-blocking
 //! while they are here, and the answer's write has a short timeout); a
 //! connection spends at most [`LOOK_LIMIT`] here (plus a tick); the lane
-//! holds at most twice [`LANE_CAP`] connections (half being looked at, half
-//! in its channel), beyond which the acceptor queues them directly, as it
-//! does whenever a worker is free.
+//! looks at most at [`LANE_CAP`] connections, and a new one displaces the
+//! one that has waited longest (which goes on to the queue), so a flood of
+//! silent connections cannot keep a health check out; at most as many again
+//! wait in its channel, beyond which the acceptor queues them directly, as
+//! it does whenever a worker is free.
 
 use std::io::{self, Read};
 use std::net::TcpStream;
@@ -69,21 +71,11 @@ pub(crate) fn run(rx: &Receiver<Conn>, queue: &Sender<Conn>, shared: &Arc<Shared
     loop {
         let received = if pending.is_empty() {
             rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
-        } else if pending.len() >= LANE_CAP {
-            // Full: let the channel fill, so the acceptor goes around the lane.
-            std::thread::sleep(TICK);
-            Err(RecvTimeoutError::Timeout)
         } else {
             rx.recv_timeout(TICK)
         };
         match received {
-            Ok(conn) => {
-                if conn.stream.set_nonblocking(true).is_ok() {
-                    pending.push(conn);
-                } else {
-                    server::enqueue(shared, queue, conn);
-                }
-            }
+            Ok(conn) => admit(shared, queue, &mut pending, conn),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
                 for conn in pending.drain(..) {
@@ -91,6 +83,11 @@ pub(crate) fn run(rx: &Receiver<Conn>, queue: &Sender<Conn>, shared: &Arc<Shared
                 }
                 return;
             }
+        }
+        // Whatever else arrived meanwhile: a burst costs one pass of peeks.
+        for _ in 0..LANE_CAP {
+            let Ok(conn) = rx.try_recv() else { break };
+            admit(shared, queue, &mut pending, conn);
         }
         let mut i = 0;
         while i < pending.len() {
@@ -113,6 +110,23 @@ pub(crate) fn run(rx: &Receiver<Conn>, queue: &Sender<Conn>, shared: &Arc<Shared
             }
         }
     }
+}
+
+/// Take `conn` in to be looked at. When the lane is full, the connection
+/// that has waited longest goes on to the queue first, so connections that
+/// send nothing cannot keep a health check out of the lane.
+fn admit(shared: &Shared, queue: &Sender<Conn>, pending: &mut Vec<Conn>, conn: Conn) {
+    if conn.stream.set_nonblocking(true).is_err() {
+        server::enqueue(shared, queue, conn);
+        return;
+    }
+    if pending.len() >= LANE_CAP {
+        let oldest = (0..pending.len()).min_by_key(|&i| pending[i].accepted);
+        if let Some(i) = oldest {
+            forward(shared, queue, pending.swap_remove(i));
+        }
+    }
+    pending.push(conn);
 }
 
 /// Back to blocking, and into the worker queue (or shed when it is full).

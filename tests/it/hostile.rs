@@ -412,3 +412,43 @@ fn the_health_lane_answers_no_check_a_worker_would_refuse() {
         );
     }
 }
+
+#[test]
+fn a_flood_of_silent_connections_cannot_keep_a_health_check_out() {
+    let up = Upstream::always(Reply::sse(vec![Step::Sleep(Duration::from_secs(60))]));
+    let bal = start(&[up.url()], &[], |c| {
+        c.settings.workers = 1;
+        c.settings.queue_size = 2048;
+        c.settings.queue_wait = Duration::from_secs(30);
+    });
+    let mut busy = connect(bal.addr);
+    let body = chat(true);
+    write!(
+        busy,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    assert!(crate::util::wait_for(Duration::from_secs(3), || up.hits() == 1));
+    // Silent connections keep arriving, faster than the lane's 100 ms look
+    // lets them go: the lane stays full the whole time.
+    let addr = bal.addr;
+    let opened = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = opened.clone();
+    let flood = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        for _ in 0..1500 {
+            if let Ok(c) = std::net::TcpStream::connect(addr) {
+                conns.push(c);
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        conns
+    });
+    assert!(crate::util::wait_for(Duration::from_secs(10), || {
+        opened.load(std::sync::atomic::Ordering::Relaxed) >= 200
+    }));
+    let probe = raw(bal.addr, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(status_of(&probe), 200, "{probe}");
+    drop(flood.join().unwrap());
+}
