@@ -243,6 +243,16 @@ pub fn status_json(shared: &Shared, b: &Balancer) -> Vec<u8> {
                 }
                 HostState::Ejected(_) | HostState::Probing => ("probing", None),
             };
+            // A key kept off this host alone (a 429 or a first 401/403 here).
+            let pairs: Vec<serde_json::Value> = health
+                .pairs
+                .iter()
+                .filter_map(|(k, c)| Some((h.keys.keys().get(*k)?, c.until(now)?)))
+                .map(|(k, until)| {
+                    let secs = until.duration_since(now).as_secs_f64();
+                    serde_json::json!({ "key": k.masked(), "cooldownSeconds": secs })
+                })
+                .collect();
             let own_keys = h.spec.api_keys.as_ref().map(|_| {
                 h.keys
                     .keys()
@@ -266,6 +276,7 @@ pub fn status_json(shared: &Shared, b: &Balancer) -> Vec<u8> {
                 "lastFailure": health.last_failure,
                 "models": h.catalog.models(),
                 "keys": own_keys,
+                "pairCooldowns": pairs,
                 "attempts": series.map(|s| s.attempts()),
                 "latencyMs": latency.map(|(avg, _)| (avg * 1e6).round() / 1e3),
                 "lastLatencyMs": latency.map(|(_, last)| (last * 1e6).round() / 1e3),

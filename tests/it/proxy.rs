@@ -567,6 +567,17 @@ fn one_host_rejecting_every_key_does_not_take_the_shared_keys_out() {
         .map(|ks| ks.iter().filter_map(|k| k["state"].as_str()).collect())
         .unwrap_or_default();
     assert_eq!(states, ["active", "active"], "{status}");
+    // What keeps them off the bad host shows there, keys masked.
+    let pairs: Vec<&str> = status["hosts"][0]["pairCooldowns"]
+        .as_array()
+        .map(|ps| ps.iter().filter_map(|p| p["key"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(pairs.len(), 2, "{status}");
+    assert!(
+        pairs.contains(&"...0001") && pairs.contains(&"...0002"),
+        "{status}"
+    );
+    assert_eq!(status["hosts"][1]["pairCooldowns"], serde_json::json!([]));
 }
 
 #[test]
