@@ -331,7 +331,7 @@ impl Hosts {
             host.health().cooldown.hit(now, hint);
             return Scope::Host;
         };
-        if key.limited_by(host.index, now) >= 2 {
+        if key.limited_by(&host.spec.base_url, now) >= 2 {
             key.state().cooldown.hit(now, hint);
             return Scope::Key;
         }

@@ -35,8 +35,9 @@ pub struct KeyState {
     pub disabled: bool,
     /// Rate-limit cooldown of the key itself.
     pub cooldown: Cooldown,
-    /// Hosts that answered 429 with this key recently (host index, when).
-    pub limited_by: Vec<(usize, Instant)>,
+    /// Hosts that answered 429 with this key recently (base URL, when): by
+    /// URL for the reason given at `rejected_by`.
+    pub limited_by: Vec<(String, Instant)>,
     /// Hosts that rejected this key (401/403), by base URL: not by index,
     /// which a reload that adds, removes or reorders hosts gives to another
     /// host while this key (and what it learned) is kept.
@@ -99,13 +100,13 @@ impl Key {
         s.rejected_by.len()
     }
 
-    /// Record that `host` rate-limited this key; returns how many distinct
-    /// hosts did so within the evidence window.
-    pub fn limited_by(&self, host: usize, now: Instant) -> usize {
+    /// Record that the host at `base_url` rate-limited this key; returns how
+    /// many distinct hosts did so within the evidence window.
+    pub fn limited_by(&self, base_url: &str, now: Instant) -> usize {
         let mut s = self.state();
         s.limited_by
-            .retain(|(h, at)| *h != host && now.duration_since(*at) < EVIDENCE_WINDOW);
-        s.limited_by.push((host, now));
+            .retain(|(h, at)| h != base_url && now.duration_since(*at) < EVIDENCE_WINDOW);
+        s.limited_by.push((base_url.to_string(), now));
         s.limited_by.len()
     }
 }
@@ -330,12 +331,14 @@ mod tests {
         let pool = KeyPool::new(&["a".into()]);
         let k = &pool.keys()[0];
         let now = Instant::now();
-        assert_eq!(k.limited_by(1, now), 1);
-        assert_eq!(k.limited_by(1, now), 1, "same host twice is one host");
-        assert_eq!(k.limited_by(2, now), 2);
+        assert_eq!(k.limited_by("http://a", now), 1);
         assert_eq!(
-            k.limited_by(3, now + EVIDENCE_WINDOW + Duration::from_secs(1)),
-            1
+            k.limited_by("http://a", now),
+            1,
+            "same host twice is one host"
         );
+        assert_eq!(k.limited_by("http://b", now), 2);
+        let later = now + EVIDENCE_WINDOW + Duration::from_secs(1);
+        assert_eq!(k.limited_by("http://c", later), 1);
     }
 }
