@@ -646,6 +646,8 @@ pub struct Ready {
     pub status: u16,
     /// Checked Content-Type, empty when absent or unsafe.
     pub content_type: String,
+    /// The upstream's `Content-Length`, for the answer to a HEAD request.
+    pub length: Option<u64>,
     /// An SSE stream (preamble held in `held`).
     pub sse: bool,
     /// Bytes read so far: the whole body, or the preamble up to the first output.
@@ -702,6 +704,11 @@ pub fn run_to_commit(
         .and_then(|v| std::str::from_utf8(v).ok())
         .unwrap_or("")
         .to_string();
+    let length = response
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
     if retry::decide(Outcome::Status(status)).retry {
         let retry_after = cooldowns::retry_after(response.headers());
         // Read the error (bounded): it may be the last word, and a body read
@@ -796,6 +803,7 @@ pub fn run_to_commit(
         key: key.cloned(),
         status,
         content_type,
+        length,
         sse,
         held,
         rest: (!ended).then_some(reader),
@@ -838,6 +846,7 @@ fn pass_on(
         key,
         status,
         content_type,
+        length,
         sse,
         held,
         rest,
@@ -891,7 +900,11 @@ fn pass_on(
     let Some(mut reader) = rest else {
         // A failed write (the client left, or stopped reading past
         // writeTimeoutMs) is the client's doing: counted and logged as 499.
-        return match out.send(status, headers, &held) {
+        let sent = match length {
+            Some(n) if out.head_only() && held.is_empty() => out.send_head_of(status, headers, n),
+            _ => out.send(status, headers, &held),
+        };
+        return match sent {
             Ok(()) => Ok(Delivered::Complete),
             Err(_) => Err(AttemptError::ClientGone),
         };

@@ -203,6 +203,29 @@ impl<'a, W: Write> Responder<'a, W> {
         self.out.flush()
     }
 
+    /// True when answering a HEAD request (no body is ever written).
+    pub fn head_only(&self) -> bool {
+        self.head_only
+    }
+
+    /// Answer a HEAD request with the length the GET's body would have (as
+    /// the upstream said), rather than that of the empty body in hand.
+    pub fn send_head_of(
+        &mut self,
+        status: u16,
+        headers: &[HeaderPair<'_>],
+        length: u64,
+    ) -> io::Result<()> {
+        if self.state != State::Fresh || !self.head_only {
+            return Err(io::Error::other("not a fresh HEAD response"));
+        }
+        let length = usize::try_from(length).map_err(io::Error::other)?;
+        self.head(status, headers, Some(length));
+        self.state = State::Done;
+        self.out.write_all(&self.buf)?;
+        self.out.flush()
+    }
+
     /// Send an OpenAI-shaped error.
     pub fn send_error(&mut self, status: u16, code: &str, message: &str) -> io::Result<()> {
         let body = error_body(status, code, message);

@@ -636,3 +636,18 @@ fn a_pool_key_echoed_in_an_sse_error_event_before_output_is_masked() {
         r.text()
     );
 }
+
+#[test]
+fn a_proxied_head_answers_the_length_the_upstream_gave() {
+    let up = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[up.url()], &[], |_| {});
+    let out = crate::util::raw(
+        bal.addr,
+        b"HEAD /v1/files HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
+    assert_eq!(up.requests()[0].method, "HEAD");
+    let want = format!("Content-Length: {}\r\n", OK.len());
+    assert!(out.contains(&want), "{out}");
+    assert!(out.ends_with("\r\n\r\n"), "no body after the head: {out}");
+}
