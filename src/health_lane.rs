@@ -14,13 +14,16 @@
 //! while they are here, and the answer's write has a short timeout); a
 //! connection spends at most [`LOOK_LIMIT`] here (plus a tick); the lane
 //! looks at most at [`LANE_CAP`] connections, and a new one displaces the
-//! one that has waited longest (which goes on to the queue), so a flood of
-//! silent connections cannot keep a health check out; at most as many again
-//! wait in its channel, beyond which the acceptor queues them directly, as
-//! it does whenever a worker is free.
+//! one that has waited longest, which gets a last look (a health check is
+//! still answered) and goes on to the queue, so a flood of silent
+//! connections cannot keep a health check out; at most [`LANE_CHANNEL`]
+//! more wait in its channel, and when the lane falls that far behind the
+//! acceptor moves the oldest of those on to the queue; a panic while
+//! answering ends that answer, not the lane.
 
 use std::io::{self, Read};
 use std::net::TcpStream;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,9 +36,11 @@ use crate::routes;
 use crate::server::{self, Conn};
 use crate::state::Shared;
 
-/// Connections the lane looks at at once; as many more may wait in its
-/// channel, and past those the acceptor queues directly.
+/// Connections the lane looks at at once.
 pub const LANE_CAP: usize = 32;
+/// Connections that may wait in the lane's channel; when it is full the
+/// acceptor moves the one that has waited longest on to the queue.
+pub const LANE_CHANNEL: usize = 128;
 /// Longest a connection waits here for enough bytes to tell what it asks.
 pub const LOOK_LIMIT: Duration = Duration::from_millis(100);
 /// How often connections without a verdict are looked at again.
@@ -45,19 +50,25 @@ const PEEK_BYTES: usize = 1024;
 /// Longest the lane spends writing one answer.
 const WRITE_LIMIT: Duration = Duration::from_millis(100);
 
+/// A health check found in a connection's first bytes.
+#[derive(Debug, PartialEq, Eq)]
+struct Check {
+    /// Length of its head, consumed before answering.
+    len: usize,
+    route: metrics::Route,
+    head_only: bool,
+    http10: bool,
+    /// The client's `X-Request-Id`, if any.
+    id: Option<String>,
+}
+
 /// What the first bytes of a connection say.
 #[derive(Debug, PartialEq, Eq)]
 enum Look {
     /// Too few bytes yet to tell.
     Wait,
-    /// A complete health check of `len` bytes, for a worker-free answer.
-    Health {
-        len: usize,
-        route: metrics::Route,
-        head_only: bool,
-        http10: bool,
-        id: Option<String>,
-    },
+    /// A complete health check, for a worker-free answer.
+    Health(Check),
     /// Anything else: a worker's job.
     Queue,
     /// Closed or broken before it asked anything.
@@ -85,7 +96,7 @@ pub(crate) fn run(rx: &Receiver<Conn>, queue: &Sender<Conn>, shared: &Arc<Shared
             }
         }
         // Whatever else arrived meanwhile: a burst costs one pass of peeks.
-        for _ in 0..LANE_CAP {
+        for _ in 0..LANE_CHANNEL {
             let Ok(conn) = rx.try_recv() else { break };
             admit(shared, queue, &mut pending, conn);
         }
@@ -97,24 +108,16 @@ pub(crate) fn run(rx: &Receiver<Conn>, queue: &Sender<Conn>, shared: &Arc<Shared
                 Look::Wait if !expired => i += 1,
                 Look::Wait | Look::Queue => forward(shared, queue, pending.swap_remove(i)),
                 Look::Drop => drop(pending.swap_remove(i)),
-                Look::Health {
-                    len,
-                    route,
-                    head_only,
-                    http10,
-                    id,
-                } => {
-                    let conn = pending.swap_remove(i);
-                    answer(shared, conn.stream, len, route, head_only, http10, id);
-                }
+                Look::Health(check) => answer(shared, pending.swap_remove(i), check),
             }
         }
     }
 }
 
 /// Take `conn` in to be looked at. When the lane is full, the connection
-/// that has waited longest goes on to the queue first, so connections that
-/// send nothing cannot keep a health check out of the lane.
+/// that has waited longest leaves first, after a last look (a health check
+/// is still answered), so connections that send nothing cannot keep a
+/// health check out of the lane.
 fn admit(shared: &Shared, queue: &Sender<Conn>, pending: &mut Vec<Conn>, conn: Conn) {
     if conn.stream.set_nonblocking(true).is_err() {
         server::enqueue(shared, queue, conn);
@@ -123,7 +126,13 @@ fn admit(shared: &Shared, queue: &Sender<Conn>, pending: &mut Vec<Conn>, conn: C
     if pending.len() >= LANE_CAP {
         let oldest = (0..pending.len()).min_by_key(|&i| pending[i].accepted);
         if let Some(i) = oldest {
-            forward(shared, queue, pending.swap_remove(i));
+            let conn = pending.swap_remove(i);
+            let mut buf = [0u8; PEEK_BYTES];
+            match look(&conn.stream, &mut buf) {
+                Look::Health(check) => answer(shared, conn, check),
+                Look::Drop => drop(conn),
+                Look::Wait | Look::Queue => forward(shared, queue, conn),
+            }
         }
     }
     pending.push(conn);
@@ -131,7 +140,11 @@ fn admit(shared: &Shared, queue: &Sender<Conn>, pending: &mut Vec<Conn>, conn: C
 
 /// Back to blocking, and into the worker queue (or shed when it is full).
 fn forward(shared: &Shared, queue: &Sender<Conn>, conn: Conn) {
-    let _ = conn.stream.set_nonblocking(false);
+    // A worker must get a blocking socket: its reads would fail at once otherwise.
+    if let Err(e) = conn.stream.set_nonblocking(false) {
+        log::warn!("health lane: dropping a connection that cannot block again: {e}");
+        return;
+    }
     server::enqueue(shared, queue, conn);
 }
 
@@ -195,25 +208,32 @@ fn classify(bytes: &[u8], full: bool) -> Look {
         return Look::Queue;
     }
     let id = head.header_str("x-request-id").map(str::to_string);
-    Look::Health {
+    Look::Health(Check {
         len,
         route,
         head_only: head.method == "HEAD",
         http10: head.minor_version == 0,
         id,
+    })
+}
+
+/// Answer a health check; a panic ends that answer, never the lane.
+fn answer(shared: &Shared, conn: Conn, check: Check) {
+    let answered = catch_unwind(AssertUnwindSafe(|| reply(shared, conn.stream, check)));
+    if answered.is_err() {
+        log::error!("health lane: panic while answering a health check");
     }
 }
 
 /// Consume the head (its bytes are there already), answer it, and close.
-fn answer(
-    shared: &Shared,
-    mut stream: TcpStream,
-    len: usize,
-    route: metrics::Route,
-    head_only: bool,
-    http10: bool,
-    id: Option<String>,
-) {
+fn reply(shared: &Shared, mut stream: TcpStream, check: Check) {
+    let Check {
+        len,
+        route,
+        head_only,
+        http10,
+        id,
+    } = check;
     let started = Instant::now();
     let mut head = [0u8; PEEK_BYTES];
     let Some(head) = head.get_mut(..len) else {
@@ -259,7 +279,7 @@ mod tests {
         let text = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
         let health = classify(text, false);
         assert!(
-            matches!(health, Look::Health { len, route: metrics::Route::Healthz, head_only: false, http10: false, id: None } if len == text.len()),
+            matches!(health, Look::Health(Check { len, route: metrics::Route::Healthz, head_only: false, http10: false, id: None }) if len == text.len()),
             "{health:?}"
         );
         let ready = classify(
@@ -267,7 +287,7 @@ mod tests {
             false,
         );
         assert!(
-            matches!(&ready, Look::Health { route: metrics::Route::Readyz, head_only: true, http10: true, id: Some(id), .. } if id == "r1"),
+            matches!(&ready, Look::Health(Check { route: metrics::Route::Readyz, head_only: true, http10: true, id: Some(id), .. }) if id == "r1"),
             "{ready:?}"
         );
         for waiting in [

@@ -507,6 +507,7 @@ impl<S: Source> Reader<S> {
         by: Option<Instant>,
     ) -> Result<Head, RequestError> {
         let idle_deadline = after(Instant::now(), idle);
+        let idle_deadline = by.map_or(idle_deadline, |by| idle_deadline.min(by));
         let mut head_deadline = None;
         let mut scan = Scan::default();
         let mut skipped = 0;

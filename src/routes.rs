@@ -490,6 +490,7 @@ mod tests {
             let ok = route(&b, &head("POST", fine, None), LOCAL);
             assert_eq!(ok, Ok(Route::Proxy), "{fine}");
         }
+        assert_eq!(PROXIED_ALLOW, PROXIED_METHODS.join(", "));
         for method in PROXIED_METHODS {
             let ok = route(&b, &head(method, "/v1/files", None), LOCAL);
             assert_eq!(ok, Ok(Route::Proxy), "{method}");

@@ -134,6 +134,7 @@ pub fn start(config: Config) -> io::Result<Server> {
         cap: settings.workers.max(1),
         handles: Mutex::new(Vec::new()),
         idle: AtomicUsize::new(0),
+        busy: AtomicUsize::new(0),
         handoff: handoff_rx,
         shared: shared.clone(),
         waiting: waiting.clone(),
@@ -150,7 +151,12 @@ pub fn start(config: Config) -> io::Result<Server> {
             .spawn(move || dispatch(&rx, &handoff_tx, &shared, &waiting, &pool))?
     };
     let limiter = Arc::new(Limiter::new(settings.max_connections_per_client));
-    let (lane_tx, lane_rx) = crossbeam_channel::bounded::<Conn>(health_lane::LANE_CAP);
+    let (lane_tx, lane_rx) = crossbeam_channel::bounded::<Conn>(health_lane::LANE_CHANNEL);
+    let lane = Lane {
+        tx: lane_tx,
+        rx: lane_rx.clone(),
+        pool: pool.clone(),
+    };
     {
         let (tx, shared) = (tx.clone(), shared.clone());
         thread::Builder::new()
@@ -160,10 +166,6 @@ pub fn start(config: Config) -> io::Result<Server> {
     }
     let acceptor = {
         let shared = shared.clone();
-        let lane = Lane {
-            tx: lane_tx,
-            pool: pool.clone(),
-        };
         thread::Builder::new()
             .name("acceptor".into())
             .spawn(move || accept_loop(listener, &shared, &tx, &lane, &limiter))?
@@ -326,6 +328,10 @@ struct Pool {
     /// dispatcher for each handoff (so never an overcount of idle workers
     /// by a handoff the worker has not noticed yet).
     idle: AtomicUsize,
+    /// Workers serving a connection (the health lane's test of saturation:
+    /// exact from the start, unlike `idle`, which a worker raises only once
+    /// its thread runs).
+    busy: AtomicUsize,
     handoff: Receiver<Conn>,
     shared: Arc<Shared>,
     waiting: Arc<AtomicBool>,
@@ -387,24 +393,43 @@ impl Pool {
     }
 }
 
-/// Takes the listener by value: returning closes it, which is what makes new
-/// connections be refused as soon as a drain begins.
 /// The acceptor's way into the [`health_lane`].
 struct Lane {
     tx: Sender<Conn>,
+    /// The lane channel's other end, to make room in it (see [`Lane::enter`]).
+    rx: Receiver<Conn>,
     pool: Arc<Pool>,
 }
 
 impl Lane {
     /// A new connection would wait for a worker: connections are waiting
-    /// already, or every worker is busy and the pool is at its cap.
+    /// already, or every worker is busy.
     fn saturated(&self, queue: &Sender<Conn>) -> bool {
         self.pool.waiting.load(Ordering::Relaxed)
             || !queue.is_empty()
-            || (self.pool.idle.load(Ordering::Acquire) == 0 && self.pool.started() >= self.pool.cap)
+            || self.pool.busy.load(Ordering::Acquire) >= self.pool.cap
+    }
+
+    /// Put `conn` in the lane. When the lane has fallen behind and its
+    /// channel is full, the connection that has waited there longest goes on
+    /// to the queue to make room: the newest is as likely to be a probe, and
+    /// a steady flood must not keep every probe out. Returns what could not
+    /// enter (the lane is gone).
+    fn enter(&self, shared: &Shared, queue: &Sender<Conn>, conn: Conn) -> Result<(), Conn> {
+        let conn = match self.tx.try_send(conn) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Disconnected(c)) => return Err(c),
+            Err(TrySendError::Full(c)) => c,
+        };
+        if let Ok(oldest) = self.rx.try_recv() {
+            enqueue(shared, queue, oldest);
+        }
+        self.tx.try_send(conn).map_err(|e| e.into_inner())
     }
 }
 
+/// Takes the listener by value: returning closes it, which is what makes new
+/// connections be refused as soon as a drain begins.
 fn accept_loop(
     listener: TcpListener,
     shared: &Shared,
@@ -446,9 +471,9 @@ fn accept_loop(
                 };
                 // Every worker busy: a health check must not wait in line.
                 let conn = if lane.saturated(tx) {
-                    match lane.tx.try_send(conn) {
+                    match lane.enter(shared, tx, conn) {
                         Ok(()) => continue,
-                        Err(TrySendError::Full(c) | TrySendError::Disconnected(c)) => c,
+                        Err(c) => c,
                     }
                 } else {
                     conn
@@ -572,7 +597,9 @@ fn worker(pool: &Pool) {
             shed(conn.stream, "waited too long for a worker");
             continue;
         }
+        pool.busy.fetch_add(1, Ordering::AcqRel);
         serve_connection(shared, conn, waiting);
+        pool.busy.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -927,12 +954,16 @@ fn handle(
     if head.header("x-gaia-debug-panic").is_some() {
         panic!("panic requested by x-gaia-debug-panic");
     }
-    let route = match routes::route(ctx.b, head, ctx.peer.ip()) {
+    let route = routes::route(ctx.b, head, ctx.peer.ip());
+    if route != Ok(Route::Proxy) && head.framing != Framing::None {
+        // Answered here without reading the body (refused, or a local
+        // endpoint): it must not be parsed as the next request (a smuggled
+        // one would dodge a proxy in front).
+        out.close_after();
+    }
+    let route = match route {
         Ok(route) => route,
         Err(rej) => {
-            if head.framing != Framing::None {
-                out.close_after(); // the unread body must not be parsed as a request
-            }
             if let Some(allow) = rej.allow {
                 out.add_header("Allow", allow);
             }
@@ -940,11 +971,6 @@ fn handle(
             return proxy::Served::default();
         }
     };
-    if route != Route::Proxy && head.framing != Framing::None {
-        // Answered locally without reading the body: it must not be parsed
-        // as the next request (a smuggled one would dodge a proxy in front).
-        out.close_after();
-    }
     let text = [("Content-Type", "text/plain; charset=utf-8")];
     let json = [("Content-Type", "application/json")];
     match route {

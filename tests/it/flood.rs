@@ -104,10 +104,10 @@ const CONNECT_LATENCY: Duration = Duration::from_millis(7_500);
 /// an upstream connection (ureq resolves with a timeout on a thread).
 /// Descriptors: each worker holds its client socket and a clone of it and
 /// one upstream connection; the queue holds one per waiting connection, and
-/// the health lane up to twice its cap while every worker is busy.
+/// the health lane up to its cap plus its channel while every worker is busy.
 fn caps(workers: usize, peak: Sample) {
     assert!(peak.threads <= 2 * workers + 8, "threads {peak:?}");
-    let lane = 2 * gaia_balancer::health_lane::LANE_CAP;
+    let lane = gaia_balancer::health_lane::LANE_CAP + gaia_balancer::health_lane::LANE_CHANNEL;
     assert!(
         peak.fds <= 3 * workers + QUEUE + lane + 32,
         "descriptors {peak:?}"
