@@ -330,7 +330,9 @@ fn run(job: Job) {
     let mut chosen = None;
     for _ in 0..b.hosts.all().len() {
         let Some(c) = candidates.next() else { break };
-        if c.host.index == job.exclude || c.probe || c.repeat {
+        // A hedge copies a request a primary is still serving, so no
+        // primary is out of options: a backup is no place for it.
+        if c.host.index == job.exclude || c.probe || c.repeat || c.host.spec.backup {
             b.hosts.record(&c.host, Verdict::Unknown, c.probe, None);
             continue;
         }

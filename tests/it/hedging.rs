@@ -443,3 +443,30 @@ fn a_hedge_that_cannot_be_passed_on_is_blamed_on_its_own_host() {
     assert_eq!(failures("h0"), 0, "the outrun host: {status:#}");
     assert_eq!(failures("h1"), 1, "{status:#}");
 }
+
+/// A hedge is a speculative copy of a request a primary is still serving, so
+/// it never goes to a backup (used only when no primary can serve): with the
+/// other primary out of rotation, there is no hedge, and the slow primary's
+/// answer is the one sent.
+#[test]
+fn a_hedge_never_goes_to_a_backup() {
+    let slowish = Upstream::always(Reply::Delayed(
+        Duration::from_millis(1000),
+        Box::new(Reply::json(200, OK)),
+    ));
+    let other = Upstream::always(Reply::json(200, OK));
+    let backup = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[slowish.url(), other.url(), backup.url()], &[], |c| {
+        c.hosts[0].weight = 1000; // the slow primary goes first
+        c.hosts[2].backup = true;
+        c.settings.hedge = Hedge::After(Duration::from_millis(100));
+    });
+    // The other primary cools down (as after a 503 with Retry-After).
+    let b = bal.server().shared().current();
+    b.hosts
+        .cool_host(&b.hosts.all()[1], Duration::from_secs(60));
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-gaia-attempts"), Some("h0:200"));
+    assert_eq!(backup.hits(), 0, "the paid backup got a speculative copy");
+}
