@@ -298,21 +298,21 @@ fn attempts(
         observe(b, &c.host, begun, &result);
         let failure = match result {
             Ok(end) => {
-                if let Delivered::Hedged(name, cut) = &end {
+                if let Delivered::Hedged { host, cut, .. } = &end {
                     // The hedge's host is credited or blamed in
                     // `commit_hedge`; the attempt it outran was only slower.
-                    served.host = Some(name.clone());
+                    served.host = Some(host.clone());
                     served.attempts += 1;
                     served.cut = *cut;
                     return Ok(());
                 }
-                if let Delivered::Abandoned(name, hedged) = end {
+                if let Delivered::Abandoned { host, hedged, .. } = end {
                     if hedged {
                         served.attempts += 1; // counted as for Hedged
                     } else {
                         b.hosts.record(&c.host, Verdict::Unknown, c.probe, None);
                     }
-                    served.host = Some(name);
+                    served.host = Some(host);
                     return Err(Stop::ClientGone);
                 }
                 let (verdict, detail) = match &end {
@@ -579,12 +579,22 @@ fn attempt(
             learn(b, c, &f, req.model.as_ref());
             match slot.wait(deadline) {
                 Ok(()) => {
-                    return commit_hedge(b, slot, retry, out, trail).map_err(|e| match e {
-                        // Both failed: this attempt's failure is the one
-                        // counted on its host (the hedge's was, on its own).
-                        AttemptError::HedgeFailed(_) => AttemptError::Recorded(f),
-                        e => e,
-                    });
+                    // This attempt's failure is counted on its host, the
+                    // hedge's outcome on its own (in `commit_hedge`).
+                    return match commit_hedge(b, slot, retry, out, trail) {
+                        Ok(Delivered::Hedged { host, cut, .. }) => Ok(Delivered::Hedged {
+                            host,
+                            cut,
+                            first_failed: Some(f.outcome),
+                        }),
+                        Ok(Delivered::Abandoned { host, hedged, .. }) => Ok(Delivered::Abandoned {
+                            host,
+                            hedged,
+                            first_failed: Some(f.outcome),
+                        }),
+                        Err(AttemptError::HedgeFailed(_)) => Err(AttemptError::Recorded(f)),
+                        other => other,
+                    };
                 }
                 Err(AttemptError::Failed(_)) => {
                     hedge_trail(slot, trail);
@@ -632,7 +642,7 @@ fn commit_hedge(
     let (status, first_byte) = (ready.status, ready.first_byte);
     let end = commit(ready, retry, out, trail);
     let (verdict, outcome) = match &end {
-        Ok(Delivered::Complete | Delivered::Hedged(..)) => {
+        Ok(Delivered::Complete | Delivered::Hedged { .. }) => {
             (Verdict::Success, Some(metrics::AttemptOutcome::Ok))
         }
         Ok(Delivered::Cut(_)) => (Verdict::Failure, Some(metrics::AttemptOutcome::Broken)),
@@ -640,7 +650,7 @@ fn commit_hedge(
             Verdict::Failure,
             Some(metrics::AttemptOutcome::of(f.outcome)),
         ),
-        Ok(Delivered::Abandoned(..)) | Err(_) => (Verdict::Unknown, None),
+        Ok(Delivered::Abandoned { .. }) | Err(_) => (Verdict::Unknown, None),
     };
     b.metrics.hedge_attempt(
         b,
@@ -656,11 +666,19 @@ fn commit_hedge(
             if let Some(k) = &c.key {
                 k.succeeded();
             }
-            Ok(Delivered::Hedged(c.host.spec.name.clone(), false))
+            Ok(Delivered::Hedged {
+                host: c.host.spec.name.clone(),
+                cut: false,
+                first_failed: None,
+            })
         }
         Ok(Delivered::Cut(why)) => {
             b.hosts.record(&c.host, Verdict::Failure, false, Some(&why));
-            Ok(Delivered::Hedged(c.host.spec.name.clone(), true))
+            Ok(Delivered::Hedged {
+                host: c.host.spec.name.clone(),
+                cut: true,
+                first_failed: None,
+            })
         }
         Err(AttemptError::Failed(f)) => {
             // Not passed on after all (e.g. a stream committed early got a
@@ -873,7 +891,11 @@ fn commit(
     // Past this point the answer is the host's: a client that leaves
     // abandons it, and the log still names who served it.
     match pass_on(ready, retry, out, trail) {
-        Err(AttemptError::ClientGone) => Ok(Delivered::Abandoned(name, hedged)),
+        Err(AttemptError::ClientGone) => Ok(Delivered::Abandoned {
+            host: name,
+            hedged,
+            first_failed: None,
+        }),
         other => other,
     }
 }
@@ -1066,14 +1088,24 @@ fn pump(
 enum Delivered {
     /// The whole body reached the client.
     Complete,
-    /// A hedge attempt on this host won and its body reached the client;
-    /// `true` when it was cut off after the commit.
-    Hedged(String, bool),
+    /// A hedge attempt on `host` won and its body reached the client.
+    Hedged {
+        host: String,
+        /// It was cut off after the commit.
+        cut: bool,
+        /// How the first attempt failed while the hedge ran (`None`: outrun).
+        first_failed: Option<Outcome>,
+    },
     /// The upstream failed after the commit; the client saw the cut.
     Cut(String),
-    /// The client went away after the commit; the host named had served it
-    /// (a hedge when the flag is set).
-    Abandoned(String, bool),
+    /// The client went away after the commit; `host` had served it.
+    Abandoned {
+        host: String,
+        /// `host` served a hedge attempt.
+        hedged: bool,
+        /// How the first attempt failed while the hedge ran (`None`: outrun).
+        first_failed: Option<Outcome>,
+    },
 }
 
 /// Metrics hook: count one attempt on `host` by how it ended. A client that
@@ -1090,7 +1122,10 @@ fn observe(b: &Balancer, host: &Host, begun: Instant, result: &Result<Delivered,
         Err(AttemptError::HedgeFailed(_)) => None,
         // Outrun by its hedge: the host was only slower, not wrong. A client
         // that left says nothing about the host either.
-        Ok(Delivered::Hedged(..) | Delivered::Abandoned(..)) => None,
+        // A first attempt that failed while its hedge ran counts as failed.
+        Ok(Delivered::Hedged { first_failed, .. } | Delivered::Abandoned { first_failed, .. }) => {
+            first_failed.map(metrics::AttemptOutcome::of)
+        }
         Err(_) => None,
     };
     b.metrics.attempt(b, host, begun, outcome, result.is_ok());

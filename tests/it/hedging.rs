@@ -337,6 +337,25 @@ fn hedge_attempts_are_counted_in_upstream_attempts_total() {
     assert_eq!(r.header("x-gaia-attempts"), Some("h0:outrun,h1(hedge):200"));
     let metrics = request(bal.addr, "GET", "/metrics", &[], b"").text();
     assert_eq!(attempts(&metrics, "h1", "ok"), 1.0, "{metrics}");
+    // The first attempt fails while its hedge runs, and the hedge wins:
+    // both count, each on its own host.
+    let failing = Upstream::always(Reply::Delayed(
+        Duration::from_millis(300),
+        Box::new(Reply::json(500, r#"{"error":{"message":"boom"}}"#)),
+    ));
+    let later = Upstream::always(Reply::Delayed(
+        Duration::from_millis(600),
+        Box::new(Reply::json(200, OK)),
+    ));
+    let bal = start(&[failing.url(), later.url()], &[], |c| {
+        c.hosts[0].weight = 1000;
+        c.settings.hedge = Hedge::After(Duration::from_millis(100));
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.header("x-gaia-attempts"), Some("h0:500,h1(hedge):200"));
+    let metrics = request(bal.addr, "GET", "/metrics", &[], b"").text();
+    assert_eq!(attempts(&metrics, "h0", "status_5xx"), 1.0, "{metrics}");
+    assert_eq!(attempts(&metrics, "h1", "ok"), 1.0, "{metrics}");
 }
 
 /// With every hedge thread busy there is no hedge (never a wait): a request
