@@ -272,7 +272,7 @@ fn run(weak: &Weak<Shared>) {
                 // A new generation (start or reload): poll it all at once;
                 // until then its hosts keep what the old ones had learned.
                 if let Some(old) = old {
-                    carry_over(&old.b, &b);
+                    carry_over(&old.b.hosts, &b.hosts);
                 }
                 let n = b.hosts.all().len();
                 Schedule {
@@ -322,21 +322,34 @@ fn jittered(interval: Duration) -> Duration {
     (interval + Duration::from_millis(offset)).saturating_sub(Duration::from_millis(tenth))
 }
 
-/// After a reload, hosts with the same URL keep what was learned about them.
-fn carry_over(old: &Balancer, new: &Balancer) {
-    for host in new.hosts.all() {
+/// After a reload, hosts with the same URL keep what was learned about them:
+/// their last list and the models they refused. Called when the next
+/// generation is built (so it is never without them, even while this
+/// thread is busy with a slow poll), and again here (a no-op then).
+pub fn carry_over(old: &Hosts, new: &Hosts) {
+    for host in new.all() {
         let Some(before) = old
-            .hosts
             .all()
             .iter()
             .find(|h| h.spec.base_url == host.spec.base_url)
         else {
             continue;
         };
-        let models = before.catalog.lock().models.clone();
+        if std::ptr::eq(&**before, &**host) {
+            continue;
+        }
+        let (models, excluded) = {
+            let k = before.catalog.lock();
+            (k.models.clone(), k.excluded.clone())
+        };
         let mut k = host.catalog.lock();
         if k.models.is_none() {
             k.models = models;
+        }
+        for e in excluded {
+            if !k.excluded.iter().any(|(m, _, _)| *m == e.0) {
+                k.excluded.push(e);
+            }
         }
     }
 }

@@ -22,6 +22,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use crate::config::Hedge;
 use crate::hosts::{Candidate, Host, Verdict};
 use crate::keys::Key;
+use crate::metrics;
 use crate::proxy::{self, Proxied, Ready};
 use crate::request::Headers;
 use crate::retry::Outcome;
@@ -63,7 +64,10 @@ impl Default for Hedger {
 impl Hedger {
     /// Start the hedge threads.
     pub fn new() -> Self {
-        let (jobs, rx) = crossbeam_channel::bounded::<Job>(HEDGE_THREADS);
+        // A rendezvous channel: a job is handed over only to a thread idle
+        // in `recv`, never queued behind busy ones (a queued hedge would make
+        // the worker wait for it, and start late, after it was cancelled).
+        let (jobs, rx) = crossbeam_channel::bounded::<Job>(0);
         for i in 0..HEDGE_THREADS {
             let rx: Receiver<Job> = rx.clone();
             let spawned = thread::Builder::new()
@@ -318,11 +322,17 @@ fn run(job: Job) {
     let _watch = watch::start(None);
     watch::set_cancel(job.slot.cancelled.clone());
     let b = &job.b;
+    if job.slot.cancelled.load(Ordering::Relaxed) {
+        job.slot.finish(SlotState::Skipped);
+        return;
+    }
     let mut candidates = b.hosts.candidates().for_model(job.model.clone());
     let mut chosen = None;
     for _ in 0..b.hosts.all().len() {
         let Some(c) = candidates.next() else { break };
-        if c.host.index == job.exclude || c.probe || c.repeat {
+        // A hedge copies a request a primary is still serving, so no
+        // primary is out of options: a backup is no place for it.
+        if c.host.index == job.exclude || c.probe || c.repeat || c.host.spec.backup {
             b.hosts.record(&c.host, Verdict::Unknown, c.probe, None);
             continue;
         }
@@ -340,6 +350,7 @@ fn run(job: Job) {
         body: &job.body,
         request_id: &job.request_id,
     };
+    let begun = metrics::attempt_begins();
     match proxy::run_to_commit(b, &outgoing, &c.host, c.key.as_ref(), job.deadline) {
         Ok(mut ready) => {
             ready.hedged = true;
@@ -347,6 +358,11 @@ fn run(job: Job) {
         }
         Err(AttemptError::Failed(f)) => {
             proxy::learn(b, &c, &f, job.model.as_ref());
+            // Counted here, on this thread's own marks (a winner is counted
+            // when the worker commits it).
+            let outcome = metrics::AttemptOutcome::of(f.outcome);
+            b.metrics.attempt(b, &c.host, begun, Some(outcome), false);
+            metrics::begin_request();
             job.slot
                 .finish(SlotState::Failed(c.host.clone(), c.key.clone(), f.outcome));
         }

@@ -539,7 +539,17 @@ impl Candidates<'_> {
         self.retry_at = Some(self.retry_at.map_or(at, |r| r.min(at)));
     }
 
-    fn take(&mut self, host: Arc<Host>, now: Instant, repeat: bool) -> Option<Candidate> {
+    /// Take `host` for this attempt, with a key. `None` when it cannot be
+    /// had after all: no usable key, or since [`Self::usable`] looked another
+    /// request took its probe (or ejected it), decided under the same lock
+    /// that sets the probe flag, so only one request ever probes a host.
+    fn take(
+        &mut self,
+        host: Arc<Host>,
+        now: Instant,
+        repeat: bool,
+        panic: bool,
+    ) -> Option<Candidate> {
         let key = if host.keys.is_empty() {
             None
         } else {
@@ -552,12 +562,15 @@ impl Candidates<'_> {
         };
         let mut h = host.health();
         let probe = match h.state {
+            HostState::Up => false,
             HostState::Ejected(until) if until <= now => {
                 h.state = HostState::Probing;
                 true
             }
             HostState::Probing if !h.probe_in_flight => true,
-            _ => false,
+            // Ejected, or its probe is under way: only panic mode sends more.
+            HostState::Ejected(_) | HostState::Probing if panic => false,
+            HostState::Ejected(_) | HostState::Probing => return None,
         };
         if probe {
             h.probe_in_flight = true;
@@ -595,17 +608,23 @@ impl Iterator for Candidates<'_> {
         }
         // Untried primaries, untried backups, then round again in the same order.
         for (backup, repeat) in [(false, false), (true, false), (false, true), (true, true)] {
-            let eligible: Vec<bool> = hosts
-                .hosts
-                .iter()
-                .map(|h| {
-                    usable[h.index] && h.spec.backup == backup && self.tried[h.index] == repeat
-                })
-                .collect();
-            if let Some(host) = hosts.pick(&eligible, now) {
-                if let Some(c) = self.take(host, now, repeat) {
+            loop {
+                let eligible: Vec<bool> = hosts
+                    .hosts
+                    .iter()
+                    .map(|h| {
+                        usable[h.index] && h.spec.backup == backup && self.tried[h.index] == repeat
+                    })
+                    .collect();
+                let Some(host) = hosts.pick(&eligible, now) else {
+                    break;
+                };
+                let index = host.index;
+                if let Some(c) = self.take(host, now, repeat, panic) {
                     return Some(c);
                 }
+                // Lost to another request since `usable` looked: pick again.
+                usable[index] = false;
             }
         }
         None
@@ -757,6 +776,53 @@ mod tests {
         let picks = names(&hosts, 40);
         let a_picks = picks.iter().filter(|n| *n == "a").count();
         assert!((1..=6).contains(&a_picks), "{picks:?}");
+    }
+
+    #[test]
+    fn concurrent_requests_never_send_a_second_attempt_to_a_probing_host() {
+        use std::sync::Barrier;
+        // Four hosts, one ejected: not panic mode, so only its probe may go there.
+        let hosts = Arc::new(table(
+            &[
+                spec("a", 1, false),
+                spec("b", 1, false),
+                spec("c", 1, false),
+                spec("d", 1, false),
+            ],
+            &[],
+        ));
+        fail(&hosts, 0, EJECT_AFTER);
+        let threads = 8;
+        let rounds = 300;
+        let barrier = Arc::new(Barrier::new(threads));
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let (hosts, barrier) = (hosts.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    let mut on_a = Vec::new();
+                    for _ in 0..rounds {
+                        // One thread ends the ejection; then all race for a.
+                        if barrier.wait().is_leader() {
+                            let a = &hosts.all()[0];
+                            let mut h = a.health();
+                            h.state = HostState::Ejected(Instant::now());
+                            h.probe_in_flight = false;
+                        }
+                        barrier.wait();
+                        let got = hosts.candidates().take(4).find(|c| c.host.index == 0);
+                        on_a.push(got.map(|c| c.probe));
+                        barrier.wait();
+                    }
+                    on_a
+                })
+            })
+            .collect();
+        let per_thread: Vec<Vec<Option<bool>>> =
+            handles.into_iter().map(|h| h.join().unwrap()).collect();
+        for round in 0..rounds {
+            let got: Vec<bool> = per_thread.iter().filter_map(|t| t[round]).collect();
+            assert_eq!(got, [true], "round {round}: attempts on the probing host");
+        }
     }
 
     #[test]

@@ -501,6 +501,32 @@ impl Metrics {
         }
     }
 
+    /// Record one hedge attempt on `host` (it ran on a hedge thread, so the
+    /// worker's marks say nothing about it): `outcome` as for [`Self::attempt`]
+    /// (`Ok` is classed by `status`), `head_after` its time to response head
+    /// if it got one, `served` when its answer went to the client.
+    pub fn hedge_attempt(
+        &self,
+        b: &Balancer,
+        host: &Host,
+        outcome: Option<AttemptOutcome>,
+        status: u16,
+        head_after: Option<Duration>,
+        served: bool,
+    ) {
+        let outcome = match outcome {
+            Some(AttemptOutcome::Ok) => Some(AttemptOutcome::of(Outcome::Status(status))),
+            o => o,
+        };
+        let (Some(outcome), Some(series)) = (outcome, b.series.get(host.index)) else {
+            return;
+        };
+        series.attempt(outcome, head_after);
+        if served && host.spec.backup {
+            series.backup_served.fetch_add(1, Relaxed);
+        }
+    }
+
     /// Record a finished request: `status` as sent (499 when the client left),
     /// `started` when its head was complete; `cut` and `client_gone` from the proxy.
     pub fn request(

@@ -298,18 +298,21 @@ fn attempts(
         observe(b, &c.host, begun, &result);
         let failure = match result {
             Ok(end) => {
-                if let Delivered::Hedged(name) = &end {
-                    served.host = Some(name.clone());
+                if let Delivered::Hedged { host, cut, .. } = &end {
+                    // The hedge's host is credited or blamed in
+                    // `commit_hedge`; the attempt it outran was only slower.
+                    served.host = Some(host.clone());
                     served.attempts += 1;
+                    served.cut = *cut;
                     return Ok(());
                 }
-                if let Delivered::Abandoned(name, hedged) = end {
+                if let Delivered::Abandoned { host, hedged, .. } = end {
                     if hedged {
                         served.attempts += 1; // counted as for Hedged
                     } else {
                         b.hosts.record(&c.host, Verdict::Unknown, c.probe, None);
                     }
-                    served.host = Some(name);
+                    served.host = Some(host);
                     return Err(Stop::ClientGone);
                 }
                 let (verdict, detail) = match &end {
@@ -332,8 +335,9 @@ fn attempts(
                 b.hosts.record(&c.host, Verdict::Unknown, c.probe, None);
                 return Err(Stop::Invalid(msg));
             }
-            Err(AttemptError::Recorded(f)) => {
-                // Already in the trail and learned from (a hedge was waited on).
+            Err(AttemptError::Recorded(f) | AttemptError::HedgeFailed(f)) => {
+                // Already in the trail and learned from (a hedge was waited
+                // on, or won the race and then failed): one more attempt.
                 served.attempts += 1;
                 last = Some(f);
                 continue;
@@ -574,7 +578,24 @@ fn attempt(
             trail.push(&c.host, c.key.as_deref(), &outcome_label(f.outcome));
             learn(b, c, &f, req.model.as_ref());
             match slot.wait(deadline) {
-                Ok(()) => return commit_hedge(b, slot, retry, out, trail),
+                Ok(()) => {
+                    // This attempt's failure is counted on its host, the
+                    // hedge's outcome on its own (in `commit_hedge`).
+                    return match commit_hedge(b, slot, retry, out, trail) {
+                        Ok(Delivered::Hedged { host, cut, .. }) => Ok(Delivered::Hedged {
+                            host,
+                            cut,
+                            first_failed: Some(f.outcome),
+                        }),
+                        Ok(Delivered::Abandoned { host, hedged, .. }) => Ok(Delivered::Abandoned {
+                            host,
+                            hedged,
+                            first_failed: Some(f.outcome),
+                        }),
+                        Err(AttemptError::HedgeFailed(_)) => Err(AttemptError::Recorded(f)),
+                        other => other,
+                    };
+                }
                 Err(AttemptError::Failed(_)) => {
                     hedge_trail(slot, trail);
                     return Err(AttemptError::Recorded(f));
@@ -599,7 +620,8 @@ fn note_first_byte(shared: &Shared, ready: &Ready) {
         .observe(&ready.host.spec.name, ready.first_byte);
 }
 
-/// Commit the result a hedge left in `slot`.
+/// Commit the result a hedge left in `slot`. The hedge's host is credited
+/// or blamed here (health, metrics, trail), never the attempt it outran.
 fn commit_hedge(
     b: &Balancer,
     slot: &hedge::Slot,
@@ -611,22 +633,65 @@ fn commit_hedge(
         hedge_trail(slot, trail);
         return Err(upstream::failure_text("the hedge produced nothing"));
     };
-    let host = ready.host.clone();
-    let key = ready.key.clone();
-    let end = commit(ready, retry, out, trail);
-    let verdict = match &end {
-        Ok(Delivered::Complete | Delivered::Hedged(_)) => Verdict::Success,
-        Ok(Delivered::Cut(_)) => Verdict::Failure,
-        Ok(Delivered::Abandoned(..)) | Err(_) => Verdict::Unknown,
+    let c = Candidate {
+        host: ready.host.clone(),
+        key: ready.key.clone(),
+        probe: false,
+        repeat: false,
     };
-    b.hosts.record(&host, verdict, false, None);
-    if let (Some(k), Verdict::Success) = (&key, verdict) {
-        k.succeeded();
+    let (status, first_byte) = (ready.status, ready.first_byte);
+    let end = commit(ready, retry, out, trail);
+    let (verdict, outcome) = match &end {
+        Ok(Delivered::Complete | Delivered::Hedged { .. }) => {
+            (Verdict::Success, Some(metrics::AttemptOutcome::Ok))
+        }
+        Ok(Delivered::Cut(_)) => (Verdict::Failure, Some(metrics::AttemptOutcome::Broken)),
+        Err(AttemptError::Failed(f)) => (
+            Verdict::Failure,
+            Some(metrics::AttemptOutcome::of(f.outcome)),
+        ),
+        Ok(Delivered::Abandoned { .. }) | Err(_) => (Verdict::Unknown, None),
+    };
+    b.metrics.hedge_attempt(
+        b,
+        &c.host,
+        outcome,
+        status,
+        Some(first_byte),
+        verdict == Verdict::Success,
+    );
+    match end {
+        Ok(Delivered::Complete) => {
+            b.hosts.record(&c.host, Verdict::Success, false, None);
+            if let Some(k) = &c.key {
+                k.succeeded();
+            }
+            Ok(Delivered::Hedged {
+                host: c.host.spec.name.clone(),
+                cut: false,
+                first_failed: None,
+            })
+        }
+        Ok(Delivered::Cut(why)) => {
+            b.hosts.record(&c.host, Verdict::Failure, false, Some(&why));
+            Ok(Delivered::Hedged {
+                host: c.host.spec.name.clone(),
+                cut: true,
+                first_failed: None,
+            })
+        }
+        Err(AttemptError::Failed(f)) => {
+            // Not passed on after all (e.g. a stream committed early got a
+            // JSON answer): the hedge's host failed, not the one it outran.
+            trail.push_hedge(&c.host, c.key.as_deref(), &outcome_label(f.outcome));
+            learn(b, &c, &f, None);
+            Err(AttemptError::HedgeFailed(f))
+        }
+        other => {
+            b.hosts.record(&c.host, Verdict::Unknown, false, None);
+            other
+        }
     }
-    end.map(|d| match d {
-        Delivered::Complete => Delivered::Hedged(host.spec.name.clone()),
-        other => other,
-    })
 }
 
 /// Put a failed hedge in the trail.
@@ -826,7 +891,11 @@ fn commit(
     // Past this point the answer is the host's: a client that leaves
     // abandons it, and the log still names who served it.
     match pass_on(ready, retry, out, trail) {
-        Err(AttemptError::ClientGone) => Ok(Delivered::Abandoned(name, hedged)),
+        Err(AttemptError::ClientGone) => Ok(Delivered::Abandoned {
+            host: name,
+            hedged,
+            first_failed: None,
+        }),
         other => other,
     }
 }
@@ -1019,13 +1088,24 @@ fn pump(
 enum Delivered {
     /// The whole body reached the client.
     Complete,
-    /// A hedge attempt on this host won and its whole body reached the client.
-    Hedged(String),
+    /// A hedge attempt on `host` won and its body reached the client.
+    Hedged {
+        host: String,
+        /// It was cut off after the commit.
+        cut: bool,
+        /// How the first attempt failed while the hedge ran (`None`: outrun).
+        first_failed: Option<Outcome>,
+    },
     /// The upstream failed after the commit; the client saw the cut.
     Cut(String),
-    /// The client went away after the commit; the host named had served it
-    /// (a hedge when the flag is set).
-    Abandoned(String, bool),
+    /// The client went away after the commit; `host` had served it.
+    Abandoned {
+        host: String,
+        /// `host` served a hedge attempt.
+        hedged: bool,
+        /// How the first attempt failed while the hedge ran (`None`: outrun).
+        first_failed: Option<Outcome>,
+    },
 }
 
 /// Metrics hook: count one attempt on `host` by how it ended. A client that
@@ -1038,9 +1118,14 @@ fn observe(b: &Balancer, host: &Host, begun: Instant, result: &Result<Delivered,
         Err(AttemptError::Failed(f) | AttemptError::Recorded(f)) => {
             Some(metrics::AttemptOutcome::of(f.outcome))
         }
+        // Outrun by its hedge, which then failed (counted on its own host).
+        Err(AttemptError::HedgeFailed(_)) => None,
         // Outrun by its hedge: the host was only slower, not wrong. A client
         // that left says nothing about the host either.
-        Ok(Delivered::Hedged(_) | Delivered::Abandoned(..)) => None,
+        // A first attempt that failed while its hedge ran counts as failed.
+        Ok(Delivered::Hedged { first_failed, .. } | Delivered::Abandoned { first_failed, .. }) => {
+            first_failed.map(metrics::AttemptOutcome::of)
+        }
         Err(_) => None,
     };
     b.metrics.attempt(b, host, begun, outcome, result.is_ok());

@@ -41,6 +41,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::{self, Config, Overrides, Settings, API_KEYS_FILE, BALANCER_FILE, HOSTS_FILE};
+use crate::discovery;
 use crate::hosts::Hosts;
 use crate::keys::KeyPool;
 use crate::state::{Balancer, Shared};
@@ -411,6 +412,7 @@ pub fn rebuild(old: &Balancer, config: Config, files: KeyFiles) -> Balancer {
     };
     let strategy = config.settings.strategy;
     let hosts = Hosts::reloaded(&config.hosts, &keys, &old.hosts, strategy, files.own);
+    discovery::carry_over(&old.hosts, &hosts);
     let (was, is) = (&old.config.settings, &config.settings);
     let agent = if same_agent(was, is) {
         old.agent.clone()

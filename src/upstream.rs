@@ -139,6 +139,10 @@ pub enum AttemptError {
     Preempted,
     /// A failure already put in the trail and learned from.
     Recorded(Failed),
+    /// This attempt was outrun by its hedge, which then failed before its
+    /// answer reached the client: the hedge's failure, already put in the
+    /// trail and learned from (nothing is blamed on the outrun attempt).
+    HedgeFailed(Failed),
 }
 
 /// Send one attempt and wait for the response head.

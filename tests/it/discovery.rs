@@ -465,3 +465,44 @@ fn a_stalled_list_is_cut_off_and_holds_up_no_other_host() {
     );
     assert_eq!(current(&bal).hosts.all()[0].catalog.models(), None);
 }
+
+/// A reload (any change, even `touch api-keys.json`) keeps the model lists
+/// at once: `/v1/models` and routing by model do not lapse while the
+/// discovery thread is still busy with a slow host's poll.
+#[test]
+fn a_reload_keeps_the_model_lists_while_discovery_is_busy() {
+    use gaia_balancer::reload::{rebuild, KeyFiles};
+    // Its list takes the whole poll timeout (5 s), keeping discovery busy.
+    let slow = Upstream::start(|seen, _| {
+        if seen.path == "/v1/models" {
+            Reply::Hang(Duration::from_secs(30))
+        } else {
+            Reply::json(200, OK)
+        }
+    });
+    let a = node(&["alpha"]);
+    let z = node(&["zeta"]);
+    let bal = start(&[a.url(), z.url(), slow.url()], &[], every(60_000));
+    answered(&bal, &[0, 1]);
+    let ids = |bal: &Running| {
+        let r = request(bal.addr, "GET", "/v1/models", &[], b"");
+        let v = r.json();
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&bal), ["alpha", "zeta"]);
+    // The reload path: the next generation built from the one in force.
+    let shared = bal.server().shared();
+    let old = shared.current();
+    shared.replace(rebuild(&old, old.config.clone(), KeyFiles::default()));
+    assert_eq!(ids(&bal), ["alpha", "zeta"], "right after the reload");
+    for _ in 0..4 {
+        let r = post(bal.addr, "/v1/chat/completions", &ask("zeta"));
+        assert_eq!(r.status, 200);
+    }
+    assert!(chats(&a).is_empty(), "zeta went to the alpha host");
+}

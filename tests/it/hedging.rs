@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use gaia_balancer::config::Hedge;
 
-use crate::fake::{content_event, finish_events, Reply, Step, Upstream};
-use crate::util::{chat, post, start, wait_for};
+use crate::fake::{content_event, finish_events, Reply, Seen, Step, Upstream};
+use crate::util::{chat, post, request, start, wait_for};
 
 const OK: &str = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}]}"#;
 
@@ -237,4 +237,255 @@ fn auto_hedges_after_the_hosts_p95_with_a_500ms_floor() {
         "the floor holds: {took:?}"
     );
     assert!(took < Duration::from_secs(3), "{took:?}");
+}
+
+/// A hedge that won and then broke off after the commit is its own host's
+/// failure: the host it outran (which only was slow) is not blamed.
+#[test]
+fn a_hedge_cut_after_the_commit_is_not_blamed_on_the_host_it_outran() {
+    let slow = Upstream::always(Reply::Hang(Duration::from_secs(5)));
+    let cutting = Upstream::always(Reply::sse(vec![
+        Step::Send(content_event("partial")),
+        Step::Cut,
+    ]));
+    let bal = start(&[slow.url(), cutting.url()], &[], |c| {
+        c.hosts[0].weight = 1000; // the slow host goes first
+        c.settings.hedge = Hedge::After(Duration::from_millis(200));
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(true));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-gaia-upstream"), Some("h1"));
+    let text = r.text();
+    assert!(
+        text.contains("partial") && text.contains("stream_interrupted"),
+        "{text}"
+    );
+    let status = request(bal.addr, "GET", "/status", &[], b"").json();
+    let host = |name: &str| {
+        status["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(host("h1")["failures"], 1, "{status:#}");
+    assert_eq!(host("h0")["failures"], 0, "the outrun host: {status:#}");
+    assert_eq!(host("h0")["consecutiveFailures"], 0, "{status:#}");
+    let metrics = request(bal.addr, "GET", "/metrics", &[], b"").text();
+    assert_eq!(attempts(&metrics, "h0", "broken"), 0.0, "{metrics}");
+    assert_eq!(attempts(&metrics, "h1", "broken"), 1.0, "{metrics}");
+}
+
+/// `gaia_balancer_upstream_attempts_total` of one host and outcome.
+fn attempts(metrics: &str, host: &str, outcome: &str) -> f64 {
+    let series =
+        format!(r#"gaia_balancer_upstream_attempts_total{{host="{host}",outcome="{outcome}"}} "#);
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&series)?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A hedge is an upstream attempt like any other: `upstream_attempts_total`
+/// counts it on its host, whether it won or failed.
+#[test]
+fn hedge_attempts_are_counted_in_upstream_attempts_total() {
+    let slow = Upstream::start(|_, n| {
+        if n == 0 {
+            // Outlives the hedge's failure, then fails itself.
+            Reply::Delayed(
+                Duration::from_millis(800),
+                Box::new(Reply::json(502, r#"{"error":{"message":"bad gateway"}}"#)),
+            )
+        } else {
+            Reply::Hang(Duration::from_secs(5))
+        }
+    });
+    let other = Upstream::start(|_, n| {
+        if n == 0 {
+            Reply::json(500, r#"{"error":{"message":"boom"}}"#)
+        } else {
+            Reply::json(200, OK)
+        }
+    });
+    let bal = start(&[slow.url(), other.url()], &[], |c| {
+        c.hosts[0].weight = 1000; // the slow host goes first
+        c.settings.hedge = Hedge::After(Duration::from_millis(200));
+    });
+    // The hedge fails (500), then the first attempt (502); the retry serves.
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("x-gaia-attempts"),
+        Some("h0:502,h1(hedge):500,h1:200")
+    );
+    let metrics = request(bal.addr, "GET", "/metrics", &[], b"").text();
+    assert_eq!(attempts(&metrics, "h0", "status_5xx"), 1.0, "{metrics}");
+    assert_eq!(attempts(&metrics, "h1", "status_5xx"), 1.0, "{metrics}");
+    assert_eq!(attempts(&metrics, "h1", "ok"), 1.0, "{metrics}");
+    // A hedge that wins counts as `ok` on its host; the host it outran,
+    // only slower, gets no outcome.
+    let slow = Upstream::always(Reply::Hang(Duration::from_secs(5)));
+    let fast = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[slow.url(), fast.url()], &[], |c| {
+        c.hosts[0].weight = 1000;
+        c.settings.hedge = Hedge::After(Duration::from_millis(200));
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.header("x-gaia-attempts"), Some("h0:outrun,h1(hedge):200"));
+    let metrics = request(bal.addr, "GET", "/metrics", &[], b"").text();
+    assert_eq!(attempts(&metrics, "h1", "ok"), 1.0, "{metrics}");
+    // The first attempt fails while its hedge runs, and the hedge wins:
+    // both count, each on its own host.
+    let failing = Upstream::always(Reply::Delayed(
+        Duration::from_millis(300),
+        Box::new(Reply::json(500, r#"{"error":{"message":"boom"}}"#)),
+    ));
+    let later = Upstream::always(Reply::Delayed(
+        Duration::from_millis(600),
+        Box::new(Reply::json(200, OK)),
+    ));
+    let bal = start(&[failing.url(), later.url()], &[], |c| {
+        c.hosts[0].weight = 1000;
+        c.settings.hedge = Hedge::After(Duration::from_millis(100));
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.header("x-gaia-attempts"), Some("h0:500,h1(hedge):200"));
+    let metrics = request(bal.addr, "GET", "/metrics", &[], b"").text();
+    assert_eq!(attempts(&metrics, "h0", "status_5xx"), 1.0, "{metrics}");
+    assert_eq!(attempts(&metrics, "h1", "ok"), 1.0, "{metrics}");
+}
+
+/// With every hedge thread busy there is no hedge (never a wait): a request
+/// whose first attempt then fails retries at once on another host, instead of
+/// waiting for a hedge queued behind the busy threads.
+#[test]
+fn no_hedge_is_queued_while_every_hedge_thread_is_busy() {
+    let id = |s: &Seen| s.header("x-request-id").unwrap_or("").to_string();
+    let first = Upstream::start(move |s, _| {
+        let id = id(s);
+        if id.starts_with("hang") {
+            Reply::Hang(Duration::from_secs(30))
+        } else if id == "late-500" {
+            Reply::Delayed(
+                Duration::from_millis(600),
+                Box::new(Reply::json(500, r#"{"error":{"message":"boom"}}"#)),
+            )
+        } else {
+            Reply::json(200, OK)
+        }
+    });
+    let other = Upstream::start(move |s, _| {
+        if id(s).starts_with("hang") {
+            Reply::Hang(Duration::from_secs(30))
+        } else {
+            Reply::json(200, OK)
+        }
+    });
+    let bal = start(&[first.url(), other.url()], &[], |c| {
+        c.hosts[0].weight = 1000; // the first host goes first
+        c.settings.hedge = Hedge::After(Duration::from_millis(100));
+        c.settings.timeouts.total = Duration::from_secs(8);
+        c.settings.timeouts.first_byte = Duration::from_secs(8);
+    });
+    // Fill the hedge bucket: 80 requests earn 4 hedges (5 with the first token).
+    for _ in 0..80 {
+        let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+        assert_eq!(r.header("x-gaia-attempts"), Some("h0:200"));
+    }
+    // Four stalled requests whose hedges stall too: every hedge thread is busy.
+    let addr = bal.addr;
+    let _stalled: Vec<_> = (0..4)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let id = format!("hang-{i}");
+                request(
+                    addr,
+                    "POST",
+                    "/v1/chat/completions",
+                    &[("Content-Type", "application/json"), ("X-Request-Id", &id)],
+                    chat(false).as_bytes(),
+                )
+            })
+        })
+        .collect();
+    assert!(
+        wait_for(Duration::from_secs(5), || other.hits() == 4),
+        "four hedges under way: {}",
+        other.hits()
+    );
+    // This one's first attempt fails after its hedge would have started.
+    let r = request(
+        bal.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("Content-Type", "application/json"),
+            ("X-Request-Id", "late-500"),
+        ],
+        chat(false).as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-gaia-attempts"), Some("h0:500,h1:200"));
+}
+
+/// A stream committed early (keep-alive comments sent) whose hedge wins with
+/// an answer that is no stream: that is the hedge host's failure, not the
+/// outrun first host's.
+#[test]
+fn a_hedge_that_cannot_be_passed_on_is_blamed_on_its_own_host() {
+    let slow = Upstream::always(Reply::Hang(Duration::from_secs(5)));
+    let json = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[slow.url(), json.url()], &[], |c| {
+        c.hosts[0].weight = 1000; // the slow host goes first
+        c.settings.hedge = Hedge::After(Duration::from_millis(300));
+        c.settings.stream_keep_alive_after = Some(Duration::from_millis(50));
+        c.settings.max_attempts = 2;
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(true));
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    assert!(text.starts_with(": keep-alive"), "{text}");
+    assert!(text.contains("upstream_failed"), "{text}");
+    let status = request(bal.addr, "GET", "/status", &[], b"").json();
+    let failures = |name: &str| {
+        status["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["name"] == name)
+            .unwrap()["failures"]
+            .clone()
+    };
+    assert_eq!(failures("h0"), 0, "the outrun host: {status:#}");
+    assert_eq!(failures("h1"), 1, "{status:#}");
+}
+
+/// A hedge is a speculative copy of a request a primary is still serving, so
+/// it never goes to a backup (used only when no primary can serve): with the
+/// other primary out of rotation, there is no hedge, and the slow primary's
+/// answer is the one sent.
+#[test]
+fn a_hedge_never_goes_to_a_backup() {
+    let slowish = Upstream::always(Reply::Delayed(
+        Duration::from_millis(1000),
+        Box::new(Reply::json(200, OK)),
+    ));
+    let other = Upstream::always(Reply::json(200, OK));
+    let backup = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[slowish.url(), other.url(), backup.url()], &[], |c| {
+        c.hosts[0].weight = 1000; // the slow primary goes first
+        c.hosts[2].backup = true;
+        c.settings.hedge = Hedge::After(Duration::from_millis(100));
+    });
+    // The other primary cools down (as after a 503 with Retry-After).
+    let b = bal.server().shared().current();
+    b.hosts
+        .cool_host(&b.hosts.all()[1], Duration::from_secs(60));
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-gaia-attempts"), Some("h0:200"));
+    assert_eq!(backup.hits(), 0, "the paid backup got a speculative copy");
 }
