@@ -24,7 +24,7 @@ use crate::model;
 use crate::response::{valid_value, Responder};
 use crate::retry::{self, KeyFault, Outcome, RetryTicket};
 use crate::state::{Balancer, Shared};
-use crate::streaming::{Preamble, Verdict as Preview};
+use crate::streaming::{Events, Preamble, Verdict as Preview};
 use crate::upstream::{self, AttemptError, Failed, Outgoing};
 use crate::watch;
 
@@ -978,8 +978,14 @@ fn pass_on(
             Err(_) => Err(AttemptError::ClientGone),
         };
     };
+    // A stream goes on in whole events (see `Events`), the rest as it comes.
+    let mut events = sse.then(Events::default);
     let started = out.started() || out.start_stream(status, headers).is_ok();
-    if !started || out.chunk(&held).is_err() {
+    let sent = match events.as_mut() {
+        Some(e) => e.pass(&held, |d| out.chunk(d)),
+        None => out.chunk(&held),
+    };
+    if !started || sent.is_err() {
         return Err(AttemptError::ClientGone);
     }
     drop(held);
@@ -989,12 +995,14 @@ fn pass_on(
         &mut reader,
         &mut chunk,
         redactor,
+        events,
         idle,
         out,
         &host,
-        move |out, why| {
+        move |out, why, before| {
             if sse {
-                let event = stream_error_event(&name, why);
+                let mut event = before.to_vec();
+                event.extend_from_slice(&stream_error_event(&name, why));
                 let _ = out.chunk(&event);
                 let _ = out.finish();
                 out.close_after();
@@ -1031,16 +1039,20 @@ fn stream_error_event(host: &str, why: &str) -> Vec<u8> {
     format!("data: {body}\n\n").into_bytes()
 }
 
-/// After the commit: copy every upstream chunk to the client at once.
-/// `on_cut` ends the client response when the upstream fails.
+/// After the commit: copy every upstream chunk to the client at once (a
+/// stream's up to the end of its last whole event, see [`Events`]).
+/// `on_cut` ends the client response when the upstream fails, after the
+/// bytes [`Events::cut`] says must come first.
+#[allow(clippy::too_many_arguments)]
 fn pump(
     reader: &mut impl Read,
     chunk: &mut [u8],
     mut redactor: Option<keys::Redactor>,
+    mut events: Option<Events>,
     idle: Duration,
     out: &mut Responder<'_, TcpStream>,
     host: &Host,
-    on_cut: impl FnOnce(&mut Responder<'_, TcpStream>, &str),
+    on_cut: impl FnOnce(&mut Responder<'_, TcpStream>, &str, &[u8]),
 ) -> Result<Delivered, AttemptError> {
     loop {
         watch::set_deadline(Some(Instant::now() + idle));
@@ -1050,6 +1062,10 @@ fn pump(
                 if held_back.is_some_and(|b| out.chunk(&b).is_err()) {
                     return Err(AttemptError::ClientGone);
                 }
+                let rest = events.as_mut().map(Events::finish);
+                if rest.is_some_and(|b| out.chunk(&b).is_err()) {
+                    return Err(AttemptError::ClientGone);
+                }
                 return if out.finish().is_ok() {
                     Ok(Delivered::Complete)
                 } else {
@@ -1057,9 +1073,10 @@ fn pump(
                 };
             }
             Ok(n) => {
-                let sent = match redactor.as_mut() {
-                    Some(r) => out.chunk(&r.push(&chunk[..n])),
-                    None => out.chunk(&chunk[..n]),
+                let sent = match (redactor.as_mut(), events.as_mut()) {
+                    (Some(r), _) => out.chunk(&r.push(&chunk[..n])),
+                    (None, Some(e)) => e.pass(&chunk[..n], |d| out.chunk(d)),
+                    (None, None) => out.chunk(&chunk[..n]),
                 };
                 if sent.is_err() {
                     return Err(AttemptError::ClientGone);
@@ -1075,7 +1092,8 @@ fn pump(
                     e.to_string()
                 };
                 log::warn!("stream from {} cut after commit: {why}", host.spec.name);
-                on_cut(out, &why);
+                let before = events.as_mut().map_or(&b""[..], Events::cut);
+                on_cut(out, &why, before);
                 // The answer was committed: the request is over, not retried.
                 return Ok(Delivered::Cut(why));
             }

@@ -166,6 +166,9 @@ impl<'a, W: Write> Responder<'a, W> {
         }
         self.buf.extend_from_slice(&self.extra);
         match length {
+            // No body, and no length either (RFC 9110 8.6: a 204 must not
+            // carry one; a 304's would describe a body it does not have).
+            _ if matches!(status, 100..=199 | 204 | 304) => {}
             Some(n) => {
                 let _ = write!(self.buf, "Content-Length: {n}\r\n");
             }
@@ -194,7 +197,7 @@ impl<'a, W: Write> Responder<'a, W> {
             return Err(io::Error::other("response already started"));
         }
         self.head(status, headers, Some(body.len()));
-        if !self.head_only {
+        if !self.head_only && !matches!(status, 100..=199 | 204 | 304) {
             self.buf.extend_from_slice(body);
             self.bytes += body.len() as u64;
         }

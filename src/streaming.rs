@@ -68,6 +68,80 @@ impl Preamble {
     }
 }
 
+/// A committed stream, passed on in whole events.
+///
+/// Why: an upstream that dies in the middle of an event would otherwise leave
+/// half an event on the client's line, and the final error event would run
+/// into it (neither would parse). A client's SSE parser cannot use half an
+/// event anyway, so holding back the incomplete end of a chunk until its
+/// blank line arrives delays nothing it could read; on a cut that half is
+/// dropped, as the SSE rules drop an event a closed connection left
+/// unfinished. An event longer than [`HOLD_LIMIT`] is passed on regardless.
+#[derive(Debug, Default)]
+pub struct Events {
+    /// The incomplete last event, held back.
+    tail: Vec<u8>,
+    /// What was passed on ends in the middle of an (over-long) event.
+    open: bool,
+}
+
+impl Events {
+    /// Pass `data` on through `send`, up to the end of its last complete event.
+    pub fn pass<E>(
+        &mut self,
+        data: &[u8],
+        mut send: impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        if self.tail.is_empty() {
+            let whole = complete_len(data);
+            if whole > 0 {
+                self.open = false;
+                send(&data[..whole])?;
+            }
+            self.tail.extend_from_slice(&data[whole..]);
+        } else {
+            self.tail.extend_from_slice(data);
+            let whole = complete_len(&self.tail);
+            if whole > 0 {
+                self.open = false;
+                send(&self.tail[..whole])?;
+                self.tail.drain(..whole);
+            }
+        }
+        if self.tail.len() > HOLD_LIMIT {
+            self.open = true;
+            send(&self.tail)?;
+            self.tail.clear();
+        }
+        Ok(())
+    }
+
+    /// The stream ended cleanly: whatever is held back, to be sent as is.
+    pub fn finish(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.tail)
+    }
+
+    /// The stream was cut: drop what is held back, and return what must
+    /// precede a final event (a blank line after an event sent unfinished).
+    pub fn cut(&mut self) -> &'static [u8] {
+        self.tail.clear();
+        if self.open {
+            b"\n\n"
+        } else {
+            b""
+        }
+    }
+}
+
+/// Length of the prefix of `buf` made of complete events.
+fn complete_len(buf: &[u8]) -> usize {
+    let mut pos = 0;
+    while let Some((_, next)) = event_end(&buf[pos..]) {
+        pos += next;
+    }
+    pos
+}
+
 /// Find the end of the first complete event: (event length, length including
 /// the blank line that ends it). Lines end in CRLF, LF or CR.
 fn event_end(buf: &[u8]) -> Option<(usize, usize)> {
@@ -77,7 +151,9 @@ fn event_end(buf: &[u8]) -> Option<(usize, usize)> {
         let eol = match buf[i] {
             b'\n' => 1,
             b'\r' if buf.get(i + 1) == Some(&b'\n') => 2,
-            // A CR at the very end may be the first half of a CRLF: wait.
+            // A blank line ends the event whether or not an LF follows its CR.
+            b'\r' if i == line_start && i + 1 == buf.len() => return Some((line_start, i + 1)),
+            // A CR at the very end of a line may be the first half of a CRLF: wait.
             b'\r' if i + 1 == buf.len() => return None,
             b'\r' => 1,
             _ => {
@@ -238,6 +314,79 @@ mod tests {
     fn error_event_before_content_is_a_failure() {
         let v = Preamble::default().push(b"data: {\"error\":{\"message\":\"overloaded\"}}\n\n");
         assert_eq!(v, Verdict::Error("overloaded".into()));
+    }
+
+    fn passed(events: &mut Events, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        events
+            .pass(data, |d| {
+                out.extend_from_slice(d);
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn committed_streams_pass_on_whole_events_at_any_split() {
+        for sep in ["\n", "\r\n", "\r"] {
+            let all = [ROLE, HELLO, EMPTY].concat().replace('\n', sep);
+            let b = all.as_bytes();
+            let first = ROLE.replace('\n', sep).len();
+            for i in 0..=b.len() {
+                let mut e = Events::default();
+                let mut out = passed(&mut e, &b[..i]);
+                // Only whole events go out, however the bytes were split.
+                // (A CRLF blank line's CR ends the event; its LF may follow.)
+                let end = sep.repeat(2);
+                let ended = out.ends_with(end.as_bytes()) || out.ends_with(b"\r\n\r");
+                assert!(out.is_empty() || ended, "{sep:?} {i}");
+                assert!(i < first || out.len() >= first, "{sep:?} {i}");
+                out.extend(passed(&mut e, &b[i..]));
+                assert_eq!(out, b, "{sep:?} {i}");
+                assert!(e.finish().is_empty());
+                assert_eq!(e.cut(), b"");
+            }
+        }
+    }
+
+    #[test]
+    fn a_cut_drops_the_half_event_and_an_over_long_one_goes_out() {
+        let mut e = Events::default();
+        let half = &HELLO.as_bytes()[..10];
+        assert_eq!(
+            passed(&mut e, &[ROLE.as_bytes(), half].concat()),
+            ROLE.as_bytes()
+        );
+        assert_eq!(e.cut(), b"");
+        let mut e = Events::default();
+        assert_eq!(passed(&mut e, half), b"");
+        assert_eq!(e.finish(), half, "a clean end sends what is left as is");
+        let mut e = Events::default();
+        let long = vec![b'x'; HOLD_LIMIT + 1];
+        assert_eq!(passed(&mut e, &long).len(), long.len());
+        assert_eq!(e.cut(), b"\n\n", "the final event must not run into it");
+    }
+
+    /// Whatever the line endings (LF, CRLF, CR) and however the bytes are
+    /// split, an event commits (or fails) as soon as its blank line is in.
+    #[test]
+    fn the_verdict_comes_with_the_blank_line_at_every_split() {
+        let err = "data: {\"error\":{\"message\":\"x\"}}\n\n";
+        for sep in ["\n", "\r\n", "\r"] {
+            for (tail, want) in [(HELLO, Verdict::Commit), (err, Verdict::Error("x".into()))] {
+                let all = [ROLE, ": c\n\n", tail].concat().replace('\n', sep);
+                let b = all.as_bytes();
+                for i in 0..=b.len() {
+                    for j in i..=b.len() {
+                        let mut p = Preamble::default();
+                        let verdicts = [p.push(&b[..i]), p.push(&b[i..j]), p.push(&b[j..])];
+                        let first = verdicts.iter().find(|v| **v != Verdict::Hold);
+                        assert_eq!(first, Some(&want), "{sep:?} split at {i} and {j}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

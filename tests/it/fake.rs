@@ -75,6 +75,9 @@ pub enum Reply {
     Close,
     /// Say nothing for this long (the response head included), then reply.
     Delayed(Duration, Box<Reply>),
+    /// Write these steps' bytes exactly as given (no framing added; the
+    /// script writes its own status line, headers and body), then close.
+    Raw(Vec<Step>),
     /// Reply, then close the connection without having said `Connection:
     /// close` (as a server whose keep-alive timeout just ran out does; over
     /// TLS it sends `close_notify` first, as such a server does).
@@ -530,6 +533,37 @@ fn serve(stream: impl Conn, inner: &Inner) {
                 return;
             }
             Reply::Close => {
+                let _ = out.tcp().shutdown(Shutdown::Both);
+                return;
+            }
+            Reply::Raw(steps) => {
+                for step in steps {
+                    match step {
+                        Step::Send(bytes) => {
+                            inner.sent.lock().unwrap().push(Instant::now());
+                            if out.write_all(&bytes).and_then(|()| out.flush()).is_err() {
+                                inner.peer_closed.lock().unwrap().push(Instant::now());
+                                return;
+                            }
+                        }
+                        Step::Repeat(bytes, times) => {
+                            for _ in 0..times {
+                                if out.write_all(&bytes).is_err() {
+                                    inner.peer_closed.lock().unwrap().push(Instant::now());
+                                    return;
+                                }
+                            }
+                        }
+                        Step::Sleep(d) => {
+                            if watch_sleep(out, d) {
+                                inner.peer_closed.lock().unwrap().push(Instant::now());
+                                return;
+                            }
+                        }
+                        Step::Cut => break,
+                    }
+                }
+                let _ = out.flush();
                 let _ = out.tcp().shutdown(Shutdown::Both);
                 return;
             }

@@ -651,3 +651,34 @@ fn a_proxied_head_answers_the_length_the_upstream_gave() {
     assert!(out.contains(&want), "{out}");
     assert!(out.ends_with("\r\n\r\n"), "no body after the head: {out}");
 }
+
+/// 204 and 304 answers have no body: the client's head must not carry a
+/// Content-Length (RFC 9110 8.6 forbids one on a 204; on a 304 it would
+/// claim the length of a body never sent), and the connection stays usable.
+#[test]
+fn no_content_and_not_modified_carry_no_content_length() {
+    for status in [204u16, 304] {
+        let up = Upstream::always(Reply::Raw(vec![Step::Send(
+            format!("HTTP/1.1 {status} X\r\n\r\n").into_bytes(),
+        )]));
+        let bal = start(&[up.url()], &[], |_| {});
+        let body = "{\"model\":\"m\"}";
+        let req = format!(
+            "DELETE /v1/files/f HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}\
+             GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let text = crate::util::raw(bal.addr, req.as_bytes());
+        let (first, rest) = text.split_once("\r\n\r\n").unwrap();
+        assert!(first.starts_with(&format!("HTTP/1.1 {status} ")), "{text}");
+        assert!(
+            !first.to_ascii_lowercase().contains("content-length"),
+            "{first}"
+        );
+        assert!(
+            !first.to_ascii_lowercase().contains("transfer-encoding"),
+            "{first}"
+        );
+        assert!(rest.starts_with("HTTP/1.1 200 "), "{text}");
+    }
+}

@@ -137,6 +137,56 @@ fn cut_after_commit_ends_with_error_event_and_no_done() {
     );
 }
 
+/// Every event of an SSE body, each ended by a blank line (LF only here).
+fn events(text: &str) -> Vec<&str> {
+    text.split_terminator("\n\n").collect()
+}
+
+/// An upstream that dies in the middle of an event, after the commit: the
+/// client must get the error event as an event of its own (a half event
+/// before it would run into it, and neither would parse), over HTTP/1.1
+/// and HTTP/1.0 alike.
+#[test]
+fn a_cut_in_the_middle_of_an_event_still_ends_with_a_whole_error_event() {
+    let half = b"data: {\"id\":\"c1\",\"choi".to_vec();
+    let up = Upstream::always(Reply::sse(vec![
+        Step::Send(role_event()),
+        Step::Send(content_event("partial")),
+        ms(30),
+        Step::Send(half),
+        ms(30),
+        Step::Cut,
+    ]));
+    let bal = start(&[up.url()], &[], |_| {});
+    let body = chat(true);
+    let http10 = format!(
+        "POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let raw10 = crate::util::raw(bal.addr, http10.as_bytes());
+    let text10 = raw10
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    let r = post(bal.addr, "/v1/chat/completions", &body);
+    assert_eq!(r.status, 200);
+    for text in [r.text(), text10] {
+        assert!(text.contains("partial"), "{text}");
+        assert!(!text.contains("[DONE]"), "{text}");
+        assert!(text.ends_with("\n\n"), "{text:?}");
+        let all = events(&text);
+        for event in &all {
+            let data = event.strip_prefix("data: ").expect("a data event");
+            let value: serde_json::Value = serde_json::from_str(data)
+                .unwrap_or_else(|e| panic!("event {event:?} is not JSON ({e}) in {text:?}"));
+            assert!(value.is_object());
+        }
+        let last: serde_json::Value =
+            serde_json::from_str(all.last().unwrap().strip_prefix("data: ").unwrap()).unwrap();
+        assert_eq!(last["error"]["code"], "stream_interrupted", "{text}");
+    }
+}
+
 /// Start a stream, read its first chunk, then drop the client.
 fn leave_mid_stream(silent: bool) {
     let mut steps = vec![Step::Send(content_event("first"))];
