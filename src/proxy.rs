@@ -980,7 +980,14 @@ fn pass_on(
     };
     // A stream goes on in whole events (see `Events`), the rest as it comes.
     let mut events = sse.then(Events::default);
-    let started = out.started() || out.start_stream(status, headers).is_ok();
+    // An HTTP/1.0 client has no chunked coding to show a cut: declare the
+    // upstream's length instead (unless masking a key changes it).
+    let sized = length.filter(|_| !sse && redactor.is_none() && !out.chunked());
+    let started = out.started()
+        || match sized {
+            Some(n) => out.start_sized(status, headers, n).is_ok(),
+            None => out.start_stream(status, headers).is_ok(),
+        };
     let sent = match events.as_mut() {
         Some(e) => e.pass(&held, |d| out.chunk(d)),
         None => out.chunk(&held),

@@ -252,6 +252,32 @@ impl<'a, W: Write> Responder<'a, W> {
         self.out.flush()
     }
 
+    /// Send the head of a body of `length` bytes that follows in
+    /// [`Self::chunk`] calls, written as they come (no chunked coding). For
+    /// an HTTP/1.0 client a close-delimited body that is cut short looks
+    /// complete; with its length declared, a cut shows. The connection
+    /// closes after it.
+    pub fn start_sized(
+        &mut self,
+        status: u16,
+        headers: &[HeaderPair<'_>],
+        length: u64,
+    ) -> io::Result<()> {
+        if self.state != State::Fresh {
+            return Err(io::Error::other("response already started"));
+        }
+        let length = usize::try_from(length).map_err(io::Error::other)?;
+        self.keep_alive = false;
+        self.head(status, headers, Some(length));
+        self.state = if self.head_only {
+            State::Done
+        } else {
+            State::UntilClose
+        };
+        self.out.write_all(&self.buf)?;
+        self.out.flush()
+    }
+
     /// The bytes [`Self::start_stream`] would send, for someone else to send
     /// (the watch commits slow streams early); see [`Self::adopt_stream`].
     pub fn stream_head(&mut self, status: u16, headers: &[HeaderPair<'_>]) -> Vec<u8> {

@@ -682,3 +682,36 @@ fn no_content_and_not_modified_carry_no_content_length() {
         assert!(rest.starts_with("HTTP/1.1 200 "), "{text}");
     }
 }
+
+#[test]
+fn a_large_answer_to_an_http_1_0_client_declares_its_length_so_a_cut_shows() {
+    // Past the 8 MiB hold the body is relayed as it comes; the upstream
+    // declares more than it sends, then closes.
+    let piece = vec![b' '; 1024 * 1024];
+    let declared = 9 * piece.len() + 10;
+    let up = Upstream::always(Reply::Raw(vec![
+        Step::Send(
+            format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {declared}\r\n\r\n")
+                .into_bytes(),
+        ),
+        Step::Repeat(piece, 9),
+    ]));
+    let bal = start(&[up.url()], &[], |_| {});
+    let body = r#"{"input":"x"}"#;
+    let req = format!(
+        "POST /v1/embeddings HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let text = crate::util::raw(bal.addr, req.as_bytes());
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert!(
+        head.contains(&format!("Content-Length: {declared}\r\n")),
+        "the length is declared: {head}"
+    );
+    assert!(
+        rest.len() < declared,
+        "and the cut shows: {} bytes",
+        rest.len()
+    );
+}
