@@ -212,7 +212,7 @@ fn attempts(
         );
     }
     while served.attempts < settings.max_attempts {
-        let Some(c) = candidates.next() else {
+        let Some(mut c) = candidates.next() else {
             // Every host said it does not know the model: no attempt can help.
             let model = req.model.as_deref();
             if let Some(m) = model.filter(|m| discovery::refused_everywhere(&b.hosts, m)) {
@@ -276,7 +276,6 @@ fn attempts(
             return finish_timeout(out, trail, last.as_ref());
         }
         served.attempts += 1;
-        let key = c.key.as_deref();
         // One hedge per request, on its first attempt.
         let slot = if served.attempts == 1 {
             hedge::arm(shared, b, req, &c, deadline)
@@ -288,7 +287,7 @@ fn attempts(
             shared,
             b,
             req,
-            &c,
+            &mut c,
             deadline,
             slot.as_ref(),
             ticket,
@@ -344,7 +343,7 @@ fn attempts(
             }
             Err(AttemptError::Failed(f)) => f,
         };
-        trail.push(&c.host, key, &outcome_label(failure.outcome));
+        trail.push(&c.host, c.key.as_deref(), &outcome_label(failure.outcome));
         learn(b, &c, &failure, req.model.as_ref());
         log::debug!("attempt {} failed: {}", served.attempts, failure.detail);
         last = Some(failure);
@@ -548,7 +547,7 @@ fn attempt(
     shared: &Shared,
     b: &Arc<Balancer>,
     req: &Proxied<'_>,
-    c: &Candidate,
+    c: &mut Candidate,
     deadline: Instant,
     hedge: Option<&Arc<hedge::Slot>>,
     retry: Option<RetryTicket<'_>>,
@@ -564,6 +563,13 @@ fn attempt(
                 slot.cancel();
             }
             note_first_byte(shared, &ready);
+            if c.probe {
+                // The probe reached real output: the host is back now, not
+                // when a stream that may run for minutes ends. What the rest
+                // of it shows is recorded as for any request.
+                b.hosts.record(&c.host, Verdict::Alive, true, None);
+                c.probe = false;
+            }
             ready
         }
         (Err(AttemptError::Preempted), Some(slot)) => {

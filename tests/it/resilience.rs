@@ -554,3 +554,40 @@ fn a_backoff_that_would_outlast_total_ms_ends_the_request_at_once_with_502() {
         "the last upstream error is quoted: {message}"
     );
 }
+
+#[test]
+fn a_probe_readmits_its_host_at_the_commit_not_when_its_stream_ends() {
+    // h0 streams slowly; h1 refuses connections, so the request goes to h0.
+    let slow = Upstream::always(Reply::sse(vec![
+        Step::Send(role_event()),
+        Step::Send(content_event("back")),
+        // Shorter than the tests' 5 s idle timeout.
+        Step::Sleep(Duration::from_secs(4)),
+        Step::Send(finish_events()),
+    ]));
+    let bal = start(&[slow.url(), refused_url()], &[], |_| {});
+    // Eject h0 as five failures would, then let its ejection run out.
+    let b = bal.server().shared().current();
+    let h0 = b.hosts.all()[0].clone();
+    for _ in 0..gaia_balancer::hosts::EJECT_AFTER {
+        b.hosts
+            .record(&h0, gaia_balancer::hosts::Verdict::Failure, false, None);
+    }
+    assert_eq!(host_field(bal.addr, 0, "state"), "ejected");
+    h0.health().state = gaia_balancer::hosts::HostState::Ejected(Instant::now());
+    let addr = bal.addr;
+    let client = std::thread::spawn(move || post(addr, "/v1/chat/completions", &chat(true)));
+    // The probe's first content is out; the stream runs on for 4 s.
+    assert!(wait_for(Duration::from_secs(5), || slow.sent().len() >= 2));
+    assert!(
+        wait_for(Duration::from_secs(2), || host_field(addr, 0, "state")
+            == "up"),
+        "still {}",
+        host_field(addr, 0, "state")
+    );
+    assert!(slow.sent().len() < 3, "the stream has not ended yet");
+    let r = client.join().unwrap();
+    assert!(r.text().ends_with("data: [DONE]\n\n"), "{}", r.text());
+    assert_eq!(host_field(addr, 0, "state"), "up");
+    assert_eq!(status(addr)["totals"]["ejected"], 0);
+}
