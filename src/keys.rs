@@ -127,25 +127,13 @@ pub fn mask(secret: &str) -> String {
 /// hand a pool key to the client. Returns true when something was replaced.
 pub fn redact(body: &mut Vec<u8>, key: &Key) -> bool {
     let secret = key.secret().as_bytes();
-    if secret.is_empty() || body.len() < secret.len() {
+    if secret.is_empty() || !body.windows(secret.len()).any(|w| w == secret) {
         return false;
     }
-    let Some(first) = body.windows(secret.len()).position(|w| w == secret) else {
-        return false;
-    };
-    let mut out = Vec::with_capacity(body.len());
-    out.extend_from_slice(&body[..first]);
-    let mut rest = &body[first..];
-    while !rest.is_empty() {
-        if rest.starts_with(secret) {
-            out.extend_from_slice(key.masked().as_bytes());
-            rest = &rest[secret.len()..];
-        } else {
-            out.push(rest[0]);
-            rest = &rest[1..];
-        }
-    }
-    *body = out;
+    let mut r = Redactor::new(key);
+    let mut masked = r.push(body);
+    masked.extend(r.finish());
+    *body = masked;
     true
 }
 
