@@ -725,8 +725,6 @@ pub struct Ready {
     pub held: Vec<u8>,
     /// The rest of the body, when it has not ended yet.
     pub rest: Option<ureq::BodyReader<'static>>,
-    /// Masks the key in the rest of an error body too large to hold.
-    pub redactor: Option<keys::Redactor>,
     /// Time from sending the request to the response head.
     pub first_byte: Duration,
     /// Idle timeout for the rest of the body.
@@ -857,17 +855,10 @@ pub fn run_to_commit(
         }
     }
     let ended = !sse && held.len() < JSON_HOLD_LIMIT;
-    // An error answer is passed through, so it may quote the key: masked
-    // whole, or piece by piece when it is too large to hold.
-    let mut redactor = None;
-    if let (true, Some(k)) = (status >= 400, key) {
-        if ended {
-            keys::redact(&mut held, k);
-        } else {
-            let mut r = keys::Redactor::new(k);
-            held = r.push(&held);
-            redactor = Some(r);
-        }
+    if let (true, true, Some(k)) = (ended, status >= 400, key) {
+        // A whole error answer is passed through, so it may quote the key
+        // (one too large to hold is masked as it goes, see `Relay`).
+        keys::redact(&mut held, k);
     }
     Ok(Ready {
         host: host.clone(),
@@ -878,7 +869,6 @@ pub fn run_to_commit(
         sse,
         held,
         rest: (!ended).then_some(reader),
-        redactor,
         first_byte,
         idle: t.idle,
         hedged: false,
@@ -925,7 +915,6 @@ fn pass_on(
         sse,
         held,
         rest,
-        redactor,
         idle,
         hedged,
         busy: _busy,
@@ -984,21 +973,20 @@ fn pass_on(
             Err(_) => Err(AttemptError::ClientGone),
         };
     };
-    // A stream goes on in whole events (see `Events`), the rest as it comes.
-    let mut events = sse.then(Events::default);
+    let mut relay = match key.as_deref() {
+        _ if sse => Relay::Events(Events::default()),
+        Some(k) if status >= 400 => Relay::Masked(keys::Redactor::new(k)),
+        _ => Relay::Plain,
+    };
     // An HTTP/1.0 client has no chunked coding to show a cut: declare the
     // upstream's length instead (unless masking a key changes it).
-    let sized = length.filter(|_| !sse && redactor.is_none() && !out.chunked());
+    let sized = length.filter(|_| matches!(relay, Relay::Plain) && !out.chunked());
     let started = out.started()
         || match sized {
             Some(n) => out.start_sized(status, headers, n).is_ok(),
             None => out.start_stream(status, headers).is_ok(),
         };
-    let sent = match events.as_mut() {
-        Some(e) => e.pass(&held, |d| out.chunk(d)),
-        None => out.chunk(&held),
-    };
-    if !started || sent.is_err() {
+    if !started || relay.pass(&held, out).is_err() {
         return Err(AttemptError::ClientGone);
     }
     drop(held);
@@ -1007,8 +995,7 @@ fn pass_on(
     pump(
         &mut reader,
         &mut chunk,
-        redactor,
-        events,
+        relay,
         idle,
         out,
         &host,
@@ -1052,16 +1039,51 @@ fn stream_error_event(host: &str, why: &str) -> Vec<u8> {
     format!("data: {body}\n\n").into_bytes()
 }
 
-/// After the commit: copy every upstream chunk to the client at once (a
-/// stream's up to the end of its last whole event, see [`Events`]).
-/// `on_cut` ends the client response when the upstream fails, after the
-/// bytes [`Events::cut`] says must come first.
-#[allow(clippy::too_many_arguments)]
+/// How a committed body goes on to the client.
+enum Relay {
+    /// As it comes.
+    Plain,
+    /// An error body too large to hold, with the key masked as it goes.
+    Masked(keys::Redactor),
+    /// A stream, in whole events (see [`Events`]).
+    Events(Events),
+}
+
+impl Relay {
+    /// Pass `data` on, as far as it may go now.
+    fn pass(&mut self, data: &[u8], out: &mut Responder<'_, TcpStream>) -> std::io::Result<()> {
+        match self {
+            Relay::Plain => out.chunk(data),
+            Relay::Masked(r) => out.chunk(&r.push(data)),
+            Relay::Events(e) => e.pass(data, |d| out.chunk(d)),
+        }
+    }
+
+    /// The body ended cleanly: pass on what was held back.
+    fn finish(&mut self, out: &mut Responder<'_, TcpStream>) -> std::io::Result<()> {
+        match self {
+            Relay::Plain => Ok(()),
+            Relay::Masked(r) => out.chunk(&r.finish()),
+            Relay::Events(e) => out.chunk(&e.finish()),
+        }
+    }
+
+    /// The body was cut: drop what was held back; what must precede a final event.
+    fn cut(&mut self) -> &'static [u8] {
+        match self {
+            Relay::Events(e) => e.cut(),
+            _ => b"",
+        }
+    }
+}
+
+/// After the commit: copy every upstream chunk to the client at once,
+/// through `relay`. `on_cut` ends the client response when the upstream
+/// fails, after the bytes [`Relay::cut`] says must come first.
 fn pump(
     reader: &mut impl Read,
     chunk: &mut [u8],
-    mut redactor: Option<keys::Redactor>,
-    mut events: Option<Events>,
+    mut relay: Relay,
     idle: Duration,
     out: &mut Responder<'_, TcpStream>,
     host: &Host,
@@ -1071,27 +1093,14 @@ fn pump(
         watch::set_deadline(Some(Instant::now() + idle));
         match reader.read(chunk) {
             Ok(0) => {
-                let held_back = redactor.as_mut().map(keys::Redactor::finish);
-                if held_back.is_some_and(|b| out.chunk(&b).is_err()) {
-                    return Err(AttemptError::ClientGone);
-                }
-                let rest = events.as_mut().map(Events::finish);
-                if rest.is_some_and(|b| out.chunk(&b).is_err()) {
-                    return Err(AttemptError::ClientGone);
-                }
-                return if out.finish().is_ok() {
+                return if relay.finish(out).is_ok() && out.finish().is_ok() {
                     Ok(Delivered::Complete)
                 } else {
                     Err(AttemptError::ClientGone)
                 };
             }
             Ok(n) => {
-                let sent = match (redactor.as_mut(), events.as_mut()) {
-                    (Some(r), _) => out.chunk(&r.push(&chunk[..n])),
-                    (None, Some(e)) => e.pass(&chunk[..n], |d| out.chunk(d)),
-                    (None, None) => out.chunk(&chunk[..n]),
-                };
-                if sent.is_err() {
+                if relay.pass(&chunk[..n], out).is_err() {
                     return Err(AttemptError::ClientGone);
                 }
             }
@@ -1105,8 +1114,7 @@ fn pump(
                     e.to_string()
                 };
                 log::warn!("stream from {} cut after commit: {why}", host.spec.name);
-                let before = events.as_mut().map_or(&b""[..], Events::cut);
-                on_cut(out, &why, before);
+                on_cut(out, &why, relay.cut());
                 // The answer was committed: the request is over, not retried.
                 return Ok(Delivered::Cut(why));
             }
