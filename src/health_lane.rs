@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::metrics;
-use crate::request::{self, Framing, Limits};
+use crate::request::{self, Framing};
 use crate::response::Responder;
 use crate::routes;
 use crate::server::{self, Conn};
@@ -102,13 +102,9 @@ pub(crate) fn run(rx: &Receiver<Conn>, queue: &Sender<Conn>, shared: &Arc<Shared
         }
         let mut i = 0;
         while i < pending.len() {
-            let look = look(&pending[i].stream, &mut buf);
-            let expired = pending[i].accepted.elapsed() >= LOOK_LIMIT;
-            match look {
-                Look::Wait if !expired => i += 1,
-                Look::Wait | Look::Queue => forward(shared, queue, pending.swap_remove(i)),
-                Look::Drop => drop(pending.swap_remove(i)),
-                Look::Health(check) => answer(shared, pending.swap_remove(i), check),
+            match look(&pending[i].stream, &mut buf) {
+                Look::Wait if pending[i].accepted.elapsed() < LOOK_LIMIT => i += 1,
+                seen => settle(shared, queue, pending.swap_remove(i), seen),
             }
         }
     }
@@ -128,14 +124,21 @@ fn admit(shared: &Shared, queue: &Sender<Conn>, pending: &mut Vec<Conn>, conn: C
         if let Some(i) = oldest {
             let conn = pending.swap_remove(i);
             let mut buf = [0u8; PEEK_BYTES];
-            match look(&conn.stream, &mut buf) {
-                Look::Health(check) => answer(shared, conn, check),
-                Look::Drop => drop(conn),
-                Look::Wait | Look::Queue => forward(shared, queue, conn),
-            }
+            let seen = look(&conn.stream, &mut buf);
+            settle(shared, queue, conn, seen);
         }
     }
     pending.push(conn);
+}
+
+/// Let `conn` leave the lane as `seen` says: answered, dropped, or queued
+/// (also when it is still too early to tell).
+fn settle(shared: &Shared, queue: &Sender<Conn>, conn: Conn, seen: Look) {
+    match seen {
+        Look::Health(check) => answer(shared, conn, check),
+        Look::Drop => drop(conn),
+        Look::Wait | Look::Queue => forward(shared, queue, conn),
+    }
 }
 
 /// Back to blocking, and into the worker queue (or shed when it is full).
@@ -182,12 +185,7 @@ fn classify(bytes: &[u8], full: bool) -> Look {
     }
     // The worker's own parser, so that nothing a worker refuses (a missing
     // or repeated Host, duplicate Content-Length, bare LF, ...) gets 200 here.
-    let limits = Limits {
-        max_line: server::MAX_LINE,
-        max_head: server::MAX_HEAD,
-        max_headers: server::MAX_HEADERS,
-        max_body: u64::MAX,
-    };
+    let limits = server::head_limits(u64::MAX);
     let (head, len) = match request::parse_prefix(bytes, &limits) {
         Ok(Some(parsed)) => parsed,
         Ok(None) if !full => return Look::Wait,
@@ -247,10 +245,7 @@ fn reply(shared: &Shared, mut stream: TcpStream, check: Check) {
     }
     metrics::begin_request();
     let b = shared.current();
-    let (status, body) = match route {
-        metrics::Route::Readyz => routes::readiness(shared, &b),
-        _ => (200, "ok\n"),
-    };
+    let (status, body) = routes::health(shared, &b, route == metrics::Route::Readyz);
     let id = server::request_id(id.as_deref());
     let mut out = Responder::new(&mut stream, false, head_only, http10);
     out.add_header("X-Request-Id", &id);

@@ -190,6 +190,16 @@ pub fn route(b: &Balancer, head: &Head, peer: IpAddr) -> Result<Route, Rejection
     Ok(route)
 }
 
+/// The answer to `/healthz` (200 while the process serves) or, with
+/// `ready`, to `/readyz` ([`readiness`]).
+pub fn health(shared: &Shared, b: &Balancer, ready: bool) -> (u16, &'static str) {
+    if ready {
+        readiness(shared, b)
+    } else {
+        (200, "ok\n")
+    }
+}
+
 /// Body of `GET /readyz`: status and text.
 pub fn readiness(shared: &Shared, b: &Balancer) -> (u16, &'static str) {
     if shared.draining() {

@@ -513,6 +513,16 @@ pub(crate) fn enqueue(shared: &Shared, tx: &Sender<Conn>, conn: Conn) -> bool {
     }
 }
 
+/// The request limits of every client connection, with bodies up to `max_body`.
+pub(crate) fn head_limits(max_body: u64) -> Limits {
+    Limits {
+        max_line: MAX_LINE,
+        max_head: MAX_HEAD,
+        max_headers: MAX_HEADERS,
+        max_body,
+    }
+}
+
 /// The client's `X-Request-Id` when it is usable, else a fresh one.
 pub(crate) fn request_id(given: Option<&str>) -> String {
     given
@@ -727,12 +737,7 @@ fn serve_connection(shared: &Arc<Shared>, conn: Conn, waiting: &AtomicBool) {
     loop {
         let b = shared.current();
         let settings = &b.config.settings;
-        let limits = Limits {
-            max_line: MAX_LINE,
-            max_head: MAX_HEAD,
-            max_headers: MAX_HEADERS,
-            max_body: settings.max_body_bytes,
-        };
+        let limits = head_limits(settings.max_body_bytes);
         let idle = if first {
             settings.head_timeout
         } else {
@@ -974,11 +979,8 @@ fn handle(
     let text = [("Content-Type", "text/plain; charset=utf-8")];
     let json = [("Content-Type", "application/json")];
     match route {
-        Route::Healthz => {
-            let _ = out.send(200, &text, b"ok\n");
-        }
-        Route::Readyz => {
-            let (status, body) = routes::readiness(ctx.shared, ctx.b);
+        Route::Healthz | Route::Readyz => {
+            let (status, body) = routes::health(ctx.shared, ctx.b, route == Route::Readyz);
             let _ = out.send(status, &text, body.as_bytes());
         }
         Route::Status => {
