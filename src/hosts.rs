@@ -68,6 +68,20 @@ pub struct Health {
     pub last_failure: Option<String>,
 }
 
+impl Health {
+    /// The cooldown of this host with key `key`, new when it has none yet.
+    fn pair(&mut self, key: usize) -> &mut Cooldown {
+        let at = match self.pairs.iter().position(|(k, _)| *k == key) {
+            Some(at) => at,
+            None => {
+                self.pairs.push((key, Cooldown::default()));
+                self.pairs.len() - 1
+            }
+        };
+        &mut self.pairs[at].1
+    }
+}
+
 /// What an attempt says about the host's health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -343,16 +357,7 @@ impl Hosts {
             h.cooldown.hit(now, hint);
             return Scope::Host;
         }
-        match h.pairs.iter_mut().find(|(k, _)| *k == key.index) {
-            Some((_, c)) => {
-                c.hit(now, hint);
-            }
-            None => {
-                let mut c = Cooldown::default();
-                c.hit(now, hint);
-                h.pairs.push((key.index, c));
-            }
-        }
+        h.pair(key.index).hit(now, hint);
         Scope::Pair
     }
 
@@ -372,14 +377,7 @@ impl Hosts {
         }
         let now = Instant::now();
         let mut h = host.health();
-        match h.pairs.iter_mut().find(|(k, _)| *k == key.index) {
-            Some((_, c)) => c.extend(now, REJECTED_PAIR_COOLDOWN),
-            None => {
-                let mut c = Cooldown::default();
-                c.extend(now, REJECTED_PAIR_COOLDOWN);
-                h.pairs.push((key.index, c));
-            }
-        }
+        h.pair(key.index).extend(now, REJECTED_PAIR_COOLDOWN);
         Scope::Pair
     }
 
