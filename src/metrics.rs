@@ -485,20 +485,9 @@ impl Metrics {
             marks
         });
         let head_after = marks.head.map(|h| h.saturating_duration_since(begun));
-        // An answer delivered is classed by its status (a 4xx passed through).
-        let outcome = match (outcome, head_after) {
-            (Some(AttemptOutcome::Ok), Some(_)) => {
-                Some(AttemptOutcome::of(Outcome::Status(marks.head_status)))
-            }
-            (o, _) => o,
-        };
-        let (Some(outcome), Some(series)) = (outcome, b.series.get(host.index)) else {
-            return;
-        };
-        series.attempt(outcome, head_after);
-        if served && host.spec.backup {
-            series.backup_served.fetch_add(1, Relaxed);
-        }
+        // Only an attempt that got a response head has a status to class it by.
+        let status = head_after.map(|_| marks.head_status);
+        self.count_attempt(b, host, outcome, status, head_after, served);
     }
 
     /// Record one hedge attempt on `host` (it ran on a hedge thread, so the
@@ -514,9 +503,23 @@ impl Metrics {
         head_after: Option<Duration>,
         served: bool,
     ) {
-        let outcome = match outcome {
-            Some(AttemptOutcome::Ok) => Some(AttemptOutcome::of(Outcome::Status(status))),
-            o => o,
+        self.count_attempt(b, host, outcome, Some(status), head_after, served);
+    }
+
+    /// Count one attempt on `host`; an answer delivered (`Ok` with its
+    /// `status`) is classed by that status (a 4xx passed through).
+    fn count_attempt(
+        &self,
+        b: &Balancer,
+        host: &Host,
+        outcome: Option<AttemptOutcome>,
+        status: Option<u16>,
+        head_after: Option<Duration>,
+        served: bool,
+    ) {
+        let outcome = match (outcome, status) {
+            (Some(AttemptOutcome::Ok), Some(s)) => Some(AttemptOutcome::of(Outcome::Status(s))),
+            (o, _) => o,
         };
         let (Some(outcome), Some(series)) = (outcome, b.series.get(host.index)) else {
             return;
