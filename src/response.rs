@@ -104,6 +104,11 @@ enum State {
     Done,
 }
 
+/// A status whose response never has a body.
+fn bodiless(status: u16) -> bool {
+    matches!(status, 100..=199 | 204 | 304)
+}
+
 impl<'a, W: Write> Responder<'a, W> {
     /// A writer for one response.
     pub fn new(out: &'a mut W, keep_alive: bool, head_only: bool, http10: bool) -> Self {
@@ -168,7 +173,7 @@ impl<'a, W: Write> Responder<'a, W> {
         match length {
             // No body, and no length either (RFC 9110 8.6: a 204 must not
             // carry one; a 304's would describe a body it does not have).
-            _ if matches!(status, 100..=199 | 204 | 304) => {}
+            _ if bodiless(status) => {}
             Some(n) => {
                 let _ = write!(self.buf, "Content-Length: {n}\r\n");
             }
@@ -197,7 +202,7 @@ impl<'a, W: Write> Responder<'a, W> {
             return Err(io::Error::other("response already started"));
         }
         self.head(status, headers, Some(body.len()));
-        if !self.head_only && !matches!(status, 100..=199 | 204 | 304) {
+        if !self.head_only && !bodiless(status) {
             self.buf.extend_from_slice(body);
             self.bytes += body.len() as u64;
         }
