@@ -406,6 +406,67 @@ fn read_request(reader: &mut impl BufRead) -> Option<Seen> {
     })
 }
 
+/// How a script of steps ended.
+#[derive(PartialEq, Eq)]
+enum Played {
+    /// Every step was played.
+    Done,
+    /// A `Step::Cut`.
+    Cut,
+    /// The peer closed (noted in `peer_closed`).
+    PeerGone,
+}
+
+/// Play `steps` on `out`, each piece of data passed through `frame` first.
+fn play(
+    steps: Vec<Step>,
+    out: &mut impl Conn,
+    inner: &Inner,
+    frame: impl Fn(&[u8]) -> Vec<u8>,
+) -> Played {
+    let gone = || {
+        inner.peer_closed.lock().unwrap().push(Instant::now());
+        Played::PeerGone
+    };
+    for step in steps {
+        match step {
+            Step::Send(bytes) => {
+                inner.sent.lock().unwrap().push(Instant::now());
+                if out
+                    .write_all(&frame(&bytes))
+                    .and_then(|()| out.flush())
+                    .is_err()
+                {
+                    return gone();
+                }
+            }
+            Step::Repeat(bytes, times) => {
+                let data = frame(&bytes);
+                for _ in 0..times {
+                    if out.write_all(&data).is_err() {
+                        return gone();
+                    }
+                }
+            }
+            Step::Sleep(d) => {
+                if watch_sleep(out, d) {
+                    return gone();
+                }
+            }
+            Step::Cut => return Played::Cut,
+        }
+    }
+    Played::Done
+}
+
+/// One chunk of a chunked body.
+fn chunk(data: &[u8]) -> Vec<u8> {
+    let mut c = format!("{:x}\r\n", data.len()).into_bytes();
+    c.extend_from_slice(data);
+    c.extend_from_slice(b"\r\n");
+    c
+}
+
 /// Sleep `d` while watching `conn` for the peer closing; true if it closed.
 fn watch_sleep(conn: &mut impl Conn, d: Duration) -> bool {
     let end = Instant::now() + d;
@@ -487,43 +548,17 @@ fn serve(stream: impl Conn, inner: &Inner) {
                 if out.write_all(head.as_bytes()).is_err() {
                     return;
                 }
-                for step in steps {
-                    match step {
-                        Step::Send(bytes) => {
-                            let mut chunk = format!("{:x}\r\n", bytes.len()).into_bytes();
-                            chunk.extend_from_slice(&bytes);
-                            chunk.extend_from_slice(b"\r\n");
-                            inner.sent.lock().unwrap().push(Instant::now());
-                            if out.write_all(&chunk).is_err() {
-                                inner.peer_closed.lock().unwrap().push(Instant::now());
-                                return;
-                            }
-                        }
-                        Step::Repeat(bytes, times) => {
-                            let mut chunk = format!("{:x}\r\n", bytes.len()).into_bytes();
-                            chunk.extend_from_slice(&bytes);
-                            chunk.extend_from_slice(b"\r\n");
-                            for _ in 0..times {
-                                if out.write_all(&chunk).is_err() {
-                                    inner.peer_closed.lock().unwrap().push(Instant::now());
-                                    return;
-                                }
-                            }
-                        }
-                        Step::Sleep(d) => {
-                            if watch_sleep(out, d) {
-                                inner.peer_closed.lock().unwrap().push(Instant::now());
-                                return;
-                            }
-                        }
-                        Step::Cut => {
-                            let _ = out.tcp().shutdown(Shutdown::Both);
+                match play(steps, out, inner, chunk) {
+                    Played::PeerGone => return,
+                    Played::Cut => {
+                        let _ = out.tcp().shutdown(Shutdown::Both);
+                        return;
+                    }
+                    Played::Done => {
+                        if out.write_all(b"0\r\n\r\n").is_err() {
                             return;
                         }
                     }
-                }
-                if out.write_all(b"0\r\n\r\n").is_err() {
-                    return;
                 }
             }
             Reply::Hang(d) => {
@@ -537,34 +572,10 @@ fn serve(stream: impl Conn, inner: &Inner) {
                 return;
             }
             Reply::Raw(steps) => {
-                for step in steps {
-                    match step {
-                        Step::Send(bytes) => {
-                            inner.sent.lock().unwrap().push(Instant::now());
-                            if out.write_all(&bytes).and_then(|()| out.flush()).is_err() {
-                                inner.peer_closed.lock().unwrap().push(Instant::now());
-                                return;
-                            }
-                        }
-                        Step::Repeat(bytes, times) => {
-                            for _ in 0..times {
-                                if out.write_all(&bytes).is_err() {
-                                    inner.peer_closed.lock().unwrap().push(Instant::now());
-                                    return;
-                                }
-                            }
-                        }
-                        Step::Sleep(d) => {
-                            if watch_sleep(out, d) {
-                                inner.peer_closed.lock().unwrap().push(Instant::now());
-                                return;
-                            }
-                        }
-                        Step::Cut => break,
-                    }
+                if play(steps, out, inner, <[u8]>::to_vec) != Played::PeerGone {
+                    let _ = out.flush();
+                    let _ = out.tcp().shutdown(Shutdown::Both);
                 }
-                let _ = out.flush();
-                let _ = out.tcp().shutdown(Shutdown::Both);
                 return;
             }
             Reply::Delayed(..) | Reply::Closing(..) => unreachable!("unwrapped above"),

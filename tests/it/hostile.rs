@@ -13,6 +13,21 @@ fn status_of(resp: &str) -> u16 {
         .unwrap_or(0)
 }
 
+/// Start a stream on the only worker of `bal` (its upstream `up` stays
+/// silent) and return the connection that holds it.
+fn hold_the_only_worker(bal: &crate::util::Running, up: &Upstream) -> std::net::TcpStream {
+    let mut busy = connect(bal.addr);
+    let body = chat(true);
+    write!(
+        busy,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    assert!(crate::util::wait_for(Duration::from_secs(3), || up.hits() == 1));
+    busy
+}
+
 #[test]
 fn huge_content_length_is_413_and_the_process_keeps_serving() {
     let up = Upstream::always(Reply::json(200, "{}"));
@@ -165,15 +180,7 @@ fn full_queue_sheds_with_503_and_retry_after() {
         c.settings.queue_wait = Duration::from_secs(30);
     });
     // Occupy the only worker with a stream that stays silent.
-    let mut busy = connect(bal.addr);
-    let body = chat(true);
-    write!(
-        busy,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    assert!(crate::util::wait_for(Duration::from_secs(3), || up.hits() == 1));
+    let _busy = hold_the_only_worker(&bal, &up);
     // One connection in the dispatcher's hand, one in the queue of 1.
     let _handed = connect(bal.addr);
     assert!(crate::util::wait_for(Duration::from_secs(3), || bal
@@ -231,15 +238,7 @@ fn a_queued_connection_gets_503_at_queue_wait_while_every_worker_is_busy() {
         c.settings.workers = 1;
         c.settings.queue_wait = Duration::from_millis(500);
     });
-    let mut busy = connect(bal.addr);
-    let body = chat(true);
-    write!(
-        busy,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    assert!(crate::util::wait_for(Duration::from_secs(3), || up.hits() == 1));
+    let _busy = hold_the_only_worker(&bal, &up);
     let began = Instant::now();
     let resp = raw(bal.addr, b"GET /v1/models HTTP/1.1\r\nHost: t\r\n\r\n");
     let waited = began.elapsed();
@@ -386,15 +385,7 @@ fn the_health_lane_answers_no_check_a_worker_would_refuse() {
         c.settings.workers = 1;
         c.settings.queue_wait = Duration::from_millis(300);
     });
-    let mut busy = connect(bal.addr);
-    let body = chat(true);
-    write!(
-        busy,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    assert!(crate::util::wait_for(Duration::from_secs(3), || up.hits() == 1));
+    let _busy = hold_the_only_worker(&bal, &up);
     let good = raw(bal.addr, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
     assert_eq!(status_of(&good), 200, "the lane is on: {good}");
     for bad in [
@@ -421,15 +412,7 @@ fn a_flood_of_silent_connections_cannot_keep_a_health_check_out() {
         c.settings.queue_size = 2048;
         c.settings.queue_wait = Duration::from_secs(30);
     });
-    let mut busy = connect(bal.addr);
-    let body = chat(true);
-    write!(
-        busy,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    assert!(crate::util::wait_for(Duration::from_secs(3), || up.hits() == 1));
+    let _busy = hold_the_only_worker(&bal, &up);
     // Silent connections keep arriving, faster than the lane's 100 ms look
     // lets them go: the lane stays full the whole time.
     let addr = bal.addr;
