@@ -965,7 +965,7 @@ fn pass_on(
         // A failed write (the client left, or stopped reading past
         // writeTimeoutMs) is the client's doing: counted and logged as 499.
         let sent = match length {
-            Some(n) if out.head_only() && held.is_empty() => out.send_head_of(status, headers, n),
+            Some(n) if out.head_only() && held.is_empty() => out.start_sized(status, headers, n),
             _ => out.send(status, headers, &held),
         };
         return match sent {

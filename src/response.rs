@@ -216,24 +216,6 @@ impl<'a, W: Write> Responder<'a, W> {
         self.head_only
     }
 
-    /// Answer a HEAD request with the length the GET's body would have (as
-    /// the upstream said), rather than that of the empty body in hand.
-    pub fn send_head_of(
-        &mut self,
-        status: u16,
-        headers: &[HeaderPair<'_>],
-        length: u64,
-    ) -> io::Result<()> {
-        if self.state != State::Fresh || !self.head_only {
-            return Err(io::Error::other("not a fresh HEAD response"));
-        }
-        let length = usize::try_from(length).map_err(io::Error::other)?;
-        self.head(status, headers, Some(length));
-        self.state = State::Done;
-        self.out.write_all(&self.buf)?;
-        self.out.flush()
-    }
-
     /// Send an OpenAI-shaped error.
     pub fn send_error(&mut self, status: u16, code: &str, message: &str) -> io::Result<()> {
         let body = error_body(status, code, message);
@@ -261,7 +243,8 @@ impl<'a, W: Write> Responder<'a, W> {
     /// [`Self::chunk`] calls, written as they come (no chunked coding). For
     /// an HTTP/1.0 client a close-delimited body that is cut short looks
     /// complete; with its length declared, a cut shows. The connection
-    /// closes after it.
+    /// closes after it. Answering HEAD, this is the whole response: the
+    /// length the GET's body would have (as the upstream said), not 0.
     pub fn start_sized(
         &mut self,
         status: u16,
@@ -272,7 +255,7 @@ impl<'a, W: Write> Responder<'a, W> {
             return Err(io::Error::other("response already started"));
         }
         let length = usize::try_from(length).map_err(io::Error::other)?;
-        self.keep_alive = false;
+        self.keep_alive &= self.head_only;
         self.head(status, headers, Some(length));
         self.state = if self.head_only {
             State::Done
