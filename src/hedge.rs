@@ -262,6 +262,7 @@ impl Slot {
 
 /// Everything a hedge thread needs, owned.
 struct Job {
+    shared: Arc<Shared>,
     b: Arc<Balancer>,
     method: String,
     path: String,
@@ -296,7 +297,9 @@ pub fn arm(
         return None;
     }
     let slot = Arc::new(Slot::new());
+    let shared = shared.clone();
     let job = Job {
+        shared: shared.clone(),
         b: b.clone(),
         method: req.outgoing.method.to_string(),
         path: req.outgoing.path.to_string(),
@@ -308,7 +311,6 @@ pub fn arm(
         deadline,
         slot: slot.clone(),
     };
-    let shared = shared.clone();
     watch::set_hedge(
         at,
         Box::new(move || shared.hedger.launch(job)),
@@ -322,7 +324,10 @@ fn run(job: Job) {
     let _watch = watch::start(None);
     watch::set_cancel(job.slot.cancelled.clone());
     let b = &job.b;
+    // A hedge that never leaves (cancelled first, or nowhere to go) gives
+    // its token back: the 5 % is of hedges sent, not of hedges tried.
     if job.slot.cancelled.load(Ordering::Relaxed) {
+        job.shared.hedger.refund();
         job.slot.finish(SlotState::Skipped);
         return;
     }
@@ -340,6 +345,7 @@ fn run(job: Job) {
         break;
     }
     let Some(c) = chosen else {
+        job.shared.hedger.refund();
         job.slot.finish(SlotState::Skipped);
         return;
     };

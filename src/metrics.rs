@@ -558,7 +558,8 @@ impl Metrics {
                 .saturating_sub(marks.upstream)
                 .saturating_sub(marks.body),
         );
-        if let Some(first) = marks.first_event.or(marks.head).filter(|_| marks.served) {
+        let head = marks.served_head.or(marks.head);
+        if let Some(first) = marks.first_event.or(head).filter(|_| marks.served) {
             self.first_byte[k].observe(first.saturating_duration_since(started));
         }
         if cut {
@@ -586,6 +587,9 @@ struct Marks {
     head_status: u16,
     /// When the first SSE event was committed to the client.
     first_event: Option<Instant>,
+    /// When the head of a hedge's committed answer arrived (its own thread
+    /// marked it, not this one).
+    served_head: Option<Instant>,
     /// An upstream answer was committed to the client.
     served: bool,
 }
@@ -599,6 +603,7 @@ thread_local! {
             head: None,
             head_status: 0,
             first_event: None,
+            served_head: None,
             served: false,
         })
     };
@@ -627,7 +632,10 @@ pub fn mark_proxied(kind: Kind, body: Duration) {
 
 /// An upstream attempt begins; returns its start for [`Metrics::attempt`].
 pub fn attempt_begins() -> Instant {
-    mark(|m| m.head = None);
+    mark(|m| {
+        m.head = None;
+        m.served_head = None;
+    });
     Instant::now()
 }
 
@@ -637,6 +645,11 @@ pub fn mark_head(status: u16) {
         m.head = Some(Instant::now());
         m.head_status = status;
     });
+}
+
+/// A hedge's answer, whose head arrived `at`, is being committed.
+pub fn mark_served_head(at: Instant) {
+    mark(|m| m.served_head = Some(at));
 }
 
 /// The first SSE event was committed to the client.

@@ -646,6 +646,9 @@ fn commit_hedge(
         repeat: false,
     };
     let (status, first_byte) = (ready.status, ready.first_byte);
+    // The hedge's head was marked on its own thread: this request's time to
+    // first byte (for a JSON answer) is when that head arrived.
+    metrics::mark_served_head(ready.head_at);
     let end = commit(ready, retry, out, trail);
     let (verdict, outcome) = match &end {
         Ok(Delivered::Complete | Delivered::Hedged { .. }) => {
@@ -727,6 +730,8 @@ pub struct Ready {
     pub rest: Option<ureq::BodyReader<'static>>,
     /// Time from sending the request to the response head.
     pub first_byte: Duration,
+    /// When the response head arrived.
+    pub head_at: Instant,
     /// Idle timeout for the rest of the body.
     pub idle: Duration,
     /// This came from a hedge attempt.
@@ -762,7 +767,8 @@ pub fn run_to_commit(
     };
     let response = upstream::send(&b.agent, host, key.map(|k| &**k), &outgoing)?;
     _busy.first_byte();
-    let first_byte = sent.elapsed();
+    let head_at = Instant::now();
+    let first_byte = head_at.saturating_duration_since(sent);
     let status = response.status().as_u16();
     metrics::mark_head(status);
     let content_type = response
@@ -870,6 +876,7 @@ pub fn run_to_commit(
         held,
         rest: (!ended).then_some(reader),
         first_byte,
+        head_at,
         idle: t.idle,
         hedged: false,
         busy: _busy,
