@@ -9,9 +9,10 @@
 //! the load generator are the same for every column.
 //!
 //! Usage: `bench [--reps N] [--secs S] [--quick] [--no-nginx] [--no-wrk]
-//! [--no-memory] [--memory-only] [--balancer PATH] [--fake PATH] [--nginx PATH]
+//! [--no-memory] [--no-floor] [--memory-only] [--balancer PATH] [--fake PATH] [--nginx PATH]
 //! [--wrk PATH] [--keep]`
 
+mod floor;
 mod load;
 mod suite;
 
@@ -35,17 +36,36 @@ struct Args {
     nginx: Option<PathBuf>,
     wrk: Option<PathBuf>,
     keep: bool,
+    floor: bool,
     table: bool,
     memory: bool,
 }
 
 fn main() -> ExitCode {
+    // The bench runs its yardstick proxy as a child process of its own, so
+    // that its CPU and memory are read like every other target's.
+    let argv: Vec<String> = std::env::args().collect();
+    if let [_, flag, listen, upstream] = argv.as_slice() {
+        if flag == "--serve-floor" {
+            let addrs = listen.parse().and_then(|l| Ok((l, upstream.parse()?)));
+            let served = addrs
+                .map_err(|e| format!("--serve-floor LISTEN UPSTREAM: {e}"))
+                .and_then(|(l, u)| floor::serve(l, u));
+            return match served {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("bench floor: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
             eprintln!("bench: {e}");
             eprintln!(
-                "usage: bench [--reps N] [--secs S] [--quick] [--no-nginx] [--no-wrk] [--no-memory] [--memory-only] \
+                "usage: bench [--reps N] [--secs S] [--quick] [--no-nginx] [--no-wrk] [--no-memory] [--no-floor] [--memory-only] \
                  [--balancer PATH] [--fake PATH] [--nginx PATH] [--wrk PATH] [--keep]"
             );
             return ExitCode::from(2);
@@ -80,6 +100,7 @@ fn parse_args() -> Result<Args, String> {
         nginx: which("nginx"),
         wrk: which("wrk"),
         keep: false,
+        floor: true,
         table: true,
         memory: true,
     };
@@ -100,6 +121,7 @@ fn parse_args() -> Result<Args, String> {
             "--no-nginx" => a.nginx = None,
             "--no-wrk" => a.wrk = None,
             "--no-memory" => a.memory = false,
+            "--no-floor" => a.floor = false,
             "--memory-only" => a.table = false,
             "--keep" => a.keep = true,
             other => return Err(format!("unknown argument {other:?}")),
@@ -287,6 +309,19 @@ fn start_balancer(
     Ok((p, port))
 }
 
+/// The design's floor (see `floor.rs`), this executable in another mode.
+fn start_floor(dir: &Path, upstream: u16) -> Result<(Proc, u16), String> {
+    let port = free_port()?;
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find myself: {e}"))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--serve-floor")
+        .arg(loopback(port).to_string())
+        .arg(loopback(upstream).to_string());
+    let mut p = Proc::spawn("floor", &mut cmd, dir.join("floor.log"))?;
+    p.wait_listening(loopback(port))?;
+    Ok((p, port))
+}
+
 /// nginx as a plain reverse proxy: unbuffered, keep-alive both ways.
 fn start_nginx(nginx: &Path, dir: &Path, upstream: u16) -> Result<(Proc, u16), String> {
     let port = free_port()?;
@@ -397,6 +432,18 @@ fn table(args: &Args, dir: &Path) -> Result<String, String> {
             pid: Some(p.pid()),
         });
     }
+    let floor = if args.floor {
+        Some(start_floor(dir, up)?)
+    } else {
+        None
+    };
+    if let Some((p, port)) = &floor {
+        targets.push(Target {
+            name: "blocking floor".into(),
+            addr: loopback(*port),
+            pid: Some(p.pid()),
+        });
+    }
     let plan = Plan {
         reps: args.reps,
         secs: args.secs,
@@ -409,6 +456,7 @@ fn table(args: &Args, dir: &Path) -> Result<String, String> {
         warmup: Duration::from_millis(500),
     };
     let results = suite::measure(&targets, &plan, &mut |l| eprintln!("{l}"));
+    drop(floor);
     drop(nginx);
     drop(bal);
     drop(fake);

@@ -445,18 +445,20 @@ fn plural(n: usize, one: &str, many: &str) -> String {
 }
 
 /// One Markdown table: a row per metric, a column per target, then the ratios
-/// of the second target (the balancer) to the third (nginx) and to the first.
+/// of the second target (the balancer) to each later one (nginx, the floor)
+/// and to the first (direct).
 pub fn render(r: &Results) -> String {
     let names: Vec<&str> = r.targets.iter().map(|t| t.name.as_str()).collect();
     let base = &r.targets[0];
     let bal = r.targets.get(1);
-    let other = r.targets.get(2);
+    // The balancer against every other proxy, then against direct.
+    let others = 2..r.targets.len();
     let mut header = vec!["metric (median of reps)".to_string()];
     header.extend(names.iter().map(|n| n.to_string()));
-    if let (Some(b), Some(o)) = (bal, other) {
-        header.push(format!("{} / {}", b.name, o.name));
-    }
     if let Some(b) = bal {
+        for o in &r.targets[others.clone()] {
+            header.push(format!("{} / {}", b.name, o.name));
+        }
         header.push(format!("{} / {}", b.name, base.name));
     }
     let mut rows: Vec<Vec<String>> = Vec::new();
@@ -464,10 +466,10 @@ pub fn render(r: &Results) -> String {
     let mut push = |label: String, cells: Vec<String>, num: Vec<f64>| {
         let mut row = vec![label];
         row.extend(cells);
-        if bal.is_some() && other.is_some() {
-            row.push(ratio(num[1], num[2]));
-        }
         if bal.is_some() {
+            for o in others.clone() {
+                row.push(ratio(num[1], num[o]));
+            }
             row.push(ratio(num[1], num[0]));
         }
         rows.push(row);
