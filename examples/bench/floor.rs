@@ -8,8 +8,10 @@
 //! It answers a question the table otherwise cannot: how much of the gap to
 //! nginx is the thread-per-connection design itself (this column), and how
 //! much is the work the balancer does per request (the difference between
-//! this column and the balancer's). It is a yardstick for the benchmark, never
-//! something to deploy: it trusts both sides completely.
+//! this column and the balancer's). With `Upstream::Ureq` the upstream side
+//! is a plain ureq agent instead, with nothing else changed: what the HTTP
+//! client alone adds. It is a yardstick for the benchmark, never something to
+//! deploy: it trusts both sides completely.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -20,25 +22,51 @@ const WORKERS: usize = 256;
 /// Most headers either side may send.
 const HEADERS: usize = 64;
 
+/// How the floor talks to the upstream.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Upstream {
+    /// Its own socket per worker, bytes passed through as they are.
+    Raw,
+    /// One shared ureq agent with its own TCP transport and pool, the answer
+    /// written back with its length, or chunked when it is a stream.
+    Ureq,
+}
+
 /// Serve on `listen`, forwarding to `upstream`, until killed.
-pub fn serve(listen: SocketAddr, upstream: SocketAddr) -> Result<(), String> {
+pub fn serve(listen: SocketAddr, upstream: SocketAddr, how: Upstream) -> Result<(), String> {
     let listener = TcpListener::bind(listen).map_err(|e| format!("bind {listen}: {e}"))?;
-    serve_listener(listener, upstream)
+    serve_listener(listener, upstream, how)
 }
 
 /// Serve on a bound `listener`, forwarding to `upstream`.
-pub fn serve_listener(listener: TcpListener, upstream: SocketAddr) -> Result<(), String> {
+pub fn serve_listener(
+    listener: TcpListener,
+    upstream: SocketAddr,
+    how: Upstream,
+) -> Result<(), String> {
     let (tx, rx) = crossbeam_channel::bounded::<TcpStream>(1024);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .no_delay(true)
+        .max_idle_connections(WORKERS * 2)
+        .max_idle_connections_per_host(WORKERS)
+        .build()
+        .into();
     for i in 0..WORKERS {
         let rx = rx.clone();
+        let agent = agent.clone();
         thread::Builder::new()
             .name(format!("floor-{i}"))
             .stack_size(256 * 1024)
             .spawn(move || {
                 let mut up = None;
                 while let Ok(client) = rx.recv() {
+                    let served = match how {
+                        Upstream::Raw => serve_client(client, upstream, &mut up),
+                        Upstream::Ureq => serve_with_ureq(client, upstream, &agent),
+                    };
                     // A broken upstream connection is made afresh for the next client.
-                    if serve_client(client, upstream, &mut up).is_err() {
+                    if served.is_err() {
                         up = None;
                     }
                 }
@@ -82,6 +110,91 @@ fn serve_client(
         };
         relay(conn, &mut from_up, &mut client, framing)?;
     }
+}
+
+/// As [`serve_client`], with a ureq agent on the upstream side: the request
+/// rebuilt for ureq, the answer written back with its length, or chunked
+/// one upstream read at a time when it is a stream.
+fn serve_with_ureq(
+    mut client: TcpStream,
+    upstream: SocketAddr,
+    agent: &ureq::Agent,
+) -> io::Result<()> {
+    client.set_nodelay(true)?;
+    let mut from_client = Vec::with_capacity(4096);
+    let mut body = vec![0u8; 4096];
+    loop {
+        let Some(framing) = read_head(&mut client, &mut from_client, true)? else {
+            return Ok(());
+        };
+        let Framing::Length(length) = framing else {
+            return Err(io::ErrorKind::InvalidData.into());
+        };
+        while from_client.len() < head_len(&from_client) + length {
+            if fill(&mut client, &mut from_client)? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        let head = head_len(&from_client);
+        let mut headers = [httparse::EMPTY_HEADER; HEADERS];
+        let mut parsed = httparse::Request::new(&mut headers);
+        parsed
+            .parse(&from_client)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let mut request = ureq::http::Request::builder()
+            .method(parsed.method.unwrap_or("GET"))
+            .uri(format!("http://{upstream}{}", parsed.path.unwrap_or("/")));
+        for h in parsed.headers.iter() {
+            if !h.name.eq_ignore_ascii_case("host")
+                && !h.name.eq_ignore_ascii_case("content-length")
+            {
+                request = request.header(h.name, h.value);
+            }
+        }
+        let request = request
+            .body(&from_client[head..head + length])
+            .map_err(io::Error::other)?;
+        let response = agent.run(request).map_err(io::Error::other)?;
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .map(|v| v.as_bytes().to_vec())
+            .unwrap_or_default();
+        let mut reader = response.into_body().into_reader();
+        let mut out = format!("HTTP/1.1 {status} OK\r\ncontent-type: ").into_bytes();
+        out.extend_from_slice(&content_type);
+        if content_type.starts_with(b"text/event-stream") {
+            out.extend_from_slice(b"\r\ntransfer-encoding: chunked\r\n\r\n");
+            client.write_all(&out)?;
+            loop {
+                let n = reader.read(&mut body)?;
+                let mut chunk = format!("{n:x}\r\n").into_bytes();
+                chunk.extend_from_slice(&body[..n]);
+                chunk.extend_from_slice(b"\r\n");
+                client.write_all(&chunk)?;
+                if n == 0 {
+                    break;
+                }
+            }
+        } else {
+            let mut whole = Vec::new();
+            reader.read_to_end(&mut whole)?;
+            out.extend_from_slice(
+                format!("\r\ncontent-length: {}\r\n\r\n", whole.len()).as_bytes(),
+            );
+            out.extend_from_slice(&whole);
+            client.write_all(&out)?;
+        }
+        from_client.drain(..head + length);
+    }
+}
+
+/// Where the head at the start of `buf` ends (it is known to be whole).
+fn head_len(buf: &[u8]) -> usize {
+    buf.windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(buf.len(), |p| p + 4)
 }
 
 /// How a message's body ends.
@@ -148,10 +261,7 @@ fn relay(
     to: &mut TcpStream,
     framing: Framing,
 ) -> io::Result<()> {
-    let head_end = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or(buf.len(), |p| p + 4);
+    let head_end = head_len(buf);
     match framing {
         Framing::Length(n) => {
             while buf.len() < head_end + n {

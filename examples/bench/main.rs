@@ -9,7 +9,7 @@
 //! the load generator are the same for every column.
 //!
 //! Usage: `bench [--reps N] [--secs S] [--quick] [--no-nginx] [--no-wrk]
-//! [--no-memory] [--no-floor] [--memory-only] [--balancer PATH] [--fake PATH] [--nginx PATH]
+//! [--no-memory] [--no-floor] [--ureq-floor] [--memory-only] [--balancer PATH] [--fake PATH] [--nginx PATH]
 //! [--wrk PATH] [--keep]`
 
 mod floor;
@@ -37,6 +37,7 @@ struct Args {
     wrk: Option<PathBuf>,
     keep: bool,
     floor: bool,
+    ureq_floor: bool,
     table: bool,
     memory: bool,
 }
@@ -45,27 +46,36 @@ fn main() -> ExitCode {
     // The bench runs its yardstick proxy as a child process of its own, so
     // that its CPU and memory are read like every other target's.
     let argv: Vec<String> = std::env::args().collect();
-    if let [_, flag, listen, upstream] = argv.as_slice() {
-        if flag == "--serve-floor" {
-            let addrs = listen.parse().and_then(|l| Ok((l, upstream.parse()?)));
-            let served = addrs
-                .map_err(|e| format!("--serve-floor LISTEN UPSTREAM: {e}"))
-                .and_then(|(l, u)| floor::serve(l, u));
-            return match served {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("bench floor: {e}");
-                    ExitCode::FAILURE
-                }
-            };
-        }
+    if argv.get(1).map(String::as_str) == Some("--serve-floor") {
+        let served = match &argv[2..] {
+            [listen, upstream, how @ ..] => {
+                let how = match how {
+                    [] => Ok(floor::Upstream::Raw),
+                    [u] if u == "ureq" => Ok(floor::Upstream::Ureq),
+                    _ => Err("the last argument may only be \"ureq\"".to_string()),
+                };
+                let addrs = listen
+                    .parse::<SocketAddr>()
+                    .and_then(|l| Ok((l, upstream.parse::<SocketAddr>()?)))
+                    .map_err(|e| e.to_string());
+                how.and_then(|h| addrs.and_then(|(l, u)| floor::serve(l, u, h)))
+            }
+            _ => Err("usage: bench --serve-floor LISTEN UPSTREAM [ureq]".into()),
+        };
+        return match served {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bench floor: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
             eprintln!("bench: {e}");
             eprintln!(
-                "usage: bench [--reps N] [--secs S] [--quick] [--no-nginx] [--no-wrk] [--no-memory] [--no-floor] [--memory-only] \
+                "usage: bench [--reps N] [--secs S] [--quick] [--no-nginx] [--no-wrk] [--no-memory] [--no-floor] [--ureq-floor] [--memory-only] \
                  [--balancer PATH] [--fake PATH] [--nginx PATH] [--wrk PATH] [--keep]"
             );
             return ExitCode::from(2);
@@ -101,6 +111,7 @@ fn parse_args() -> Result<Args, String> {
         wrk: which("wrk"),
         keep: false,
         floor: true,
+        ureq_floor: false,
         table: true,
         memory: true,
     };
@@ -122,6 +133,7 @@ fn parse_args() -> Result<Args, String> {
             "--no-wrk" => a.wrk = None,
             "--no-memory" => a.memory = false,
             "--no-floor" => a.floor = false,
+            "--ureq-floor" => a.ureq_floor = true,
             "--memory-only" => a.table = false,
             "--keep" => a.keep = true,
             other => return Err(format!("unknown argument {other:?}")),
@@ -309,15 +321,18 @@ fn start_balancer(
     Ok((p, port))
 }
 
-/// The design's floor (see `floor.rs`), this executable in another mode.
-fn start_floor(dir: &Path, upstream: u16) -> Result<(Proc, u16), String> {
+/// The design's floor (see `floor.rs`), this executable in another mode;
+/// `how` is its upstream side ("ureq", or raw sockets when `None`).
+fn start_floor(dir: &Path, upstream: u16, how: Option<&str>) -> Result<(Proc, u16), String> {
     let port = free_port()?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find myself: {e}"))?;
     let mut cmd = Command::new(exe);
     cmd.arg("--serve-floor")
         .arg(loopback(port).to_string())
-        .arg(loopback(upstream).to_string());
-    let mut p = Proc::spawn("floor", &mut cmd, dir.join("floor.log"))?;
+        .arg(loopback(upstream).to_string())
+        .args(how);
+    let name = format!("floor{}", how.map(|h| format!("-{h}")).unwrap_or_default());
+    let mut p = Proc::spawn(&name, &mut cmd, dir.join(format!("{name}.log")))?;
     p.wait_listening(loopback(port))?;
     Ok((p, port))
 }
@@ -432,14 +447,16 @@ fn table(args: &Args, dir: &Path) -> Result<String, String> {
             pid: Some(p.pid()),
         });
     }
-    let floor = if args.floor {
-        Some(start_floor(dir, up)?)
-    } else {
-        None
-    };
-    if let Some((p, port)) = &floor {
+    let mut floors = Vec::new();
+    if args.floor {
+        floors.push(("blocking floor", start_floor(dir, up, None)?));
+    }
+    if args.ureq_floor {
+        floors.push(("floor + ureq", start_floor(dir, up, Some("ureq"))?));
+    }
+    for (name, (p, port)) in &floors {
         targets.push(Target {
-            name: "blocking floor".into(),
+            name: name.to_string(),
             addr: loopback(*port),
             pid: Some(p.pid()),
         });
@@ -456,7 +473,7 @@ fn table(args: &Args, dir: &Path) -> Result<String, String> {
         warmup: Duration::from_millis(500),
     };
     let results = suite::measure(&targets, &plan, &mut |l| eprintln!("{l}"));
-    drop(floor);
+    drop(floors);
     drop(nginx);
     drop(bal);
     drop(fake);

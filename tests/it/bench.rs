@@ -36,10 +36,15 @@ fn bench_measures_and_prints_its_table() {
     // Serves until the test process exits; it holds no state worth stopping.
     thread::spawn(move || fake_upstream::serve_listener(listener, opts, None));
     let bal = start(&[format!("http://{up}")], &[], |_| {});
-    // The yardstick proxy relays Content-Length and chunked answers alike.
-    let floor_listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let floor_addr = floor_listener.local_addr().unwrap();
-    thread::spawn(move || floor::serve_listener(floor_listener, up));
+    // The yardstick proxies relay Content-Length and chunked answers alike.
+    let floor = |how| {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        thread::spawn(move || floor::serve_listener(listener, up, how));
+        addr
+    };
+    let floor_addr = floor(floor::Upstream::Raw);
+    let ureq_floor_addr = floor(floor::Upstream::Ureq);
     let me = Some(std::process::id());
     let targets = [
         suite::Target {
@@ -55,6 +60,11 @@ fn bench_measures_and_prints_its_table() {
         suite::Target {
             name: "blocking floor".into(),
             addr: floor_addr,
+            pid: me,
+        },
+        suite::Target {
+            name: "floor + ureq".into(),
+            addr: ureq_floor_addr,
             pid: me,
         },
     ];
@@ -74,7 +84,7 @@ fn bench_measures_and_prints_its_table() {
     let results = suite::measure(&targets, &plan, &mut |_| lines += 1);
     let table = suite::render(&results);
     println!("{table}");
-    assert_eq!(lines, 2 * (3 * 2 + 3), "one progress line per run");
+    assert_eq!(lines, 2 * (4 * 2 + 4), "one progress line per run");
     for t in &results.targets {
         assert_eq!(
             t.errors(),
@@ -95,7 +105,7 @@ fn bench_measures_and_prints_its_table() {
         }
     }
     for row in [
-        "| metric (median of reps) | direct | gaia-balancer | blocking floor | gaia-balancer / blocking floor | gaia-balancer / direct |",
+        "| metric (median of reps) | direct | gaia-balancer | blocking floor | floor + ureq | gaia-balancer / blocking floor | gaia-balancer / floor + ureq | gaia-balancer / direct |",
         "| req/s, 1 conn |",
         "| req/s, 4 conns |",
         "| latency p50 / p99 ms, 4 conns |",
@@ -104,7 +114,7 @@ fn bench_measures_and_prints_its_table() {
         "| idle / peak RSS MiB |",
         "| CPU s per 10,000 requests |",
         "| context switches per request |",
-        "| failed requests + streams | 0 | 0 | 0 |",
+        "| failed requests + streams | 0 | 0 | 0 | 0 |",
     ] {
         assert!(table.contains(row), "missing {row:?} in\n{table}");
     }
