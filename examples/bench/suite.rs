@@ -55,6 +55,8 @@ pub struct Measured {
     pub streams: Vec<Vec<StreamStats>>,
     /// CPU seconds per 10,000 non-streaming requests, one per rep.
     pub cpu_per_10k: Vec<f64>,
+    /// The user-space part of it.
+    pub user_cpu_per_10k: Vec<f64>,
     /// Context switches (all threads) per non-streaming request, one per rep.
     pub switches_per_request: Vec<f64>,
 }
@@ -109,7 +111,8 @@ pub fn measure(targets: &[Target], plan: &Plan, progress: &mut dyn FnMut(&str)) 
         load::hammer(t.addr, &chat, &warm);
     }
     for rep in 0..plan.reps {
-        let mut cpu = vec![0.0; targets.len()];
+        // (user, user + system) CPU seconds per target.
+        let mut cpu = vec![(0.0, 0.0); targets.len()];
         let mut switches = vec![0u64; targets.len()];
         let mut requests = vec![0u64; targets.len()];
         for (ci, &conns) in plan.conns.iter().enumerate() {
@@ -135,7 +138,8 @@ pub fn measure(targets: &[Target], plan: &Plan, progress: &mut dyn FnMut(&str)) 
                     load::hammer(t.addr, &chat, &l)
                 });
                 if let (Some(b), Some(a)) = (before, t.pid.and_then(cpu_secs)) {
-                    cpu[ti] += a - b;
+                    cpu[ti].0 += a.0 - b.0;
+                    cpu[ti].1 += a.1 - b.1;
                 }
                 if let (Some(b), Some(a)) = (switched, t.pid.map(context_switches)) {
                     switches[ti] += a.saturating_sub(b);
@@ -157,9 +161,9 @@ pub fn measure(targets: &[Target], plan: &Plan, progress: &mut dyn FnMut(&str)) 
         }
         for ti in 0..targets.len() {
             if targets[ti].pid.is_some() && requests[ti] > 0 {
-                out[ti]
-                    .cpu_per_10k
-                    .push(cpu[ti] / requests[ti] as f64 * 10_000.0);
+                let per_10k = |secs: f64| secs / requests[ti] as f64 * 10_000.0;
+                out[ti].cpu_per_10k.push(per_10k(cpu[ti].1));
+                out[ti].user_cpu_per_10k.push(per_10k(cpu[ti].0));
                 out[ti]
                     .switches_per_request
                     .push(switches[ti] as f64 / requests[ti] as f64);
@@ -332,18 +336,19 @@ pub fn memory(pid: u32) -> Option<Memory> {
     Some(m)
 }
 
-/// User plus system CPU seconds of `pid` and its children so far.
-pub fn cpu_secs(pid: u32) -> Option<f64> {
+/// User, and user plus system, CPU seconds of `pid` and its children so far.
+pub fn cpu_secs(pid: u32) -> Option<(f64, f64)> {
     let tick = clock_ticks();
-    let mut total = 0.0;
+    let (mut user, mut total) = (0.0, 0.0);
     for p in family(pid) {
         let f = stat_fields(p)?;
         // utime and stime are fields 14 and 15; `f` starts at field 3.
         let ut: f64 = f.get(11)?.parse().ok()?;
         let st: f64 = f.get(12)?.parse().ok()?;
+        user += ut / tick;
         total += (ut + st) / tick;
     }
-    Some(total)
+    Some((user, total))
 }
 
 /// Voluntary plus involuntary context switches so far, summed over every
@@ -560,6 +565,16 @@ pub fn render(r: &Results) -> String {
         cpu.iter().map(|&v| two_places(v)).collect(),
         cpu.clone(),
     );
+    let user: Vec<f64> = r
+        .targets
+        .iter()
+        .map(|t| median(t.user_cpu_per_10k.clone()))
+        .collect();
+    push(
+        "of which user space".into(),
+        user.iter().map(|&v| two_places(v)).collect(),
+        user.clone(),
+    );
     let switches: Vec<f64> = r
         .targets
         .iter()
@@ -597,7 +612,7 @@ pub fn render(r: &Results) -> String {
         s,
         "\n{} repetitions; load: {}. The {} column is absolute; the others are what each proxy adds \
          (paired per repetition). \"first event\" is the first content event; \"chunk lag\" is from \
-         the upstream writing an event to the client reading it. Ratios: req/s, added p50, peak RSS, CPU, context switches.",
+         the upstream writing an event to the client reading it. Ratios: req/s, added p50, peak RSS, CPU (all, and user space), context switches.",
         r.reps, r.generator, base.name
     );
     s

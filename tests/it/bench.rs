@@ -113,6 +113,7 @@ fn bench_measures_and_prints_its_table() {
         "| chunk lag p50 / p99 ms, 4 streams |",
         "| idle / peak RSS MiB |",
         "| CPU s per 10,000 requests |",
+        "| of which user space |",
         "| context switches per request |",
         "| failed requests + streams | 0 | 0 | 0 | 0 |",
     ] {
