@@ -1256,7 +1256,36 @@ fn parse_url(scheme: &str, rest: &str) -> Result<(String, String), String> {
     if let Some(stripped) = path.strip_suffix("/v1") {
         path = stripped.trim_end_matches('/');
     }
-    Ok((format!("{scheme}://{host_port}{path}"), host_port))
+    let base = format!("{scheme}://{host_port}{path}");
+    // Every request URL is this base plus `/v1/...`, parsed by the HTTP layer
+    // when the request is built. A path it refuses would fail every request
+    // to the host (answered 400, as if the client were at fault) while
+    // `check` called the file valid, so it is refused here, with the character.
+    if format!("{base}/v1/models")
+        .parse::<ureq::http::Uri>()
+        .is_err()
+    {
+        let root = format!("{scheme}://{host_port}/");
+        let bad = path
+            .chars()
+            .find(|c| format!("{root}{c}").parse::<ureq::http::Uri>().is_err());
+        return Err(match bad {
+            Some(c) => {
+                let mut utf8 = [0u8; 4];
+                let encoded: String = c
+                    .encode_utf8(&mut utf8)
+                    .bytes()
+                    .map(|b| format!("%{b:02X}"))
+                    .collect();
+                format!(
+                    "has {} in its path, which a URL must percent-encode: write {encoded}",
+                    quote(&c.to_string())
+                )
+            }
+            None => format!("is not a valid URL: {}", quote(&base)),
+        });
+    }
+    Ok((base, host_port))
 }
 
 fn split_host_port(authority: &str) -> Result<(&str, Option<u16>), String> {

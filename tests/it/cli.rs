@@ -254,3 +254,39 @@ fn the_backup_example_config_is_valid() {
         "keys are masked: {text}"
     );
 }
+
+/// A base URL whose path the HTTP layer refuses (`<`, `>`, a backtick) used
+/// to pass `check` and start, and then every request to the host was
+/// answered 400 "request cannot be forwarded: invalid uri character", as if
+/// the client were at fault. It is a configuration error, reported by `check`.
+#[test]
+fn check_refuses_a_base_url_path_the_http_layer_cannot_send() {
+    let dir = temp_dir("check-url-path");
+    let check = |hosts: &str| {
+        std::fs::write(dir.join("hosts.json"), hosts).unwrap();
+        bin()
+            .arg("check")
+            .arg("--config")
+            .arg(&dir)
+            .output()
+            .unwrap()
+    };
+    for (bad, encoded) in [("a<b", "%3C"), ("a>b", "%3E"), ("a`b", "%60")] {
+        let out = check(&format!(
+            "{{\"hosts\": [\"asia\", \"http://127.0.0.1:9/{bad}/v1\"]}}"
+        ));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{bad}: {err}");
+        assert!(
+            err.contains("hosts.json:1:") && err.contains("hosts[1]") && err.contains(encoded),
+            "{bad}: {err}"
+        );
+    }
+    // Paths the HTTP layer sends as they are stay accepted.
+    let out = check(r#"{"hosts": ["http://127.0.0.1:9/api%20v2/v1", "http://127.0.0.1:10/ü"]}"#);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
