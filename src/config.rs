@@ -315,6 +315,10 @@ pub const MAX_WEIGHT: u32 = 1_000_000;
 pub const MAX_BODY_BYTES: u64 = 1 << 30;
 /// Shortest `discoveryIntervalMs` other than 0 (off).
 pub const MIN_DISCOVERY_INTERVAL: Duration = Duration::from_secs(1);
+/// Largest `hosts.json`, `api-keys.json` or `balancer.json` accepted (16 MiB):
+/// thousands of hosts fit, and the reloader, which reads each file every
+/// second, never reads more than this.
+pub const MAX_CONFIG_FILE_BYTES: u64 = 16 << 20;
 /// Largest `caFile` accepted (1 MiB): a whole public CA bundle is ~220 KB,
 /// and the cap keeps a mistyped path (a log, a disk image) from filling memory.
 pub const MAX_CA_FILE_BYTES: u64 = 1 << 20;
@@ -558,7 +562,7 @@ fn mask_list(keys: &[String]) -> String {
 /// The file's text; `None` when it does not exist. A UTF-8 byte order mark is
 /// dropped (Windows editors write one; JSON forbids it).
 fn read_text(path: &Path) -> Result<Option<String>, ConfigError> {
-    let bytes = match std::fs::read(path) {
+    let bytes = match read_config_file(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => {
@@ -1855,9 +1859,23 @@ pub(crate) fn ca_file_named(dir: &Path, balancer_json: &[u8]) -> Option<PathBuf>
     (!name.trim().is_empty()).then(|| ca_file_path(dir, name))
 }
 
-/// The bytes of a `caFile`. Only a regular file is opened: a FIFO would block
-/// the loader and a device might never end; the size is capped for the same reason.
+/// The bytes of a `caFile` (see [`read_regular`]).
 pub(crate) fn read_ca_file(path: &Path) -> io::Result<Vec<u8>> {
+    read_regular(path, MAX_CA_FILE_BYTES, "a file of root certificates")
+}
+
+/// The bytes of one of the three config files (see [`read_regular`]); the
+/// reloader reads them with this too, every poll.
+pub(crate) fn read_config_file(path: &Path) -> io::Result<Vec<u8>> {
+    read_regular(path, MAX_CONFIG_FILE_BYTES, "a configuration file")
+}
+
+/// The bytes of the file at `path`, at most `max` of them. Only a regular
+/// file is opened (symbolic links followed): a FIFO would block the loader
+/// (and with it `check`, the reloader and shutdown, which waits for the
+/// reloader) and a device such as `/dev/zero` might never end; the size is
+/// capped for the same reason. `what` completes "too large for".
+fn read_regular(path: &Path, max: u64, what: &str) -> io::Result<Vec<u8>> {
     use std::io::Read as _;
     if !std::fs::metadata(path)?.is_file() {
         return Err(io::Error::new(
@@ -1867,14 +1885,12 @@ pub(crate) fn read_ca_file(path: &Path) -> io::Result<Vec<u8>> {
     }
     let mut bytes = Vec::new();
     std::fs::File::open(path)?
-        .take(MAX_CA_FILE_BYTES + 1)
+        .take(max + 1)
         .read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > MAX_CA_FILE_BYTES {
+    if bytes.len() as u64 > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!(
-                "larger than {MAX_CA_FILE_BYTES} bytes, too large for a file of root certificates"
-            ),
+            format!("larger than {max} bytes, too large for {what}"),
         ));
     }
     Ok(bytes)

@@ -104,7 +104,9 @@ fn stamps(dir: &Path) -> Stamps {
     let mut ca = None;
     for (i, name) in FILES.iter().enumerate() {
         let path = dir.join(name);
-        let read = std::fs::read(&path);
+        // As config::load reads them: a FIFO or a device put in place of a
+        // file must not stall this thread (and shutdown, which joins it).
+        let read = config::read_config_file(&path);
         if i == BALANCER {
             ca = read
                 .as_ref()

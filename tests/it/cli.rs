@@ -290,3 +290,76 @@ fn check_refuses_a_base_url_path_the_http_layer_cannot_send() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A FIFO in place of a config file (`mkfifo`, or a process substitution
+/// linked in) used to block whoever opened it: `check` never returned, and
+/// in a running balancer the reloader stalled for good, so no later change
+/// was ever applied and SIGTERM hung (shutdown waits for the reloader before
+/// it closes the listener). Now it is refused like any unreadable file.
+#[test]
+fn a_fifo_in_place_of_a_config_file_is_an_error_not_a_hang() {
+    let mkfifo = |path: &std::path::Path| {
+        let _ = std::fs::remove_file(path);
+        let ok = Command::new("mkfifo").arg(path).status().unwrap().success();
+        assert!(ok, "mkfifo {}", path.display());
+    };
+    let dir = temp_dir("check-fifo");
+    mkfifo(&dir.join("hosts.json"));
+    let mut child = bin()
+        .arg("check")
+        .arg("--config")
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    wait_for(Duration::from_secs(10), || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("`check` on a FIFO hosts.json did not return within 10 s");
+    }
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{err}");
+    assert!(
+        err.contains("hosts.json") && err.contains("not a regular file"),
+        "{err}"
+    );
+
+    // A running balancer: balancer.json becomes a FIFO, then a good file again.
+    let up = Upstream::always(Reply::json(200, "{}"));
+    let dir = config_for("run-fifo", &up);
+    std::fs::write(dir.join("balancer.json"), r#"{"discoveryIntervalMs": 0}"#).unwrap();
+    let mut bal = Balancer::start(&dir, "", &["--workers", "4"], "info");
+    mkfifo(&dir.join("balancer.json"));
+    assert!(
+        bal.logged("not a regular file", Duration::from_secs(10)),
+        "the reloader did not report the FIFO: {:?}",
+        bal.lines()
+    );
+    assert_eq!(post(bal.addr, "/v1/embeddings", "{}").status, 200);
+    std::fs::remove_file(dir.join("balancer.json")).unwrap();
+    std::fs::write(
+        dir.join("balancer.json"),
+        r#"{"discoveryIntervalMs": 0, "maxAttempts": 3}"#,
+    )
+    .unwrap();
+    assert!(
+        bal.logged("configuration reloaded", Duration::from_secs(10)),
+        "{:?}",
+        bal.lines()
+    );
+    bal.signal("TERM");
+    assert_eq!(
+        bal.exit_within(Duration::from_secs(10))
+            .and_then(|s| s.code()),
+        Some(0),
+        "{:?}",
+        bal.lines()
+    );
+}
