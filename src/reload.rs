@@ -295,6 +295,7 @@ impl Reloader {
                 return Check::Rejected;
             }
         };
+        let was_refused = self.shared.reload.last_error().is_some();
         self.shared.reload.set_error(None);
         let restart = self.listener.pin(&mut config.settings);
         if !restart.is_empty() && restart != self.pending_restart {
@@ -318,6 +319,14 @@ impl Reloader {
         };
         self.applied = Some(now);
         if !files.global && !files.own && config == old.config {
+            // A refused change undone: the error logged last is no longer
+            // true, and nothing else would say so.
+            if was_refused {
+                log::info!(
+                    "configuration valid again; the one in force (generation {}) is unchanged",
+                    old.generation
+                );
+            }
             return Check::Unchanged;
         }
         let summary = describe(&old.config, &config, files.global);

@@ -363,3 +363,38 @@ fn a_fifo_in_place_of_a_config_file_is_an_error_not_a_hang() {
         bal.lines()
     );
 }
+
+/// A refused change that is then undone (the file put back as it was) used
+/// to leave the error as the last word in the log: nothing said the files
+/// were valid again, since the configuration in force did not change.
+#[test]
+fn undoing_a_refused_change_logs_that_the_configuration_is_valid_again() {
+    let up = Upstream::always(Reply::json(200, "{}"));
+    let dir = config_for("valid-again", &up);
+    let good = r#"{"discoveryIntervalMs": 0}"#;
+    std::fs::write(dir.join("balancer.json"), good).unwrap();
+    let bal = Balancer::start(&dir, "", &["--workers", "4"], "info");
+    std::fs::write(dir.join("balancer.json"), r#"{"maxAttempts": 0}"#).unwrap();
+    assert!(
+        bal.logged("invalid configuration", Duration::from_secs(10)),
+        "{:?}",
+        bal.lines()
+    );
+    std::fs::write(dir.join("balancer.json"), good).unwrap();
+    assert!(
+        bal.logged(
+            "configuration valid again; the one in force (generation 1) is unchanged",
+            Duration::from_secs(10)
+        ),
+        "{:?}",
+        bal.lines()
+    );
+    assert!(
+        !bal.lines()
+            .iter()
+            .any(|l| l.contains("configuration reloaded")),
+        "nothing changed: {:?}",
+        bal.lines()
+    );
+    assert_eq!(post(bal.addr, "/v1/embeddings", "{}").status, 200);
+}
