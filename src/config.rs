@@ -364,6 +364,19 @@ pub fn load(dir: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
     // Errors name files by absolute path, so a message stays clear whatever the
     // working directory of whoever reads it (`absolute` does not touch the disk).
     let files = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    // `--config config/hosts.json` is an easy slip; the OS would only say
+    // "Not a directory" about a path that ends in hosts.json/hosts.json.
+    if std::fs::metadata(dir).is_ok_and(|m| !m.is_dir()) {
+        return Err(ConfigError {
+            file: files,
+            field: None,
+            position: None,
+            message: format!(
+                "not a directory; --config (or GAIA_CONFIG_DIR) names the directory that \
+                 holds {HOSTS_FILE}, {API_KEYS_FILE} and {BALANCER_FILE}"
+            ),
+        });
+    }
     let hosts_path = files.join(HOSTS_FILE);
     let hosts = match read_text(&hosts_path)? {
         Some(text) => parse_file(&hosts_path, &text, HostsFile)?,

@@ -398,3 +398,26 @@ fn undoing_a_refused_change_logs_that_the_configuration_is_valid_again() {
     );
     assert_eq!(post(bal.addr, "/v1/embeddings", "{}").status, 200);
 }
+
+/// `--config` naming a file (often hosts.json itself) is said in those words,
+/// not as "hosts.json/hosts.json: Not a directory (os error 20)".
+#[test]
+fn check_says_when_config_names_a_file_instead_of_a_directory() {
+    let dir = temp_dir("check-config-file");
+    std::fs::write(dir.join("hosts.json"), r#"{"hosts": ["asia"]}"#).unwrap();
+    let out = bin()
+        .arg("check")
+        .arg("--config")
+        .arg(dir.join("hosts.json"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "hosts.json: not a directory; --config (or GAIA_CONFIG_DIR) names the directory"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("hosts.json/hosts.json"), "{err}");
+}
