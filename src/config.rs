@@ -608,11 +608,39 @@ fn read_text(path: &Path) -> Result<Option<String>, ConfigError> {
 }
 
 fn parse_file<S: Shape>(path: &Path, text: &str, shape: S) -> Result<S::Out, ConfigError> {
+    // An empty file (a `touch`, a failed write) would otherwise read as
+    // "invalid JSON: EOF while parsing a value".
+    if text.trim().is_empty() {
+        return Err(ConfigError {
+            file: path.to_path_buf(),
+            field: None,
+            position: None,
+            message: format!("the file is empty; it must hold {}", shape.expected()),
+        });
+    }
     let mut de = serde_json::Deserializer::from_str(text);
     Via(shape)
         .deserialize(&mut de)
         .and_then(|out| de.end().map(|()| out))
-        .map_err(|e| json_error(path, &e))
+        .map_err(|e| {
+            let mut error = json_error(path, &e);
+            if error.field.is_none() && comment_at(text, e.line(), e.column()) {
+                error
+                    .message
+                    .push_str("; JSON has no comments: remove the // or /* */ text");
+            }
+            error
+        })
+}
+
+/// Whether a `//` or `/*` starts at serde_json's error position (1-based
+/// line, byte column): a comment, which editors and other tools allow.
+fn comment_at(text: &str, line: usize, column: usize) -> bool {
+    let Some(rest) = text.split('\n').nth(line.saturating_sub(1)) else {
+        return false;
+    };
+    let at = rest.get(column.saturating_sub(1)..).unwrap_or("");
+    at.starts_with("//") || at.starts_with("/*")
 }
 
 /// Separates the field path from the message inside a serde error text: the
@@ -2931,8 +2959,8 @@ mod tests {
             hosts(""),
             "hosts.json",
             None,
-            Some((1, 1)),
-            "invalid JSON: EOF",
+            None,
+            "the file is empty; it must hold an object such as {\"hosts\"",
         );
         assert_err(
             keys("{\"apiKeys\": []} x"),

@@ -421,3 +421,47 @@ fn check_says_when_config_names_a_file_instead_of_a_directory() {
     );
     assert!(!err.contains("hosts.json/hosts.json"), "{err}");
 }
+
+/// An empty file (a `touch`ed api-keys.json) and a comment (which many
+/// editors and config formats allow) are said in those words, not only as
+/// "EOF while parsing a value" or "key must be a string".
+#[test]
+fn check_names_an_empty_file_and_a_comment() {
+    let dir = temp_dir("check-empty-comment");
+    let check = |file: &str, text: &str| {
+        std::fs::write(dir.join("hosts.json"), r#"{"hosts": ["asia"]}"#).unwrap();
+        let _ = std::fs::remove_file(dir.join("balancer.json"));
+        let _ = std::fs::remove_file(dir.join("api-keys.json"));
+        std::fs::write(dir.join(file), text).unwrap();
+        let out = bin()
+            .arg("check")
+            .arg("--config")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = check("api-keys.json", "");
+    assert!(
+        err.contains(
+            "api-keys.json: the file is empty; it must hold an object such as {\"apiKeys\""
+        ),
+        "{err}"
+    );
+    let err = check("hosts.json", "\n  \n");
+    assert!(err.contains("hosts.json: the file is empty"), "{err}");
+    let err = check(
+        "balancer.json",
+        "{\n  \"maxAttempts\": 3, // fewer retries\n  \"open\": false\n}\n",
+    );
+    assert!(
+        err.contains("balancer.json:2:21:") && err.contains("JSON has no comments"),
+        "{err}"
+    );
+    let err = check("hosts.json", "{\"hosts\": [\"asia\"]} /* main */");
+    assert!(
+        err.contains("hosts.json:1:21:") && err.contains("JSON has no comments"),
+        "{err}"
+    );
+}
