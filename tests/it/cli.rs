@@ -465,3 +465,60 @@ fn check_names_an_empty_file_and_a_comment() {
         "{err}"
     );
 }
+
+/// `check | head` on a long host list (the reader leaves before the end), or
+/// stdout on a full disk, used to panic ("failed printing to stdout",
+/// exit 101, with a backtrace when RUST_BACKTRACE is set): SPEC says never a
+/// panic. A reader that left is not an error; a failed write is said plainly.
+#[test]
+fn check_and_version_survive_a_closed_or_full_stdout() {
+    use std::io::Read as _;
+    use std::process::Stdio;
+    let dir = temp_dir("check-pipe");
+    // Far more than a pipe buffer (64 KiB) of output.
+    let hosts: Vec<String> = (0..5000).map(|i| format!("\"node-{i}\"")).collect();
+    std::fs::write(
+        dir.join("hosts.json"),
+        format!(r#"{{"hosts": [{}]}}"#, hosts.join(", ")),
+    )
+    .unwrap();
+    let mut child = bin()
+        .arg("check")
+        .arg("--config")
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 64];
+    stdout.read_exact(&mut first).unwrap();
+    assert!(first.starts_with(b"config directory: "));
+    drop(stdout);
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = bin()
+        .arg("--version")
+        .stdout(Stdio::from(full))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        !err.contains("panicked") && err.contains("cannot write to standard output"),
+        "{err}"
+    );
+}
