@@ -522,3 +522,64 @@ fn check_and_version_survive_a_closed_or_full_stdout() {
         "{err}"
     );
 }
+
+/// stderr whose reader went away (`2>&1 | tee` with tee gone, a log shipper
+/// restarted) used to make every log line a panic (simple_logger writes with
+/// `eprintln!`), killing the worker or acceptor that logged it: after a few
+/// requests the process still ran but answered nothing. SPEC: never a panic;
+/// the process keeps answering.
+#[test]
+fn a_broken_stderr_does_not_stop_the_balancer_answering() {
+    use std::io::{BufRead, Read, Write};
+    use std::process::Stdio;
+    let up = Upstream::always(Reply::json(200, "{}"));
+    let dir = config_for("broken-stderr", &up);
+    std::fs::write(dir.join("balancer.json"), r#"{"discoveryIntervalMs": 0}"#).unwrap();
+    let mut child = bin()
+        .args(["--port", "0", "--workers", "4", "--config"])
+        .arg(&dir)
+        .env("LOG_LEVEL", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The address from the "listening on http://ADDR with ..." line.
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut addr = None;
+    for _ in 0..20 {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            addr = rest.split_whitespace().next().map(|a| a.parse().unwrap());
+            break;
+        }
+    }
+    let Some(addr): Option<std::net::SocketAddr> = addr else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("no 'listening on' line");
+    };
+    // The reader of its stderr goes away.
+    drop(stderr);
+    let mut answered = 0;
+    for _ in 0..40 {
+        let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+            break;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        let mut reply = String::new();
+        let _ = s.read_to_string(&mut reply);
+        if !reply.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        answered += 1;
+    }
+    let alive = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(alive, "the process died");
+    assert_eq!(answered, 40, "stopped answering after {answered} requests");
+}
