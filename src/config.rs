@@ -315,6 +315,10 @@ pub const MAX_WEIGHT: u32 = 1_000_000;
 pub const MAX_BODY_BYTES: u64 = 1 << 30;
 /// Shortest `discoveryIntervalMs` other than 0 (off).
 pub const MIN_DISCOVERY_INTERVAL: Duration = Duration::from_secs(1);
+/// Largest `hosts.json`, `api-keys.json` or `balancer.json` accepted (16 MiB):
+/// thousands of hosts fit, and the reloader, which reads each file every
+/// second, never reads more than this.
+pub const MAX_CONFIG_FILE_BYTES: u64 = 16 << 20;
 /// Largest `caFile` accepted (1 MiB): a whole public CA bundle is ~220 KB,
 /// and the cap keeps a mistyped path (a log, a disk image) from filling memory.
 pub const MAX_CA_FILE_BYTES: u64 = 1 << 20;
@@ -360,6 +364,19 @@ pub fn load(dir: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
     // Errors name files by absolute path, so a message stays clear whatever the
     // working directory of whoever reads it (`absolute` does not touch the disk).
     let files = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    // `--config config/hosts.json` is an easy slip; the OS would only say
+    // "Not a directory" about a path that ends in hosts.json/hosts.json.
+    if std::fs::metadata(dir).is_ok_and(|m| !m.is_dir()) {
+        return Err(ConfigError {
+            file: files,
+            field: None,
+            position: None,
+            message: format!(
+                "not a directory; --config (or GAIA_CONFIG_DIR) names the directory that \
+                 holds {HOSTS_FILE}, {API_KEYS_FILE} and {BALANCER_FILE}"
+            ),
+        });
+    }
     let hosts_path = files.join(HOSTS_FILE);
     let hosts = match read_text(&hosts_path)? {
         Some(text) => parse_file(&hosts_path, &text, HostsFile)?,
@@ -558,7 +575,7 @@ fn mask_list(keys: &[String]) -> String {
 /// The file's text; `None` when it does not exist. A UTF-8 byte order mark is
 /// dropped (Windows editors write one; JSON forbids it).
 fn read_text(path: &Path) -> Result<Option<String>, ConfigError> {
-    let bytes = match std::fs::read(path) {
+    let bytes = match read_config_file(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => {
@@ -591,11 +608,39 @@ fn read_text(path: &Path) -> Result<Option<String>, ConfigError> {
 }
 
 fn parse_file<S: Shape>(path: &Path, text: &str, shape: S) -> Result<S::Out, ConfigError> {
+    // An empty file (a `touch`, a failed write) would otherwise read as
+    // "invalid JSON: EOF while parsing a value".
+    if text.trim().is_empty() {
+        return Err(ConfigError {
+            file: path.to_path_buf(),
+            field: None,
+            position: None,
+            message: format!("the file is empty; it must hold {}", shape.expected()),
+        });
+    }
     let mut de = serde_json::Deserializer::from_str(text);
     Via(shape)
         .deserialize(&mut de)
         .and_then(|out| de.end().map(|()| out))
-        .map_err(|e| json_error(path, &e))
+        .map_err(|e| {
+            let mut error = json_error(path, &e);
+            if error.field.is_none() && comment_at(text, e.line(), e.column()) {
+                error
+                    .message
+                    .push_str("; JSON has no comments: remove the // or /* */ text");
+            }
+            error
+        })
+}
+
+/// Whether a `//` or `/*` starts at serde_json's error position (1-based
+/// line, byte column): a comment, which editors and other tools allow.
+fn comment_at(text: &str, line: usize, column: usize) -> bool {
+    let Some(rest) = text.split('\n').nth(line.saturating_sub(1)) else {
+        return false;
+    };
+    let at = rest.get(column.saturating_sub(1)..).unwrap_or("");
+    at.starts_with("//") || at.starts_with("/*")
 }
 
 /// Separates the field path from the message inside a serde error text: the
@@ -1256,7 +1301,36 @@ fn parse_url(scheme: &str, rest: &str) -> Result<(String, String), String> {
     if let Some(stripped) = path.strip_suffix("/v1") {
         path = stripped.trim_end_matches('/');
     }
-    Ok((format!("{scheme}://{host_port}{path}"), host_port))
+    let base = format!("{scheme}://{host_port}{path}");
+    // Every request URL is this base plus `/v1/...`, parsed by the HTTP layer
+    // when the request is built. A path it refuses would fail every request
+    // to the host (answered 400, as if the client were at fault) while
+    // `check` called the file valid, so it is refused here, with the character.
+    if format!("{base}/v1/models")
+        .parse::<ureq::http::Uri>()
+        .is_err()
+    {
+        let root = format!("{scheme}://{host_port}/");
+        let bad = path
+            .chars()
+            .find(|c| format!("{root}{c}").parse::<ureq::http::Uri>().is_err());
+        return Err(match bad {
+            Some(c) => {
+                let mut utf8 = [0u8; 4];
+                let encoded: String = c
+                    .encode_utf8(&mut utf8)
+                    .bytes()
+                    .map(|b| format!("%{b:02X}"))
+                    .collect();
+                format!(
+                    "has {} in its path, which a URL must percent-encode: write {encoded}",
+                    quote(&c.to_string())
+                )
+            }
+            None => format!("is not a valid URL: {}", quote(&base)),
+        });
+    }
+    Ok((base, host_port))
 }
 
 fn split_host_port(authority: &str) -> Result<(&str, Option<u16>), String> {
@@ -1826,9 +1900,23 @@ pub(crate) fn ca_file_named(dir: &Path, balancer_json: &[u8]) -> Option<PathBuf>
     (!name.trim().is_empty()).then(|| ca_file_path(dir, name))
 }
 
-/// The bytes of a `caFile`. Only a regular file is opened: a FIFO would block
-/// the loader and a device might never end; the size is capped for the same reason.
+/// The bytes of a `caFile` (see [`read_regular`]).
 pub(crate) fn read_ca_file(path: &Path) -> io::Result<Vec<u8>> {
+    read_regular(path, MAX_CA_FILE_BYTES, "a file of root certificates")
+}
+
+/// The bytes of one of the three config files (see [`read_regular`]); the
+/// reloader reads them with this too, every poll.
+pub(crate) fn read_config_file(path: &Path) -> io::Result<Vec<u8>> {
+    read_regular(path, MAX_CONFIG_FILE_BYTES, "a configuration file")
+}
+
+/// The bytes of the file at `path`, at most `max` of them. Only a regular
+/// file is opened (symbolic links followed): a FIFO would block the loader
+/// (and with it `check`, the reloader and shutdown, which waits for the
+/// reloader) and a device such as `/dev/zero` might never end; the size is
+/// capped for the same reason. `what` completes "too large for".
+fn read_regular(path: &Path, max: u64, what: &str) -> io::Result<Vec<u8>> {
     use std::io::Read as _;
     if !std::fs::metadata(path)?.is_file() {
         return Err(io::Error::new(
@@ -1838,14 +1926,12 @@ pub(crate) fn read_ca_file(path: &Path) -> io::Result<Vec<u8>> {
     }
     let mut bytes = Vec::new();
     std::fs::File::open(path)?
-        .take(MAX_CA_FILE_BYTES + 1)
+        .take(max + 1)
         .read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > MAX_CA_FILE_BYTES {
+    if bytes.len() as u64 > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!(
-                "larger than {MAX_CA_FILE_BYTES} bytes, too large for a file of root certificates"
-            ),
+            format!("larger than {max} bytes, too large for {what}"),
         ));
     }
     Ok(bytes)
@@ -2873,8 +2959,8 @@ mod tests {
             hosts(""),
             "hosts.json",
             None,
-            Some((1, 1)),
-            "invalid JSON: EOF",
+            None,
+            "the file is empty; it must hold an object such as {\"hosts\"",
         );
         assert_err(
             keys("{\"apiKeys\": []} x"),

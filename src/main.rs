@@ -34,25 +34,33 @@ fn main() -> ExitCode {
         }
     };
     match inv.command {
-        Command::Help => {
-            print!("{}", cli::help_text());
-            ExitCode::SUCCESS
-        }
-        Command::Version => {
-            println!("{}", cli::version_text());
-            ExitCode::SUCCESS
-        }
+        Command::Help => output(&cli::help_text()),
+        Command::Version => output(&format!("{}\n", cli::version_text())),
         Command::Check => match config::load(&inv.config_dir, &inv.overrides) {
-            Ok(config) => {
-                print!("{}", config::render(&config));
-                ExitCode::SUCCESS
-            }
+            Ok(config) => output(&config::render(&config)),
             Err(e) => {
                 eprintln!("gaia-balancer: invalid configuration: {e}");
                 ExitCode::FAILURE
             }
         },
         Command::Run => run(&inv),
+    }
+}
+
+/// Write `text` to stdout and exit 0. Not `print!`, which panics when the
+/// write fails: `check | head` on a long host list (the reader leaves
+/// early), or a full disk. A reader that left had what it wanted (exit 0);
+/// any other failure is said on stderr (exit 1).
+fn output(text: &str) -> ExitCode {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gaia-balancer: cannot write to standard output: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -104,7 +104,9 @@ fn stamps(dir: &Path) -> Stamps {
     let mut ca = None;
     for (i, name) in FILES.iter().enumerate() {
         let path = dir.join(name);
-        let read = std::fs::read(&path);
+        // As config::load reads them: a FIFO or a device put in place of a
+        // file must not stall this thread (and shutdown, which joins it).
+        let read = config::read_config_file(&path);
         if i == BALANCER {
             ca = read
                 .as_ref()
@@ -293,6 +295,7 @@ impl Reloader {
                 return Check::Rejected;
             }
         };
+        let was_refused = self.shared.reload.last_error().is_some();
         self.shared.reload.set_error(None);
         let restart = self.listener.pin(&mut config.settings);
         if !restart.is_empty() && restart != self.pending_restart {
@@ -316,6 +319,14 @@ impl Reloader {
         };
         self.applied = Some(now);
         if !files.global && !files.own && config == old.config {
+            // A refused change undone: the error logged last is no longer
+            // true, and nothing else would say so.
+            if was_refused {
+                log::info!(
+                    "configuration valid again; the one in force (generation {}) is unchanged",
+                    old.generation
+                );
+            }
             return Check::Unchanged;
         }
         let summary = describe(&old.config, &config, files.global);
@@ -460,9 +471,14 @@ fn describe(old: &Config, new: &Config, keys_changed: bool) -> String {
     if added.is_empty() && removed.is_empty() && old.hosts != new.hosts {
         parts.push("host settings changed".into());
     }
-    if (keys_changed || old.api_keys != new.api_keys) && new.api_keys.is_empty() {
+    let renewed = keys_changed || old.api_keys != new.api_keys;
+    // "Any more" only when there were keys: SIGHUP, or an edit of a file of
+    // inactive keys, must not report keys lost that never were.
+    if renewed && new.api_keys.is_empty() && !old.api_keys.is_empty() {
         parts.push("no active key any more: requests go upstream without Authorization".into());
-    } else if keys_changed || old.api_keys != new.api_keys {
+    } else if renewed && new.api_keys.is_empty() {
+        parts.push("still no active key: requests go upstream without Authorization".into());
+    } else if renewed {
         parts.push(format!(
             "key file changed ({} active keys, every one in rotation)",
             new.api_keys.len()
@@ -735,6 +751,24 @@ mod tests {
         let mut slower = base.clone();
         slower.timeouts.connect = Duration::from_secs(9);
         assert!(!same_agent(&base, &slower));
+    }
+
+    #[test]
+    fn describe_reports_keys_lost_only_when_there_were_some() {
+        let none = config(&["a"], &[]);
+        let some = config(&["a"], &["k-000000000001"]);
+        // SIGHUP (or a rewritten file) with no active key before or after.
+        let said = describe(&none, &none, true);
+        assert!(!said.contains("any more"), "{said}");
+        assert!(said.contains("still no active key"), "{said}");
+        let said = describe(&some, &none, true);
+        assert!(said.contains("no active key any more"), "{said}");
+        let said = describe(&none, &some, true);
+        assert!(said.contains("1 active keys"), "{said}");
+        assert_eq!(
+            describe(&none, &none, false),
+            "1 hosts; no effective change"
+        );
     }
 
     #[test]
