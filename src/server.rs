@@ -573,7 +573,10 @@ fn dispatch(
                 continue;
             }
             Err(TrySendError::Full(conn)) => conn,
-            Err(TrySendError::Disconnected(_)) => return,
+            Err(TrySendError::Disconnected(_)) => {
+                shared.metrics.dequeued();
+                return;
+            }
         };
         let grown = pool.grow_or_warn();
         // Only a connection no new worker is coming for presses idle and
@@ -589,8 +592,17 @@ fn dispatch(
         waiting.store(false, Ordering::Relaxed);
         match sent {
             Ok(()) => pool.handed_over(),
-            Err(SendTimeoutError::Timeout(c)) => shed(c.stream, "waited too long for a worker"),
-            Err(SendTimeoutError::Disconnected(_)) => return,
+            Err(SendTimeoutError::Timeout(c)) => {
+                // It leaves the queue here, never reaching a worker (whose
+                // dequeue and count it would otherwise have had).
+                shared.metrics.dequeued();
+                shared.metrics.shed(Shed::QueueWait);
+                shed(c.stream, "waited too long for a worker");
+            }
+            Err(SendTimeoutError::Disconnected(_)) => {
+                shared.metrics.dequeued();
+                return;
+            }
         }
     }
 }

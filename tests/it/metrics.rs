@@ -447,3 +447,45 @@ fn readyz_is_503_while_no_host_is_routable() {
         1.0
     );
 }
+
+/// Start a silent stream on the only worker of `bal` and return its connection.
+fn hold_the_only_worker(bal: &crate::util::Running, up: &Upstream) -> std::net::TcpStream {
+    let mut busy = connect(bal.addr);
+    let body = chat(true);
+    write!(
+        busy,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    assert!(wait_for(Duration::from_secs(3), || up.hits() == 1));
+    busy
+}
+
+#[test]
+fn a_connection_shed_at_queue_wait_is_counted_and_leaves_the_queue() {
+    let up = Upstream::always(Reply::sse(vec![Step::Sleep(Duration::from_secs(60))]));
+    let bal = start(&[up.url()], &[], |c| {
+        c.settings.workers = 1;
+        c.settings.queue_wait = Duration::from_millis(300);
+    });
+    let busy = hold_the_only_worker(&bal, &up);
+    // Waits in the queue while the only worker is busy, then gets 503.
+    let r = request(bal.addr, "GET", "/v1/models", &[], b"");
+    assert_eq!(r.status, 503, "{}", r.text());
+    // The client of the silent stream leaves: the worker is free again.
+    drop(busy);
+    let server = bal.server();
+    assert!(wait_for(Duration::from_secs(5), || server.idle_workers() == 1));
+    assert_eq!(server.queue_depth(), 0);
+    let text = scrape(bal.addr);
+    assert_eq!(quick(&text, "gaia_balancer_queue_depth"), 0.0, "{text}");
+    assert_eq!(
+        quick(
+            &text,
+            "gaia_balancer_connections_shed_total{reason=\"queue_wait\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+}
