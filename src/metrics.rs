@@ -558,7 +558,11 @@ impl Metrics {
                 .saturating_sub(marks.upstream)
                 .saturating_sub(marks.body),
         );
-        if let Some(first) = marks.first_event.or(marks.head).filter(|_| marks.served) {
+        if let Some(first) = marks
+            .first_event
+            .or(marks.served_head)
+            .filter(|_| marks.served)
+        {
             self.first_byte[k].observe(first.saturating_duration_since(started));
         }
         if cut {
@@ -584,6 +588,9 @@ struct Marks {
     head: Option<Instant>,
     /// The status of that head.
     head_status: u16,
+    /// When the response head of the answer passed to the client arrived
+    /// (a hedge's included, which `head` never sees).
+    served_head: Option<Instant>,
     /// When the first SSE event was committed to the client.
     first_event: Option<Instant>,
     /// An upstream answer was committed to the client.
@@ -598,6 +605,7 @@ thread_local! {
             upstream: Duration::ZERO,
             head: None,
             head_status: 0,
+            served_head: None,
             first_event: None,
             served: false,
         })
@@ -637,6 +645,11 @@ pub fn mark_head(status: u16) {
         m.head = Some(Instant::now());
         m.head_status = status;
     });
+}
+
+/// The response head of the answer being passed to the client arrived at `at`.
+pub fn mark_served_head(at: Instant) {
+    mark(|m| m.served_head = Some(at));
 }
 
 /// The first SSE event was committed to the client.

@@ -727,6 +727,8 @@ pub struct Ready {
     pub rest: Option<ureq::BodyReader<'static>>,
     /// Time from sending the request to the response head.
     pub first_byte: Duration,
+    /// When the response head arrived (on whichever thread ran the attempt).
+    pub head_at: Instant,
     /// Idle timeout for the rest of the body.
     pub idle: Duration,
     /// This came from a hedge attempt.
@@ -762,7 +764,8 @@ pub fn run_to_commit(
     };
     let response = upstream::send(&b.agent, host, key.map(|k| &**k), &outgoing)?;
     _busy.first_byte();
-    let first_byte = sent.elapsed();
+    let head_at = Instant::now();
+    let first_byte = head_at.saturating_duration_since(sent);
     let status = response.status().as_u16();
     metrics::mark_head(status);
     let content_type = response
@@ -870,6 +873,7 @@ pub fn run_to_commit(
         held,
         rest: (!ended).then_some(reader),
         first_byte,
+        head_at,
         idle: t.idle,
         hedged: false,
         busy: _busy,
@@ -917,9 +921,13 @@ fn pass_on(
         rest,
         idle,
         hedged,
+        head_at,
         busy: _busy,
         ..
     } = ready;
+    // The head of the answer the client gets: a hedge's arrived on its own
+    // thread, so the worker's per-attempt mark does not have it.
+    metrics::mark_served_head(head_at);
     let label = status.to_string();
     let push = |trail: &mut Trail| {
         if hedged {

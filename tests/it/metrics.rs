@@ -489,3 +489,29 @@ fn a_connection_shed_at_queue_wait_is_counted_and_leaves_the_queue() {
         "{text}"
     );
 }
+
+#[test]
+fn a_hedge_that_wins_a_json_request_is_timed_to_its_first_byte() {
+    let slow = Upstream::always(Reply::Hang(Duration::from_secs(5)));
+    let fast = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[slow.url(), fast.url()], &[], |c| {
+        c.hosts[0].weight = 1000; // the slow host goes first
+        c.settings.hedge = gaia_balancer::config::Hedge::After(Duration::from_millis(200));
+    });
+    let before = parse(&scrape(bal.addr));
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.header("x-gaia-upstream"), Some("h1"), "{}", r.text());
+    let after = parse(&scrape(bal.addr));
+    let delta = |name: &str| {
+        let labels = [("kind", "json")];
+        value(&after, name, &labels) - value(&before, name, &labels)
+    };
+    assert_eq!(delta("gaia_balancer_request_duration_seconds_count"), 1.0);
+    assert_eq!(
+        delta("gaia_balancer_time_to_first_byte_seconds_count"),
+        1.0,
+        "an upstream answered this request"
+    );
+    let ttfb = delta("gaia_balancer_time_to_first_byte_seconds_sum");
+    assert!(ttfb >= 0.2, "the hedge started after 200 ms: {ttfb}");
+}
