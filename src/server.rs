@@ -848,15 +848,16 @@ fn serve_connection(shared: &Arc<Shared>, conn: Conn, waiting: &AtomicBool) {
                 proxy::Served::default()
             }
         };
-        let status = if served.client_gone {
-            499
-        } else {
-            out.status()
+        // Status 0: nothing was sent (the connection broke); the log and the
+        // metrics both count it as the client's.
+        let status = match out.status() {
+            _ if served.client_gone => 499,
+            0 => 499,
+            sent => sent,
         };
-        // Status 0: nothing was sent (the connection broke); count it as the client's.
         shared.metrics.request(
             metrics::Route::of(routes::path_of(&head.target)),
-            if status == 0 { 499 } else { status },
+            status,
             started,
             served.cut,
             served.client_gone,

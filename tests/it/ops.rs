@@ -453,3 +453,47 @@ fn sighup_re_reads_the_configuration_and_never_stops_the_process() {
         Some(0)
     );
 }
+
+#[test]
+fn a_client_that_resets_mid_body_is_logged_499_as_it_is_counted() {
+    let up = Upstream::always(Reply::json(200, "{}"));
+    let dir = config("reset-mid-body", &[quoted(&up.url())], NO_DISCOVERY);
+    let mut bin = start(&dir, "info");
+    // Expect: 100-continue, and the 100 is left unread: closing the socket
+    // with it still in the receive buffer sends a reset, so the balancer's
+    // body read fails with an I/O error, before any answer.
+    let s = connect(bin.addr);
+    (&s).write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nX-Request-Id: reset-1\r\nExpect: 100-continue\r\nContent-Length: 100\r\n\r\n{\"a\"",
+    )
+    .unwrap();
+    let mut peek = [0u8; 8];
+    assert!(s.peek(&mut peek).unwrap() > 0, "the 100 arrived");
+    drop(s);
+    assert!(
+        bin.logged("reset-1 POST /v1/chat/completions ", Duration::from_secs(5)),
+        "{:?}",
+        bin.lines()
+    );
+    let line = bin
+        .lines()
+        .into_iter()
+        .find(|l| l.contains("reset-1 POST"))
+        .unwrap();
+    assert!(
+        line.contains(" POST /v1/chat/completions 499 host=- "),
+        "{line}"
+    );
+    let metrics = request(bin.addr, "GET", "/metrics", &[], b"").text();
+    assert!(
+        metrics.contains("gaia_balancer_requests_total{route=\"chat\",code=\"499\"} 1"),
+        "{metrics}"
+    );
+    assert_eq!(up.hits(), 0);
+    bin.signal("TERM");
+    assert_eq!(
+        bin.exit_within(Duration::from_secs(10))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+}
