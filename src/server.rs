@@ -55,7 +55,7 @@ use crate::metrics::{self, Shed};
 use crate::proxy::{self, Proxied};
 use crate::reload::{self, Reloader};
 use crate::request::{Framing, Head, Limits, Reader, RequestError, Source};
-use crate::response::{valid_value, Responder};
+use crate::response::Responder;
 use crate::rng;
 use crate::routes::{self, Route};
 use crate::state::{Balancer, Shared};
@@ -523,11 +523,13 @@ pub(crate) fn head_limits(max_body: u64) -> Limits {
     }
 }
 
-/// The client's `X-Request-Id` when it is usable, else a fresh one.
+/// The client's `X-Request-Id` when it is usable (1 to 128 visible ASCII
+/// characters), else a fresh one. No spaces: the id opens the request's
+/// log line, whose fields are separated by spaces.
 pub(crate) fn request_id(given: Option<&str>) -> String {
     given
         .map(str::trim)
-        .filter(|v| !v.is_empty() && v.len() <= 128 && valid_value(v.as_bytes()))
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map_or_else(rng::request_id, str::to_string)
 }
 

@@ -497,3 +497,52 @@ fn a_client_that_resets_mid_body_is_logged_499_as_it_is_counted() {
         Some(0)
     );
 }
+
+#[test]
+fn a_request_id_with_spaces_is_replaced_so_log_fields_stay_apart() {
+    let up = Upstream::always(Reply::json(200, "{}"));
+    let dir = config("spaced-id", &[quoted(&up.url())], NO_DISCOVERY);
+    let mut bin = start(&dir, "info");
+    // Spaces would let the id pose as the fields after it in the info line.
+    let spoof = "x GET /healthz 200 host=- attempts=0 0ms";
+    let r = request(
+        bin.addr,
+        "POST",
+        "/v1/embeddings",
+        &[
+            ("X-Request-Id", spoof),
+            ("Content-Type", "application/json"),
+        ],
+        b"{}",
+    );
+    assert_eq!(r.status, 200);
+    let id = r.header("x-request-id").expect("an id").to_string();
+    assert_eq!(id.len(), 16, "a generated id, not {id:?}");
+    assert_eq!(up.requests()[0].header("x-request-id"), Some(id.as_str()));
+    assert!(
+        bin.logged(
+            &format!("{id} POST /v1/embeddings 200 host="),
+            Duration::from_secs(5)
+        ),
+        "{:?}",
+        bin.lines()
+    );
+    // Visible characters are kept as sent.
+    let r = request(
+        bin.addr,
+        "POST",
+        "/v1/embeddings",
+        &[
+            ("X-Request-Id", "trace-7f3a/b:c"),
+            ("Content-Type", "application/json"),
+        ],
+        b"{}",
+    );
+    assert_eq!(r.header("x-request-id"), Some("trace-7f3a/b:c"));
+    bin.signal("TERM");
+    assert_eq!(
+        bin.exit_within(Duration::from_secs(10))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+}
