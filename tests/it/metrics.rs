@@ -501,7 +501,16 @@ fn a_hedge_that_wins_a_json_request_is_timed_to_its_first_byte() {
     let before = parse(&scrape(bal.addr));
     let r = post(bal.addr, "/v1/chat/completions", &chat(false));
     assert_eq!(r.header("x-gaia-upstream"), Some("h1"), "{}", r.text());
-    let after = parse(&scrape(bal.addr));
+    // Counted once the worker is done with the request, just after the client read its end.
+    let mut text = String::new();
+    assert!(wait_for(Duration::from_secs(5), || {
+        text = scrape(bal.addr);
+        quick(
+            &text,
+            "gaia_balancer_request_duration_seconds_count{kind=\"json\"}",
+        ) == 1.0
+    }));
+    let after = parse(&text);
     let delta = |name: &str| {
         let labels = [("kind", "json")];
         value(&after, name, &labels) - value(&before, name, &labels)
