@@ -182,6 +182,12 @@ pub fn serve(
         Err(Stop::ClientGone) => served.client_gone = true,
         Err(Stop::Invalid(msg)) => send_error(out, 400, "invalid_request", &msg),
     }
+    // A 200 that no host served is a stream committed early (keep-alive
+    // comments) whose error went out as an SSE event: a failed answer, as
+    // a stream cut after its first token is, whatever its status line says.
+    if served.host.is_none() && !served.client_gone && out.status() == 200 {
+        served.cut = true;
+    }
     served
 }
 

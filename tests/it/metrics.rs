@@ -524,3 +524,57 @@ fn a_hedge_that_wins_a_json_request_is_timed_to_its_first_byte() {
     let ttfb = delta("gaia_balancer_time_to_first_byte_seconds_sum");
     assert!(ttfb >= 0.2, "the hedge started after 200 ms: {ttfb}");
 }
+
+#[test]
+fn a_stream_committed_early_that_no_host_serves_counts_as_cut() {
+    // The head and keep-alive comments go out at 200 ms; both attempts fail after.
+    let failing = Upstream::always(Reply::Delayed(
+        Duration::from_millis(500),
+        Box::new(Reply::json(500, r#"{"error":{"message":"boom"}}"#)),
+    ));
+    let bal = start(&[failing.url()], &[], |c| {
+        c.settings.stream_keep_alive_after = Some(Duration::from_millis(200));
+        c.settings.stream_keep_alive_every = Duration::from_millis(100);
+        c.settings.max_attempts = 2;
+    });
+    let before = parse(&scrape(bal.addr));
+    let r = post(bal.addr, "/v1/chat/completions", &chat(true));
+    assert_eq!(r.status, 200, "the head went out before the failures");
+    let text = r.text();
+    assert!(text.starts_with(": keep-alive"), "{text}");
+    assert!(text.contains("\"code\":\"upstream_failed\""), "{text}");
+    assert!(!text.contains("[DONE]"), "{text}");
+    // Counted once the worker is done with the request, just after the client read its end.
+    let mut text = String::new();
+    assert!(wait_for(Duration::from_secs(5), || {
+        text = scrape(bal.addr);
+        quick(
+            &text,
+            "gaia_balancer_request_duration_seconds_count{kind=\"stream\"}",
+        ) == 1.0
+    }));
+    let after = parse(&text);
+    let delta = |name: &str, labels: &[(&str, &str)]| {
+        value(&after, name, labels) - value(&before, name, labels)
+    };
+    assert_eq!(
+        delta(
+            "gaia_balancer_upstream_attempts_total",
+            &[("host", "h0"), ("outcome", "status_5xx")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        delta(
+            "gaia_balancer_requests_total",
+            &[("route", "chat"), ("code", "200")]
+        ),
+        1.0,
+        "the status sent"
+    );
+    assert_eq!(
+        delta("gaia_balancer_streams_cut_total", &[]),
+        1.0,
+        "the client got an SSE error event and no [DONE]"
+    );
+}
