@@ -173,16 +173,25 @@ pub enum Shed {
     QueueWait,
     /// The client address holds `maxConnectionsPerClient` connections already.
     PerClient,
+    /// A new connection that had sent nothing gave its worker up to one
+    /// waiting for a worker (see [`crate::server::HEAD_GRACE`]).
+    Idle,
 }
 
 impl Shed {
-    const ALL: [Shed; 3] = [Shed::QueueFull, Shed::QueueWait, Shed::PerClient];
+    const ALL: [Shed; 4] = [
+        Shed::QueueFull,
+        Shed::QueueWait,
+        Shed::PerClient,
+        Shed::Idle,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             Shed::QueueFull => "queue_full",
             Shed::QueueWait => "queue_wait",
             Shed::PerClient => "per_client",
+            Shed::Idle => "idle",
         }
     }
 }
@@ -340,7 +349,7 @@ pub struct Metrics {
     requests: Box<[AtomicU64]>,
     in_flight: AtomicUsize,
     queued: AtomicUsize,
-    shed: [AtomicU64; 3],
+    shed: [AtomicU64; 4],
     cooldowns: [AtomicU64; 3],
     streams_cut: AtomicU64,
     client_gone: AtomicU64,

@@ -780,6 +780,7 @@ fn serve_connection(shared: &Arc<Shared>, conn: Conn, waiting: &AtomicBool) {
             Ok(head) => head,
             Err(RequestError::Idle) if fresh && client.yielded => {
                 // It never sent a byte; it may yet, so say why it was dropped.
+                shared.metrics.shed(Shed::Idle);
                 overloaded(&mut writer, "every worker is busy");
                 return;
             }

@@ -578,3 +578,42 @@ fn a_stream_committed_early_that_no_host_serves_counts_as_cut() {
         "the client got an SSE error event and no [DONE]"
     );
 }
+
+#[test]
+fn a_silent_connection_that_gives_way_with_503_is_counted_as_shed() {
+    let up = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[up.url()], &[], |c| c.settings.workers = 1);
+    let server = bal.server();
+    assert!(wait_for(Duration::from_secs(3), || server.idle_workers() == 1));
+    // A new connection that sends nothing takes the only worker ...
+    let mut silent = connect(bal.addr);
+    assert!(wait_for(Duration::from_secs(3), || server.idle_workers() == 0));
+    // ... and gives it up with 503 once another connection waits past 1 s.
+    let r = post(bal.addr, "/v1/embeddings", "{}");
+    assert_eq!(r.status, 200);
+    let mut out = String::new();
+    let _ = std::io::Read::read_to_string(&mut silent, &mut out);
+    assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+    let text = scrape(bal.addr);
+    let shed: f64 = ["queue_full", "queue_wait", "per_client", "idle"]
+        .iter()
+        .map(|r| {
+            quick(
+                &text,
+                &format!("gaia_balancer_connections_shed_total{{reason=\"{r}\"}}"),
+            )
+        })
+        .sum();
+    assert_eq!(shed, 1.0, "{text}");
+    assert_eq!(
+        quick(
+            &text,
+            "gaia_balancer_connections_shed_total{reason=\"idle\"}"
+        ),
+        1.0
+    );
+    // It sent no request: requests_total holds the other one only (a
+    // scrape is counted after its own answer).
+    let parsed = parse(&text);
+    assert_eq!(sum(&parsed, "gaia_balancer_requests_total", &[]), 1.0);
+}
