@@ -502,7 +502,8 @@ impl Metrics {
     /// Record one hedge attempt on `host` (it ran on a hedge thread, so the
     /// worker's marks say nothing about it): `outcome` as for [`Self::attempt`]
     /// (`Ok` is classed by `status`), `head_after` its time to response head
-    /// if it got one, `served` when its answer went to the client.
+    /// if it got one, `served` when its answer went to the client. Called on
+    /// the worker, which commits the hedge.
     pub fn hedge_attempt(
         &self,
         b: &Balancer,
@@ -512,11 +513,14 @@ impl Metrics {
         head_after: Option<Duration>,
         served: bool,
     ) {
+        mark(|m| m.served |= served);
         self.count_attempt(b, host, outcome, Some(status), head_after, served);
     }
 
     /// Count one attempt on `host`; an answer delivered (`Ok` with its
-    /// `status`) is classed by that status (a 4xx passed through).
+    /// `status`) is classed by that status (a 4xx passed through). A backup
+    /// that served counts as such even when the client then left (no
+    /// outcome): its answer, or part of it, went out.
     fn count_attempt(
         &self,
         b: &Balancer,
@@ -530,12 +534,14 @@ impl Metrics {
             (Some(AttemptOutcome::Ok), Some(s)) => Some(AttemptOutcome::of(Outcome::Status(s))),
             (o, _) => o,
         };
-        let (Some(outcome), Some(series)) = (outcome, b.series.get(host.index)) else {
+        let Some(series) = b.series.get(host.index) else {
             return;
         };
-        series.attempt(outcome, head_after);
         if served && host.spec.backup {
             series.backup_served.fetch_add(1, Relaxed);
+        }
+        if let Some(outcome) = outcome {
+            series.attempt(outcome, head_after);
         }
     }
 

@@ -653,25 +653,14 @@ fn commit_hedge(
     };
     let (status, first_byte) = (ready.status, ready.first_byte);
     let end = commit(ready, retry, out, trail);
-    let (verdict, outcome) = match &end {
-        Ok(Delivered::Complete | Delivered::Hedged { .. }) => {
-            (Verdict::Success, Some(metrics::AttemptOutcome::Ok))
-        }
-        Ok(Delivered::Cut(_)) => (Verdict::Failure, Some(metrics::AttemptOutcome::Broken)),
-        Err(AttemptError::Failed(f)) => (
-            Verdict::Failure,
-            Some(metrics::AttemptOutcome::of(f.outcome)),
-        ),
-        Ok(Delivered::Abandoned { .. }) | Err(_) => (Verdict::Unknown, None),
+    let outcome = match &end {
+        Ok(Delivered::Complete | Delivered::Hedged { .. }) => Some(metrics::AttemptOutcome::Ok),
+        Ok(Delivered::Cut(_)) => Some(metrics::AttemptOutcome::Broken),
+        Err(AttemptError::Failed(f)) => Some(metrics::AttemptOutcome::of(f.outcome)),
+        Ok(Delivered::Abandoned { .. }) | Err(_) => None,
     };
-    b.metrics.hedge_attempt(
-        b,
-        &c.host,
-        outcome,
-        status,
-        Some(first_byte),
-        verdict == Verdict::Success,
-    );
+    b.metrics
+        .hedge_attempt(b, &c.host, outcome, status, Some(first_byte), end.is_ok());
     match end {
         Ok(Delivered::Complete) => {
             b.hosts.record(&c.host, Verdict::Success, false, None);
@@ -1181,5 +1170,11 @@ fn observe(b: &Balancer, host: &Host, begun: Instant, result: &Result<Delivered,
         }
         Err(_) => None,
     };
-    b.metrics.attempt(b, host, begun, outcome, result.is_ok());
+    // This host's answer went to the client (a hedge that won is counted
+    // on its own host, in `commit_hedge`).
+    let served = matches!(
+        result,
+        Ok(Delivered::Complete | Delivered::Cut(_) | Delivered::Abandoned { hedged: false, .. })
+    );
+    b.metrics.attempt(b, host, begun, outcome, served);
 }

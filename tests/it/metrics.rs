@@ -617,3 +617,54 @@ fn a_silent_connection_that_gives_way_with_503_is_counted_as_shed() {
     let parsed = parse(&text);
     assert_eq!(sum(&parsed, "gaia_balancer_requests_total", &[]), 1.0);
 }
+
+#[test]
+fn a_backup_stream_the_client_leaves_still_counts_as_backup_served() {
+    let backup = Upstream::always(Reply::sse(vec![
+        Step::Send(role_event()),
+        Step::Send(content_event("paid")),
+        Step::Sleep(Duration::from_secs(5)),
+        Step::Send(finish_events()),
+    ]));
+    let bal = start(&[crate::fake::refused_url(), backup.url()], &[], |c| {
+        c.hosts[1].backup = true;
+    });
+    let addr = bal.addr;
+    {
+        let mut s = connect(addr);
+        let b = chat(true);
+        write!(
+            s,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+            b.len()
+        )
+        .unwrap();
+        // Read until the first content event, then leave.
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("paid") {
+            let n = std::io::Read::read(&mut s, &mut buf).unwrap();
+            assert!(n > 0, "{}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+    }
+    let mut text = String::new();
+    assert!(wait_for(Duration::from_secs(5), || {
+        text = scrape(addr);
+        quick(&text, "gaia_balancer_client_disconnects_total") == 1.0
+    }));
+    assert_eq!(
+        quick(
+            &text,
+            "gaia_balancer_requests_total{route=\"chat\",code=\"499\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+    // The paid backup answered (part of) it: that is what this counter is for.
+    assert_eq!(
+        quick(&text, "gaia_balancer_backup_served_total{host=\"h1\"}"),
+        1.0,
+        "{text}"
+    );
+}
