@@ -839,7 +839,12 @@ fn serve_connection(shared: &Arc<Shared>, conn: Conn, waiting: &AtomicBool) {
         let served = match result {
             Ok(served) => served,
             Err(_) => {
-                log::error!("{id}: panic while serving {} {}", head.method, head.target);
+                // The path only, as in the info line: a query may carry a client's key.
+                log::error!(
+                    "{id}: panic while serving {} {}",
+                    head.method,
+                    routes::path_of(&head.target)
+                );
                 if !out.started() {
                     let _ = out.send_error(
                         500,

@@ -546,3 +546,42 @@ fn a_request_id_with_spaces_is_replaced_so_log_fields_stay_apart() {
         Some(0)
     );
 }
+
+#[test]
+fn a_panic_is_logged_without_the_query_string() {
+    let up = Upstream::always(Reply::json(200, "{}"));
+    let dir = config("panic-query", &[quoted(&up.url())], NO_DISCOVERY);
+    let mut bin = start(&dir, "info");
+    // Some clients put their key in the query (Azure-style `api-key=`); the
+    // info line leaves the query out, and so must the panic's error line.
+    let r = request(
+        bin.addr,
+        "GET",
+        "/v1/models?api-key=client-Secret-9Xq2",
+        &[("X-Request-Id", "panic-1"), ("x-gaia-debug-panic", "1")],
+        b"",
+    );
+    assert_eq!(r.status, 500);
+    assert!(
+        bin.logged("panic-1 GET /v1/models 500 ", Duration::from_secs(5)),
+        "{:?}",
+        bin.lines()
+    );
+    let lines = bin.lines();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("panic-1: panic while serving GET /v1/models")),
+        "{lines:?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("Secret-9Xq2")),
+        "{lines:?}"
+    );
+    bin.signal("TERM");
+    assert_eq!(
+        bin.exit_within(Duration::from_secs(10))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+}
