@@ -173,16 +173,25 @@ pub enum Shed {
     QueueWait,
     /// The client address holds `maxConnectionsPerClient` connections already.
     PerClient,
+    /// A new connection that had sent nothing gave its worker up to one
+    /// waiting for a worker (see [`crate::server::HEAD_GRACE`]).
+    Idle,
 }
 
 impl Shed {
-    const ALL: [Shed; 3] = [Shed::QueueFull, Shed::QueueWait, Shed::PerClient];
+    const ALL: [Shed; 4] = [
+        Shed::QueueFull,
+        Shed::QueueWait,
+        Shed::PerClient,
+        Shed::Idle,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             Shed::QueueFull => "queue_full",
             Shed::QueueWait => "queue_wait",
             Shed::PerClient => "per_client",
+            Shed::Idle => "idle",
         }
     }
 }
@@ -340,7 +349,7 @@ pub struct Metrics {
     requests: Box<[AtomicU64]>,
     in_flight: AtomicUsize,
     queued: AtomicUsize,
-    shed: [AtomicU64; 3],
+    shed: [AtomicU64; 4],
     cooldowns: [AtomicU64; 3],
     streams_cut: AtomicU64,
     client_gone: AtomicU64,
@@ -493,7 +502,8 @@ impl Metrics {
     /// Record one hedge attempt on `host` (it ran on a hedge thread, so the
     /// worker's marks say nothing about it): `outcome` as for [`Self::attempt`]
     /// (`Ok` is classed by `status`), `head_after` its time to response head
-    /// if it got one, `served` when its answer went to the client.
+    /// if it got one, `served` when its answer went to the client. Called on
+    /// the worker, which commits the hedge.
     pub fn hedge_attempt(
         &self,
         b: &Balancer,
@@ -503,11 +513,14 @@ impl Metrics {
         head_after: Option<Duration>,
         served: bool,
     ) {
+        mark(|m| m.served |= served);
         self.count_attempt(b, host, outcome, Some(status), head_after, served);
     }
 
     /// Count one attempt on `host`; an answer delivered (`Ok` with its
-    /// `status`) is classed by that status (a 4xx passed through).
+    /// `status`) is classed by that status (a 4xx passed through). A backup
+    /// that served counts as such even when the client then left (no
+    /// outcome): its answer, or part of it, went out.
     fn count_attempt(
         &self,
         b: &Balancer,
@@ -521,12 +534,14 @@ impl Metrics {
             (Some(AttemptOutcome::Ok), Some(s)) => Some(AttemptOutcome::of(Outcome::Status(s))),
             (o, _) => o,
         };
-        let (Some(outcome), Some(series)) = (outcome, b.series.get(host.index)) else {
+        let Some(series) = b.series.get(host.index) else {
             return;
         };
-        series.attempt(outcome, head_after);
         if served && host.spec.backup {
             series.backup_served.fetch_add(1, Relaxed);
+        }
+        if let Some(outcome) = outcome {
+            series.attempt(outcome, head_after);
         }
     }
 
@@ -558,8 +573,11 @@ impl Metrics {
                 .saturating_sub(marks.upstream)
                 .saturating_sub(marks.body),
         );
-        let head = marks.served_head.or(marks.head);
-        if let Some(first) = marks.first_event.or(head).filter(|_| marks.served) {
+        if let Some(first) = marks
+            .first_event
+            .or(marks.served_head)
+            .filter(|_| marks.served)
+        {
             self.first_byte[k].observe(first.saturating_duration_since(started));
         }
         if cut {
@@ -585,11 +603,11 @@ struct Marks {
     head: Option<Instant>,
     /// The status of that head.
     head_status: u16,
+    /// When the response head of the answer passed to the client arrived
+    /// (a hedge's included, which `head` never sees).
+    served_head: Option<Instant>,
     /// When the first SSE event was committed to the client.
     first_event: Option<Instant>,
-    /// When the head of a hedge's committed answer arrived (its own thread
-    /// marked it, not this one).
-    served_head: Option<Instant>,
     /// An upstream answer was committed to the client.
     served: bool,
 }
@@ -602,8 +620,8 @@ thread_local! {
             upstream: Duration::ZERO,
             head: None,
             head_status: 0,
-            first_event: None,
             served_head: None,
+            first_event: None,
             served: false,
         })
     };
@@ -632,10 +650,7 @@ pub fn mark_proxied(kind: Kind, body: Duration) {
 
 /// An upstream attempt begins; returns its start for [`Metrics::attempt`].
 pub fn attempt_begins() -> Instant {
-    mark(|m| {
-        m.head = None;
-        m.served_head = None;
-    });
+    mark(|m| m.head = None);
     Instant::now()
 }
 
@@ -647,7 +662,7 @@ pub fn mark_head(status: u16) {
     });
 }
 
-/// A hedge's answer, whose head arrived `at`, is being committed.
+/// The response head of the answer being passed to the client arrived at `at`.
 pub fn mark_served_head(at: Instant) {
     mark(|m| m.served_head = Some(at));
 }

@@ -182,6 +182,12 @@ pub fn serve(
         Err(Stop::ClientGone) => served.client_gone = true,
         Err(Stop::Invalid(msg)) => send_error(out, 400, "invalid_request", &msg),
     }
+    // A 200 that no host served is a stream committed early (keep-alive
+    // comments) whose error went out as an SSE event: a failed answer, as
+    // a stream cut after its first token is, whatever its status line says.
+    if served.host.is_none() && !served.client_gone && out.status() == 200 {
+        served.cut = true;
+    }
     served
 }
 
@@ -646,29 +652,15 @@ fn commit_hedge(
         repeat: false,
     };
     let (status, first_byte) = (ready.status, ready.first_byte);
-    // The hedge's head was marked on its own thread: this request's time to
-    // first byte (for a JSON answer) is when that head arrived.
-    metrics::mark_served_head(ready.head_at);
     let end = commit(ready, retry, out, trail);
-    let (verdict, outcome) = match &end {
-        Ok(Delivered::Complete | Delivered::Hedged { .. }) => {
-            (Verdict::Success, Some(metrics::AttemptOutcome::Ok))
-        }
-        Ok(Delivered::Cut(_)) => (Verdict::Failure, Some(metrics::AttemptOutcome::Broken)),
-        Err(AttemptError::Failed(f)) => (
-            Verdict::Failure,
-            Some(metrics::AttemptOutcome::of(f.outcome)),
-        ),
-        Ok(Delivered::Abandoned { .. }) | Err(_) => (Verdict::Unknown, None),
+    let outcome = match &end {
+        Ok(Delivered::Complete | Delivered::Hedged { .. }) => Some(metrics::AttemptOutcome::Ok),
+        Ok(Delivered::Cut(_)) => Some(metrics::AttemptOutcome::Broken),
+        Err(AttemptError::Failed(f)) => Some(metrics::AttemptOutcome::of(f.outcome)),
+        Ok(Delivered::Abandoned { .. }) | Err(_) => None,
     };
-    b.metrics.hedge_attempt(
-        b,
-        &c.host,
-        outcome,
-        status,
-        Some(first_byte),
-        verdict == Verdict::Success,
-    );
+    b.metrics
+        .hedge_attempt(b, &c.host, outcome, status, Some(first_byte), end.is_ok());
     match end {
         Ok(Delivered::Complete) => {
             b.hosts.record(&c.host, Verdict::Success, false, None);
@@ -730,7 +722,7 @@ pub struct Ready {
     pub rest: Option<ureq::BodyReader<'static>>,
     /// Time from sending the request to the response head.
     pub first_byte: Duration,
-    /// When the response head arrived.
+    /// When the response head arrived (on whichever thread ran the attempt).
     pub head_at: Instant,
     /// Idle timeout for the rest of the body.
     pub idle: Duration,
@@ -924,9 +916,13 @@ fn pass_on(
         rest,
         idle,
         hedged,
+        head_at,
         busy: _busy,
         ..
     } = ready;
+    // The head of the answer the client gets: a hedge's arrived on its own
+    // thread, so the worker's per-attempt mark does not have it.
+    metrics::mark_served_head(head_at);
     let label = status.to_string();
     let push = |trail: &mut Trail| {
         if hedged {
@@ -1174,5 +1170,11 @@ fn observe(b: &Balancer, host: &Host, begun: Instant, result: &Result<Delivered,
         }
         Err(_) => None,
     };
-    b.metrics.attempt(b, host, begun, outcome, result.is_ok());
+    // This host's answer went to the client (a hedge that won is counted
+    // on its own host, in `commit_hedge`).
+    let served = matches!(
+        result,
+        Ok(Delivered::Complete | Delivered::Cut(_) | Delivered::Abandoned { hedged: false, .. })
+    );
+    b.metrics.attempt(b, host, begun, outcome, served);
 }

@@ -55,7 +55,7 @@ use crate::metrics::{self, Shed};
 use crate::proxy::{self, Proxied};
 use crate::reload::{self, Reloader};
 use crate::request::{Framing, Head, Limits, Reader, RequestError, Source};
-use crate::response::{valid_value, Responder};
+use crate::response::Responder;
 use crate::rng;
 use crate::routes::{self, Route};
 use crate::state::{Balancer, Shared};
@@ -523,11 +523,13 @@ pub(crate) fn head_limits(max_body: u64) -> Limits {
     }
 }
 
-/// The client's `X-Request-Id` when it is usable, else a fresh one.
+/// The client's `X-Request-Id` when it is usable (1 to 128 visible ASCII
+/// characters), else a fresh one. No spaces: the id opens the request's
+/// log line, whose fields are separated by spaces.
 pub(crate) fn request_id(given: Option<&str>) -> String {
     given
         .map(str::trim)
-        .filter(|v| !v.is_empty() && v.len() <= 128 && valid_value(v.as_bytes()))
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map_or_else(rng::request_id, str::to_string)
 }
 
@@ -573,7 +575,10 @@ fn dispatch(
                 continue;
             }
             Err(TrySendError::Full(conn)) => conn,
-            Err(TrySendError::Disconnected(_)) => return,
+            Err(TrySendError::Disconnected(_)) => {
+                shared.metrics.dequeued();
+                return;
+            }
         };
         let grown = pool.grow_or_warn();
         // Only a connection no new worker is coming for presses idle and
@@ -589,8 +594,17 @@ fn dispatch(
         waiting.store(false, Ordering::Relaxed);
         match sent {
             Ok(()) => pool.handed_over(),
-            Err(SendTimeoutError::Timeout(c)) => shed(c.stream, "waited too long for a worker"),
-            Err(SendTimeoutError::Disconnected(_)) => return,
+            Err(SendTimeoutError::Timeout(c)) => {
+                // It leaves the queue here, never reaching a worker (whose
+                // dequeue and count it would otherwise have had).
+                shared.metrics.dequeued();
+                shared.metrics.shed(Shed::QueueWait);
+                shed(c.stream, "waited too long for a worker");
+            }
+            Err(SendTimeoutError::Disconnected(_)) => {
+                shared.metrics.dequeued();
+                return;
+            }
         }
     }
 }
@@ -766,6 +780,7 @@ fn serve_connection(shared: &Arc<Shared>, conn: Conn, waiting: &AtomicBool) {
             Ok(head) => head,
             Err(RequestError::Idle) if fresh && client.yielded => {
                 // It never sent a byte; it may yet, so say why it was dropped.
+                shared.metrics.shed(Shed::Idle);
                 overloaded(&mut writer, "every worker is busy");
                 return;
             }
@@ -824,7 +839,12 @@ fn serve_connection(shared: &Arc<Shared>, conn: Conn, waiting: &AtomicBool) {
         let served = match result {
             Ok(served) => served,
             Err(_) => {
-                log::error!("{id}: panic while serving {} {}", head.method, head.target);
+                // The path only, as in the info line: a query may carry a client's key.
+                log::error!(
+                    "{id}: panic while serving {} {}",
+                    head.method,
+                    routes::path_of(&head.target)
+                );
                 if !out.started() {
                     let _ = out.send_error(
                         500,
@@ -836,15 +856,16 @@ fn serve_connection(shared: &Arc<Shared>, conn: Conn, waiting: &AtomicBool) {
                 proxy::Served::default()
             }
         };
-        let status = if served.client_gone {
-            499
-        } else {
-            out.status()
+        // Status 0: nothing was sent (the connection broke); the log and the
+        // metrics both count it as the client's.
+        let status = match out.status() {
+            _ if served.client_gone => 499,
+            0 => 499,
+            sent => sent,
         };
-        // Status 0: nothing was sent (the connection broke); count it as the client's.
         shared.metrics.request(
             metrics::Route::of(routes::path_of(&head.target)),
-            if status == 0 { 499 } else { status },
+            status,
             started,
             served.cut,
             served.client_gone,

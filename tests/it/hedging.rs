@@ -521,25 +521,3 @@ fn a_hedge_with_nowhere_to_go_gives_its_token_back() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-gaia-attempts"), Some("h0:outrun,h1(hedge):200"));
 }
-
-/// A hedge that wins with a JSON answer gives the request its time to first
-/// byte (its head arrived on the hedge's thread, not the worker's).
-#[test]
-fn a_hedge_won_with_json_has_a_time_to_first_byte() {
-    let slow = Upstream::always(Reply::Hang(Duration::from_secs(5)));
-    let fast = Upstream::always(Reply::json(200, OK));
-    let bal = start(&[slow.url(), fast.url()], &[], |c| {
-        c.hosts[0].weight = 1000; // the slow host goes first
-        c.settings.hedge = Hedge::After(Duration::from_millis(200));
-    });
-    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
-    assert_eq!(r.header("x-gaia-attempts"), Some("h0:outrun,h1(hedge):200"));
-    let metrics = request(bal.addr, "GET", "/metrics", &[], b"").text();
-    let count = metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(r#"gaia_balancer_time_to_first_byte_seconds_count{kind="json"} "#)
-        })
-        .and_then(|v| v.parse::<f64>().ok());
-    assert_eq!(count, Some(1.0), "{metrics}");
-}

@@ -447,3 +447,228 @@ fn readyz_is_503_while_no_host_is_routable() {
         1.0
     );
 }
+
+/// Start a silent stream on the only worker of `bal` and return its connection.
+fn hold_the_only_worker(bal: &crate::util::Running, up: &Upstream) -> std::net::TcpStream {
+    let mut busy = connect(bal.addr);
+    let body = chat(true);
+    write!(
+        busy,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    assert!(wait_for(Duration::from_secs(3), || up.hits() == 1));
+    busy
+}
+
+#[test]
+fn a_connection_shed_at_queue_wait_is_counted_and_leaves_the_queue() {
+    let up = Upstream::always(Reply::sse(vec![Step::Sleep(Duration::from_secs(60))]));
+    let bal = start(&[up.url()], &[], |c| {
+        c.settings.workers = 1;
+        c.settings.queue_wait = Duration::from_millis(300);
+    });
+    let busy = hold_the_only_worker(&bal, &up);
+    // Waits in the queue while the only worker is busy, then gets 503.
+    let r = request(bal.addr, "GET", "/v1/models", &[], b"");
+    assert_eq!(r.status, 503, "{}", r.text());
+    // The client of the silent stream leaves: the worker is free again.
+    drop(busy);
+    let server = bal.server();
+    assert!(wait_for(Duration::from_secs(5), || server.idle_workers() == 1));
+    assert_eq!(server.queue_depth(), 0);
+    let text = scrape(bal.addr);
+    assert_eq!(quick(&text, "gaia_balancer_queue_depth"), 0.0, "{text}");
+    assert_eq!(
+        quick(
+            &text,
+            "gaia_balancer_connections_shed_total{reason=\"queue_wait\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+}
+
+#[test]
+fn a_hedge_that_wins_a_json_request_is_timed_to_its_first_byte() {
+    let slow = Upstream::always(Reply::Hang(Duration::from_secs(5)));
+    let fast = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[slow.url(), fast.url()], &[], |c| {
+        c.hosts[0].weight = 1000; // the slow host goes first
+        c.settings.hedge = gaia_balancer::config::Hedge::After(Duration::from_millis(200));
+    });
+    let before = parse(&scrape(bal.addr));
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.header("x-gaia-upstream"), Some("h1"), "{}", r.text());
+    // Counted once the worker is done with the request, just after the client read its end.
+    let mut text = String::new();
+    assert!(wait_for(Duration::from_secs(5), || {
+        text = scrape(bal.addr);
+        quick(
+            &text,
+            "gaia_balancer_request_duration_seconds_count{kind=\"json\"}",
+        ) == 1.0
+    }));
+    let after = parse(&text);
+    let delta = |name: &str| {
+        let labels = [("kind", "json")];
+        value(&after, name, &labels) - value(&before, name, &labels)
+    };
+    assert_eq!(delta("gaia_balancer_request_duration_seconds_count"), 1.0);
+    assert_eq!(
+        delta("gaia_balancer_time_to_first_byte_seconds_count"),
+        1.0,
+        "an upstream answered this request"
+    );
+    let ttfb = delta("gaia_balancer_time_to_first_byte_seconds_sum");
+    assert!(ttfb >= 0.2, "the hedge started after 200 ms: {ttfb}");
+}
+
+#[test]
+fn a_stream_committed_early_that_no_host_serves_counts_as_cut() {
+    // The head and keep-alive comments go out at 200 ms; both attempts fail after.
+    let failing = Upstream::always(Reply::Delayed(
+        Duration::from_millis(500),
+        Box::new(Reply::json(500, r#"{"error":{"message":"boom"}}"#)),
+    ));
+    let bal = start(&[failing.url()], &[], |c| {
+        c.settings.stream_keep_alive_after = Some(Duration::from_millis(200));
+        c.settings.stream_keep_alive_every = Duration::from_millis(100);
+        c.settings.max_attempts = 2;
+    });
+    let before = parse(&scrape(bal.addr));
+    let r = post(bal.addr, "/v1/chat/completions", &chat(true));
+    assert_eq!(r.status, 200, "the head went out before the failures");
+    let text = r.text();
+    assert!(text.starts_with(": keep-alive"), "{text}");
+    assert!(text.contains("\"code\":\"upstream_failed\""), "{text}");
+    assert!(!text.contains("[DONE]"), "{text}");
+    // Counted once the worker is done with the request, just after the client read its end.
+    let mut text = String::new();
+    assert!(wait_for(Duration::from_secs(5), || {
+        text = scrape(bal.addr);
+        quick(
+            &text,
+            "gaia_balancer_request_duration_seconds_count{kind=\"stream\"}",
+        ) == 1.0
+    }));
+    let after = parse(&text);
+    let delta = |name: &str, labels: &[(&str, &str)]| {
+        value(&after, name, labels) - value(&before, name, labels)
+    };
+    assert_eq!(
+        delta(
+            "gaia_balancer_upstream_attempts_total",
+            &[("host", "h0"), ("outcome", "status_5xx")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        delta(
+            "gaia_balancer_requests_total",
+            &[("route", "chat"), ("code", "200")]
+        ),
+        1.0,
+        "the status sent"
+    );
+    assert_eq!(
+        delta("gaia_balancer_streams_cut_total", &[]),
+        1.0,
+        "the client got an SSE error event and no [DONE]"
+    );
+}
+
+#[test]
+fn a_silent_connection_that_gives_way_with_503_is_counted_as_shed() {
+    let up = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[up.url()], &[], |c| c.settings.workers = 1);
+    let server = bal.server();
+    assert!(wait_for(Duration::from_secs(3), || server.idle_workers() == 1));
+    // A new connection that sends nothing takes the only worker ...
+    let mut silent = connect(bal.addr);
+    assert!(wait_for(Duration::from_secs(3), || server.idle_workers() == 0));
+    // ... and gives it up with 503 once another connection waits past 1 s.
+    let r = post(bal.addr, "/v1/embeddings", "{}");
+    assert_eq!(r.status, 200);
+    let mut out = String::new();
+    let _ = std::io::Read::read_to_string(&mut silent, &mut out);
+    assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+    let text = scrape(bal.addr);
+    let shed: f64 = ["queue_full", "queue_wait", "per_client", "idle"]
+        .iter()
+        .map(|r| {
+            quick(
+                &text,
+                &format!("gaia_balancer_connections_shed_total{{reason=\"{r}\"}}"),
+            )
+        })
+        .sum();
+    assert_eq!(shed, 1.0, "{text}");
+    assert_eq!(
+        quick(
+            &text,
+            "gaia_balancer_connections_shed_total{reason=\"idle\"}"
+        ),
+        1.0
+    );
+    // It sent no request: requests_total holds the other one only (a
+    // scrape is counted after its own answer).
+    let parsed = parse(&text);
+    assert_eq!(sum(&parsed, "gaia_balancer_requests_total", &[]), 1.0);
+}
+
+#[test]
+fn a_backup_stream_the_client_leaves_still_counts_as_backup_served() {
+    let backup = Upstream::always(Reply::sse(vec![
+        Step::Send(role_event()),
+        Step::Send(content_event("paid")),
+        Step::Sleep(Duration::from_secs(5)),
+        Step::Send(finish_events()),
+    ]));
+    let bal = start(&[crate::fake::refused_url(), backup.url()], &[], |c| {
+        c.hosts[1].backup = true;
+    });
+    let addr = bal.addr;
+    {
+        let mut s = connect(addr);
+        let b = chat(true);
+        write!(
+            s,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+            b.len()
+        )
+        .unwrap();
+        // Read until the first content event, then leave.
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        for _ in 0..100 {
+            if String::from_utf8_lossy(&seen).contains("paid") {
+                break;
+            }
+            let n = std::io::Read::read(&mut s, &mut buf).unwrap();
+            assert!(n > 0, "{}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        assert!(String::from_utf8_lossy(&seen).contains("paid"));
+    }
+    let mut text = String::new();
+    assert!(wait_for(Duration::from_secs(5), || {
+        text = scrape(addr);
+        quick(&text, "gaia_balancer_client_disconnects_total") == 1.0
+    }));
+    assert_eq!(
+        quick(
+            &text,
+            "gaia_balancer_requests_total{route=\"chat\",code=\"499\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+    // The paid backup answered (part of) it: that is what this counter is for.
+    assert_eq!(
+        quick(&text, "gaia_balancer_backup_served_total{host=\"h1\"}"),
+        1.0,
+        "{text}"
+    );
+}

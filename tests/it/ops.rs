@@ -453,3 +453,135 @@ fn sighup_re_reads_the_configuration_and_never_stops_the_process() {
         Some(0)
     );
 }
+
+#[test]
+fn a_client_that_resets_mid_body_is_logged_499_as_it_is_counted() {
+    let up = Upstream::always(Reply::json(200, "{}"));
+    let dir = config("reset-mid-body", &[quoted(&up.url())], NO_DISCOVERY);
+    let mut bin = start(&dir, "info");
+    // Expect: 100-continue, and the 100 is left unread: closing the socket
+    // with it still in the receive buffer sends a reset, so the balancer's
+    // body read fails with an I/O error, before any answer.
+    let s = connect(bin.addr);
+    (&s).write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nX-Request-Id: reset-1\r\nExpect: 100-continue\r\nContent-Length: 100\r\n\r\n{\"a\"",
+    )
+    .unwrap();
+    let mut peek = [0u8; 8];
+    assert!(s.peek(&mut peek).unwrap() > 0, "the 100 arrived");
+    drop(s);
+    assert!(
+        bin.logged("reset-1 POST /v1/chat/completions ", Duration::from_secs(5)),
+        "{:?}",
+        bin.lines()
+    );
+    let line = bin
+        .lines()
+        .into_iter()
+        .find(|l| l.contains("reset-1 POST"))
+        .unwrap();
+    assert!(
+        line.contains(" POST /v1/chat/completions 499 host=- "),
+        "{line}"
+    );
+    let metrics = request(bin.addr, "GET", "/metrics", &[], b"").text();
+    assert!(
+        metrics.contains("gaia_balancer_requests_total{route=\"chat\",code=\"499\"} 1"),
+        "{metrics}"
+    );
+    assert_eq!(up.hits(), 0);
+    bin.signal("TERM");
+    assert_eq!(
+        bin.exit_within(Duration::from_secs(10))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+}
+
+#[test]
+fn a_request_id_with_spaces_is_replaced_so_log_fields_stay_apart() {
+    let up = Upstream::always(Reply::json(200, "{}"));
+    let dir = config("spaced-id", &[quoted(&up.url())], NO_DISCOVERY);
+    let mut bin = start(&dir, "info");
+    // Spaces would let the id pose as the fields after it in the info line.
+    let spoof = "x GET /healthz 200 host=- attempts=0 0ms";
+    let r = request(
+        bin.addr,
+        "POST",
+        "/v1/embeddings",
+        &[
+            ("X-Request-Id", spoof),
+            ("Content-Type", "application/json"),
+        ],
+        b"{}",
+    );
+    assert_eq!(r.status, 200);
+    let id = r.header("x-request-id").expect("an id").to_string();
+    assert_eq!(id.len(), 16, "a generated id, not {id:?}");
+    assert_eq!(up.requests()[0].header("x-request-id"), Some(id.as_str()));
+    assert!(
+        bin.logged(
+            &format!("{id} POST /v1/embeddings 200 host="),
+            Duration::from_secs(5)
+        ),
+        "{:?}",
+        bin.lines()
+    );
+    // Visible characters are kept as sent.
+    let r = request(
+        bin.addr,
+        "POST",
+        "/v1/embeddings",
+        &[
+            ("X-Request-Id", "trace-7f3a/b:c"),
+            ("Content-Type", "application/json"),
+        ],
+        b"{}",
+    );
+    assert_eq!(r.header("x-request-id"), Some("trace-7f3a/b:c"));
+    bin.signal("TERM");
+    assert_eq!(
+        bin.exit_within(Duration::from_secs(10))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+}
+
+#[test]
+fn a_panic_is_logged_without_the_query_string() {
+    let up = Upstream::always(Reply::json(200, "{}"));
+    let dir = config("panic-query", &[quoted(&up.url())], NO_DISCOVERY);
+    let mut bin = start(&dir, "info");
+    // Some clients put their key in the query (Azure-style `api-key=`); the
+    // info line leaves the query out, and so must the panic's error line.
+    let r = request(
+        bin.addr,
+        "GET",
+        "/v1/models?api-key=client-Secret-9Xq2",
+        &[("X-Request-Id", "panic-1"), ("x-gaia-debug-panic", "1")],
+        b"",
+    );
+    assert_eq!(r.status, 500);
+    assert!(
+        bin.logged("panic-1 GET /v1/models 500 ", Duration::from_secs(5)),
+        "{:?}",
+        bin.lines()
+    );
+    let lines = bin.lines();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("panic-1: panic while serving GET /v1/models")),
+        "{lines:?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("Secret-9Xq2")),
+        "{lines:?}"
+    );
+    bin.signal("TERM");
+    assert_eq!(
+        bin.exit_within(Duration::from_secs(10))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+}
