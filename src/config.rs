@@ -848,7 +848,7 @@ where
     while let Some(key) = map.next_key::<String>()? {
         let child = join(path, &key);
         if !known.contains(&key.as_str()) {
-            let hint = suggest(&key, known);
+            let hint = suggest(&key, known).or_else(|| state_word(&key, known));
             if unknown == Unknown::SkipUnlessTypo && hint.is_none() {
                 map.next_value::<serde::de::IgnoredAny>()?;
                 continue;
@@ -870,6 +870,28 @@ where
         seen.push(key);
     }
     Ok(())
+}
+
+/// `isActive` when `word` says on or off in other words (`enabled: false`,
+/// `disabled: true`): skipped, such a field would send a key meant to be off.
+fn state_word<'k>(word: &str, known: &[&'k str]) -> Option<&'k str> {
+    const STATE_WORDS: [&str; 6] = [
+        "enabled",
+        "disabled",
+        "inactive",
+        "isenabled",
+        "isdisabled",
+        "isinactive",
+    ];
+    let word: String = word
+        .chars()
+        .filter(|c| *c != '_' && *c != '-')
+        .flat_map(char::to_lowercase)
+        .collect();
+    if !STATE_WORDS.contains(&word.as_str()) {
+        return None;
+    }
+    known.iter().copied().find(|k| *k == "isActive")
 }
 
 /// The known name `word` was probably meant to be: the same apart from case,
@@ -2667,6 +2689,18 @@ mod tests {
             Some((1, 34)),
             "unknown field \"active\"; did you mean \"isActive\"?",
         );
+        // Other words for on and off would leave a key meant to be off in use.
+        for field in ["enabled", "disabled", "is_disabled", "Inactive"] {
+            assert_err(
+                keys(&format!(
+                    "{{\"apiKeys\": [{{\"key\": \"k\", \"{field}\": false}}]}}"
+                )),
+                "api-keys.json",
+                Some(&format!("apiKeys[0].{field}")),
+                Some((1, 28 + field.len())),
+                &format!("unknown field \"{field}\"; did you mean \"isActive\"?"),
+            );
+        }
         assert_err(
             settings("{\n  \"max_attempts\": 3\n}"),
             "balancer.json",
