@@ -1483,10 +1483,23 @@ impl Shape for HostEntry<'_> {
             match key {
                 "url" => url = Some(map.next_value_seed(Via(HostUrl(path)))?),
                 "name" => {
-                    name = Some(map.next_value_seed(Via(Text {
+                    let given = map.next_value_seed(Via(Text {
                         path,
                         nonempty: true,
-                    }))?)
+                    }))?;
+                    // It is sent in `x-gaia-upstream` and written as one log
+                    // field: a header drops other characters, a space splits the field.
+                    if !given.bytes().all(|b| b.is_ascii_graphic()) {
+                        return Err(fail(
+                            path,
+                            format!(
+                                "name {} must be visible ASCII without spaces (it goes into the \
+                                 x-gaia-upstream header and log lines), e.g. \"tokyo-1\"",
+                                quote(&given)
+                            ),
+                        ));
+                    }
+                    name = Some(given)
                 }
                 "weight" => weight = narrow(int(map, path, 1, u64::from(MAX_WEIGHT))?, MAX_WEIGHT),
                 "backup" => backup = map.next_value_seed(Via(Bool(path)))?,
@@ -2607,6 +2620,21 @@ mod tests {
                           {"url": "https://openrouter.ai/other", "name": "b"}]}"#,
         );
         assert_eq!(ok.unwrap().len(), 2);
+    }
+
+    #[test]
+    fn host_names_are_visible_ascii() {
+        for name in ["my node", "東京", "a\u{a0}b"] {
+            let text = format!(r#"{{"hosts": [{{"url": "asia", "name": "{name}"}}]}}"#);
+            let e = hosts(&text).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some("hosts[0].name"), "{e}");
+            assert!(
+                e.to_string().contains("visible ASCII without spaces"),
+                "{e}"
+            );
+        }
+        let ok = hosts(r#"{"hosts": [{"url": "asia", "name": "tokyo-1_(a100)"}]}"#);
+        assert_eq!(ok.unwrap()[0].name, "tokyo-1_(a100)");
     }
 
     #[test]
