@@ -492,6 +492,23 @@ impl Link {
     }
 }
 
+/// A read error as ureq gets it. ureq's body reader takes `UnexpectedEof`,
+/// `ConnectionReset` and `ConnectionAborted` for the peer's orderly close,
+/// which ends a body without a length (no `Content-Length`, not chunked)
+/// cleanly: a cut-off answer would look complete. Those kinds are passed as
+/// `Other` instead, so the read fails (a reset, or a TLS peer gone without
+/// `close_notify`, is a cut, never an end).
+pub(crate) fn read_error(e: io::Error) -> Error {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted => {
+            Error::Io(io::Error::other(format!("connection cut: {e}")))
+        }
+        _ => Error::Io(e),
+    }
+}
+
 pub(crate) fn write_error(e: io::Error, reason: ureq::Timeout) -> Error {
     if is_timeout(&e) {
         Error::Timeout(reason)
@@ -571,7 +588,7 @@ impl Transport for Link {
                 Ok(n > 0)
             }
             Err(e) if is_timeout(&e) => Err(Error::Timeout(timeout.reason)),
-            Err(e) => Err(Error::Io(e)),
+            Err(e) => Err(read_error(e)),
         }
     }
 

@@ -383,7 +383,9 @@ impl Transport for WatchedTransport {
 
 fn aborted_error(why: Abort) -> io::Error {
     match why {
-        Abort::ClientGone => io::Error::new(io::ErrorKind::ConnectionAborted, "client went away"),
+        // Not `ConnectionAborted`: ureq's body reader takes that for the
+        // upstream's orderly close, the clean end of a body without a length.
+        Abort::ClientGone => io::Error::other("client went away"),
         Abort::Deadline => io::Error::new(io::ErrorKind::TimedOut, "deadline passed"),
         // Not `Interrupted`: readers retry those.
         Abort::Preempted => io::Error::other("another attempt won"),

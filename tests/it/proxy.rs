@@ -715,3 +715,51 @@ fn a_large_answer_to_an_http_1_0_client_declares_its_length_so_a_cut_shows() {
         rest.len()
     );
 }
+
+/// A one-connection upstream that reads a request, answers with a head
+/// and part of a body that has no length (it would end at the close), then
+/// resets the connection (RST, not FIN).
+fn resetting_upstream() -> (String, std::thread::JoinHandle<()>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // Head and body: read until the body's closing brace has come.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(b"}") {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "the request ended early");
+            got.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{\"choices\":[{\"text\":\"hal",
+        )
+        .unwrap();
+        s.flush().unwrap();
+        // Linger 0: the close sends RST.
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    });
+    (url, server)
+}
+
+/// A reset is no orderly end: a body without a length cut by one must not
+/// reach the client as a complete answer.
+#[test]
+fn a_body_without_length_cut_by_a_reset_is_not_an_answer() {
+    let (url, server) = resetting_upstream();
+    let bal = start(&[url], &[], |c| c.settings.max_attempts = 1);
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    server.join().unwrap();
+    assert_eq!(
+        r.status,
+        502,
+        "a cut body passed as an answer: {}",
+        r.text()
+    );
+    assert_eq!(r.header("x-gaia-attempts"), Some("h0:broken"));
+}

@@ -271,3 +271,36 @@ fn an_https_upstream_closing_idle_connections_costs_no_attempt() {
     assert_eq!(host["failures"], 0, "{status}");
     assert_eq!(host["successes"], 20, "{status}");
 }
+
+/// A body without Content-Length or chunked coding ends when the connection
+/// does; over TLS only a `close_notify` says it ended, and a TCP close
+/// without one is a cut. Such a cut answer must fail over (here: every
+/// attempt fails, 502), never reach the client as a complete 200.
+#[test]
+fn a_close_delimited_tls_body_cut_without_close_notify_is_not_an_answer() {
+    let up = Upstream::always_tls(Reply::Raw(vec![Step::Send(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{\"choices\":[{\"text\":\"hal"
+            .to_vec(),
+    )]));
+    let roots = vec![CertificateDer::from_pem_file(ca_pem_path()).unwrap()];
+    let bal = crate::util::start(&[up.url()], &["k1"], |c| {
+        c.settings.ca_file = Some(gaia_balancer::config::CaFile {
+            path: ca_pem_path(),
+            roots,
+        });
+        // No backoffs between attempts on the one host.
+        c.settings.max_attempts = 1;
+    });
+    let r = crate::util::post(bal.addr, "/v1/chat/completions", &crate::util::chat(false));
+    assert_eq!(
+        r.status,
+        502,
+        "a cut body passed as an answer: {}",
+        r.text()
+    );
+    assert!(
+        r.header("x-gaia-attempts").unwrap_or("").contains("broken"),
+        "{:?}",
+        r.header("x-gaia-attempts")
+    );
+}
