@@ -771,6 +771,16 @@ pub fn run_to_commit(
     let first_byte = head_at.saturating_duration_since(sent);
     let status = response.status().as_u16();
     metrics::mark_head(status);
+    if status < 200 {
+        // ureq consumes interim answers (100, 103); one that comes back is a
+        // 101 nobody asked for (`Upgrade` is never forwarded). Passed on, it
+        // would tell the client its connection switched protocols.
+        return Err(upstream::failure(
+            Outcome::Broken,
+            &format!("status {status} as a final answer"),
+            host,
+        ));
+    }
     let content_type = response
         .headers()
         .get("content-type")

@@ -763,3 +763,44 @@ fn a_body_without_length_cut_by_a_reset_is_not_an_answer() {
     );
     assert_eq!(r.header("x-gaia-attempts"), Some("h0:broken"));
 }
+
+/// Interim answers (100 Continue, 103 Early Hints) before the final status
+/// are consumed upstream-side: the client sees only the final answer, and
+/// the connection stays usable for the next request.
+#[test]
+fn interim_1xx_answers_are_not_passed_on() {
+    let up = Upstream::always(Reply::Raw(vec![Step::Send(
+        format!(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n\
+             HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{OK}",
+            OK.len()
+        )
+        .into_bytes(),
+    )]));
+    let bal = start(&[up.url()], &[], |_| {});
+    for _ in 0..2 {
+        let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.body, OK.as_bytes());
+        assert_eq!(r.header("x-gaia-attempts"), Some("h0:200"));
+    }
+}
+
+/// A 101 Switching Protocols nobody asked for (the balancer never forwards
+/// `Upgrade`) is no answer: passed on, it would tell the client its
+/// connection switched protocols. It fails over like a broken answer.
+#[test]
+fn an_unasked_101_is_not_passed_on() {
+    let switching = Upstream::always(Reply::Raw(vec![Step::Send(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+            .to_vec(),
+    )]));
+    let good = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[switching.url(), good.url()], &[], |c| {
+        c.hosts[0].weight = 1000; // the switching host goes first
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body, OK.as_bytes());
+    assert_eq!(r.header("x-gaia-attempts"), Some("h0:broken,h1:200"));
+}
