@@ -15,7 +15,9 @@
 //!   (no system store is read) plus those of `caFile`; there is no switch to
 //!   turn verification off;
 //! - the handshake, every read and every write of it, ends by the connect
-//!   deadline;
+//!   deadline, and while it waits the thread's watch runs as during any
+//!   upstream wait (a departed client or a passed deadline ends it, a hedge
+//!   due starts);
 //! - a request's records leave in one write when they fit in
 //!   [`COALESCE`](crate::transport::COALESCE), as on plain connections;
 //! - a body the peer ends without `close_notify` is an error (a cut-off
@@ -44,6 +46,7 @@ use ureq::Error;
 use crate::transport::{
     is_timeout, peek, read_error, write_error, Link, Peek, COALESCE, WRITE_STALL,
 };
+use crate::watch;
 
 /// The rustls client settings every https connection of one agent shares.
 pub fn client_config(extra_roots: &[CertificateDer<'static>]) -> Result<ClientConfig, String> {
@@ -131,14 +134,28 @@ fn shake(
     reason: ureq::Timeout,
 ) -> Result<ClientConnection, Error> {
     let mut tls = ClientConnection::new(config.clone(), name.clone())?;
+    // Reads wait in watch slices (see `Deadlined`), so the wait needs an end.
+    let deadline = deadline.or_else(|| Instant::now().checked_add(WRITE_STALL));
     while tls.is_handshaking() {
         let mut io = Deadlined { link, deadline };
-        if let Err(e) = tls.complete_io(&mut io) {
-            return Err(match rustls_error(&e) {
-                Some(tls_error) => Error::Rustls(tls_error),
-                None if is_timeout(&e) => Error::Timeout(reason),
-                None => Error::Io(e),
-            });
+        let Err(e) = tls.complete_io(&mut io) else {
+            continue;
+        };
+        if let Some(tls_error) = rustls_error(&e) {
+            return Err(Error::Rustls(tls_error));
+        }
+        if !is_timeout(&e) {
+            return Err(Error::Io(e));
+        }
+        if deadline.is_none_or(|d| Instant::now() >= d) {
+            return Err(Error::Timeout(reason));
+        }
+        // A slice ended with the handshake still waiting: the watch's turn,
+        // as between ureq's reads (a departed client, a deadline, a hedge
+        // due now, keep-alive comments). A timed-out read leaves rustls's
+        // state as it was, so the handshake resumes where it stood.
+        if let Some(why) = watch::interruption() {
+            return Err(Error::Io(why));
         }
     }
     Ok(tls)
@@ -179,8 +196,10 @@ impl Deadlined<'_> {
 }
 
 impl Read for Deadlined<'_> {
+    /// Waits at most one watch slice ([`watch::next_wake`]); [`shake`] runs
+    /// the watch between slices.
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.left()?.unwrap_or(WRITE_STALL);
+        let left = self.left()?.unwrap_or(WRITE_STALL).min(watch::next_wake());
         self.link.set_read_timeout(Some(left))?;
         self.link.stream().read(buf)
     }

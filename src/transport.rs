@@ -32,7 +32,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use socket2::SockRef;
+use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 use ureq::unversioned::transport::time::Duration as UreqDuration;
 use ureq::unversioned::transport::{Buffers, ConnectionDetails, Connector, NextTimeout, Transport};
 use ureq::Error;
@@ -123,7 +123,7 @@ fn connect(addrs: &[SocketAddr], timeout: NextTimeout) -> Result<(TcpStream, Soc
     let mut last = None;
     for (i, addr) in addrs.iter().enumerate() {
         let result = match deadline {
-            None => TcpStream::connect(addr),
+            None => connect_one(addr, None),
             Some(deadline) => {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
@@ -134,7 +134,7 @@ fn connect(addrs: &[SocketAddr], timeout: NextTimeout) -> Result<(TcpStream, Soc
                 } else {
                     left
                 };
-                TcpStream::connect_timeout(addr, share)
+                connect_one(addr, Instant::now().checked_add(share))
             }
         };
         match result {
@@ -142,6 +142,8 @@ fn connect(addrs: &[SocketAddr], timeout: NextTimeout) -> Result<(TcpStream, Soc
                 stream.set_nodelay(true)?;
                 return Ok((stream, *addr));
             }
+            // The watch ended the wait: no other address may be tried.
+            Err(e) if crate::watch::aborted().is_some() => return Err(Error::Io(e)),
             Err(e) => last = Some(e),
         }
     }
@@ -150,6 +152,51 @@ fn connect(addrs: &[SocketAddr], timeout: NextTimeout) -> Result<(TcpStream, Soc
         Some(e) => Error::Io(e),
         None => Error::ConnectionFailed,
     })
+}
+
+/// Connect to `addr` by `end` (`None`: as long as the kernel tries), in
+/// slices of at most one watch tick ([`crate::watch::next_wake`]), running
+/// the thread's watch between them as during any upstream wait: a departed
+/// client or a passed deadline ends the connect, a hedge due starts. A
+/// blocking connect returns when `SO_SNDTIMEO` runs out, with the attempt
+/// still under way (Linux); connecting again waits for that same attempt.
+fn connect_one(addr: &SocketAddr, end: Option<Instant>) -> io::Result<TcpStream> {
+    let socket = Socket::new(
+        Domain::for_address(*addr),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    let target = SockAddr::from(*addr);
+    loop {
+        let mut slice = crate::watch::next_wake();
+        if let Some(end) = end {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            slice = slice.min(left.max(Duration::from_millis(1)));
+        }
+        socket.set_write_timeout(Some(slice))?;
+        match socket.connect(&target) {
+            Ok(()) => break,
+            // Connected between two slices.
+            Err(e) if e.raw_os_error() == Some(libc::EISCONN) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // The slice ran out with the attempt still under way.
+            Err(e)
+                if is_timeout(&e)
+                    || matches!(e.raw_os_error(), Some(libc::EINPROGRESS | libc::EALREADY)) =>
+            {
+                if let Some(why) = crate::watch::interruption() {
+                    return Err(why);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    // The writes to come set their own timeout (see `Link::set_write_timeout_to`,
+    // whose cache starts empty, so the slice left here is always replaced).
+    Ok(socket.into())
 }
 
 pub(crate) fn is_timeout(e: &io::Error) -> bool {

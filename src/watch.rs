@@ -212,7 +212,7 @@ pub fn poll_client() -> bool {
 
 /// How long the current thread's upstream wait may last before something on
 /// the watch is due (at most [`TICK`], at least 1 ms).
-fn next_wake() -> Duration {
+pub(crate) fn next_wake() -> Duration {
     CURRENT.with(|c| {
         let slot = c.borrow();
         let Some(w) = slot.as_ref() else {
@@ -379,6 +379,14 @@ impl Transport for WatchedTransport {
     fn is_tls(&self) -> bool {
         self.0.is_tls()
     }
+}
+
+/// For an upstream wait outside ureq's reads (a TLS handshake), between two
+/// slices of at most [`next_wake`]: run the watch's checks (a hedge due is
+/// launched, keep-alives are written) and return the error that abandons
+/// the wait, if one is due.
+pub(crate) fn interruption() -> Option<io::Error> {
+    check().map(aborted_error)
 }
 
 fn aborted_error(why: Abort) -> io::Error {

@@ -304,3 +304,49 @@ fn a_close_delimited_tls_body_cut_without_close_notify_is_not_an_answer() {
         r.header("x-gaia-attempts")
     );
 }
+
+/// An https "host" that accepts TCP connections and never says a word, so
+/// a TLS handshake with it stalls until the connect timeout. Its thread
+/// holds what it accepted for 15 s at most, then closes it all.
+fn silent_tls() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let end = std::time::Instant::now() + Duration::from_secs(15);
+        let mut held = Vec::new();
+        while std::time::Instant::now() < end {
+            match listener.accept() {
+                Ok((s, _)) => held.push(s),
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+    url
+}
+
+/// The watch runs during a TLS handshake too: a hedge starts on time while
+/// the first attempt's handshake stalls (not once the connect timeout has
+/// failed it), and wins.
+#[test]
+fn a_hedge_starts_while_a_tls_handshake_stalls() {
+    let silent = silent_tls();
+    let good = Upstream::always_tls(Reply::json(200, r#"{"from":"good"}"#));
+    let roots = vec![CertificateDer::from_pem_file(ca_pem_path()).unwrap()];
+    let bal = crate::util::start(&[silent, good.url()], &["k1"], |c| {
+        c.settings.ca_file = Some(gaia_balancer::config::CaFile {
+            path: ca_pem_path(),
+            roots,
+        });
+        c.hosts[0].weight = 1000; // the silent host goes first
+        c.settings.timeouts.connect = Duration::from_secs(10);
+        c.settings.hedge = gaia_balancer::config::Hedge::After(Duration::from_millis(200));
+    });
+    let r = crate::util::post(bal.addr, "/v1/chat/completions", &crate::util::chat(false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body, br#"{"from":"good"}"#);
+    assert_eq!(
+        r.header("x-gaia-attempts"),
+        Some("h0[****]:outrun,h1[****](hedge):200")
+    );
+}
