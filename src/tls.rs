@@ -254,13 +254,14 @@ impl TlsLink {
         mut link: Link,
         timeout: NextTimeout,
     ) -> Result<TlsLink, Error> {
-        let tls = shake(
-            &config,
-            &name,
-            &mut link,
-            deadline_of(&timeout),
-            timeout.reason,
-        )?;
+        // The TCP connect under it used part of the same budget
+        // (`timeouts.connectMs` is TCP and TLS together); `timeout` would
+        // start it afresh.
+        let deadline = match (link.connect_by(), deadline_of(&timeout)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let tls = shake(&config, &name, &mut link, deadline, timeout.reason)?;
         Ok(TlsLink {
             link,
             tls,
@@ -682,6 +683,29 @@ mod tests {
             other => panic!("expected a connect timeout, got {other:?}"),
         }
         assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    /// `connectMs` bounds TCP and TLS together: a handshake after a connect
+    /// that used up most of the budget gets only what is left of it, not
+    /// the whole of ureq's connect timeout again.
+    #[test]
+    fn the_handshake_gets_what_the_tcp_connect_left_of_the_budget() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        // The connect began with 300 ms to go; ureq hands the connector
+        // chain the same (here: long) timeout at each step.
+        let link = Link::dial(listener.local_addr().unwrap(), Duration::from_millis(300));
+        let _silent = accept_within(&listener);
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let started = Instant::now();
+        match TlsLink::establish(trusting_test_ca(), name, link, budget(5)) {
+            Err(Error::Timeout(_)) => {}
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the handshake took {:?}",
+            started.elapsed()
+        );
     }
 
     /// A connection that served a request and went back to the pool, then

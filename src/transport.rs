@@ -102,12 +102,19 @@ impl Connector<()> for LinkConnector {
         details: &ConnectionDetails,
         _chained: Option<()>,
     ) -> Result<Option<Link>, Error> {
+        // One budget for TCP and TLS together (`timeouts.connectMs`): the
+        // handshake that may follow ends by this too (see `Link::connect_by`).
+        let by = match details.timeout.after {
+            UreqDuration::Exact(d) => Instant::now().checked_add(d),
+            UreqDuration::NotHappening => None,
+        };
         let (stream, peer) = connect(&details.addrs, details.timeout)?;
         let config = details.config;
         Ok(Some(Link::new(
             stream,
             peer,
             config.timeouts().connect,
+            by,
             LinkBuffers::new(config.input_buffer_size(), config.output_buffer_size()),
         )))
     }
@@ -357,6 +364,9 @@ pub struct Link {
     peer: SocketAddr,
     /// ureq's connect timeout, for that replacement.
     connect_timeout: Option<Duration>,
+    /// When the connect that made this link must be done, a TLS handshake
+    /// over it included (`None`: never).
+    connect_by: Option<Instant>,
     /// Taken from the pool: probe before the next byte is written.
     recheck: bool,
     buffers: LinkBuffers,
@@ -382,12 +392,14 @@ impl Link {
         stream: TcpStream,
         peer: SocketAddr,
         connect_timeout: Option<Duration>,
+        connect_by: Option<Instant>,
         buffers: LinkBuffers,
     ) -> Link {
         Link {
             stream,
             peer,
             connect_timeout,
+            connect_by,
             recheck: false,
             buffers,
             pending: Vec::new(),
@@ -398,17 +410,24 @@ impl Link {
     }
 
     /// A link to `addr` as the unit tests use it (1 KiB of input at most,
-    /// 64 KiB of output).
+    /// 64 KiB of output), its connect begun now with `connect_timeout`.
     #[cfg(test)]
     pub(crate) fn dial(addr: SocketAddr, connect_timeout: Duration) -> Link {
+        let by = Instant::now().checked_add(connect_timeout);
         let (stream, peer) = connect(&[addr], NextTimeout::default()).unwrap();
         assert_eq!(peer, addr);
         Link::new(
             stream,
             peer,
             Some(connect_timeout),
+            by,
             LinkBuffers::new(1024, 64 * 1024),
         )
+    }
+
+    /// When the connect that made this link must be done, TLS included.
+    pub(crate) fn connect_by(&self) -> Option<Instant> {
+        self.connect_by
     }
 
     /// For a connection just taken from the pool: if the upstream closed it
