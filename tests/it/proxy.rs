@@ -520,12 +520,38 @@ fn hop_by_hop_and_connection_named_headers_stay_here() {
         "x-hop-one",
         "x-hop-two",
         "cookie",
-        "accept-encoding",
         "proxy-authorization",
         "keep-alive",
     ] {
         assert_eq!(seen.header(gone), None, "{gone} was forwarded");
     }
+    // Ours, not the client's (see `bodies_are_asked_for_uncompressed`).
+    assert_eq!(seen.header("accept-encoding"), Some("identity"));
+}
+
+/// A request without `Accept-Encoding` accepts any coding (RFC 9110
+/// 12.5.3), but the balancer passes on `Content-Type` and the body, not
+/// `Content-Encoding`, and reads bodies (SSE events, keys to mask): it asks
+/// for `identity`. This fake compresses whenever it may, as the RFC lets it.
+#[test]
+fn bodies_are_asked_for_uncompressed() {
+    let up = Upstream::start(|seen, _| {
+        if seen.header("accept-encoding") == Some("identity") {
+            Reply::json(200, OK)
+        } else {
+            Reply::json(200, "\x1f\u{8b}compressed").with_header("Content-Encoding", "gzip")
+        }
+    });
+    let bal = start(&[up.url()], &[], |_| {});
+    let r = request(
+        bal.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("Accept-Encoding", "gzip, br")],
+        chat(false).as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), OK, "a compressed body lost its Content-Encoding");
 }
 
 #[test]
