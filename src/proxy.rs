@@ -789,9 +789,12 @@ pub fn run_to_commit(
         .and_then(|v| std::str::from_utf8(v).ok())
         .unwrap_or("")
         .to_string();
+    // Beside a Transfer-Encoding the Content-Length is not the body's
+    // (RFC 9112 6.3; ureq frames such a body by its chunks): never declared.
     let length = response
         .headers()
         .get("content-length")
+        .filter(|_| !response.headers().contains_key("transfer-encoding"))
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     if retry::decide(Outcome::Status(status)).retry {

@@ -742,6 +742,37 @@ fn a_large_answer_to_an_http_1_0_client_declares_its_length_so_a_cut_shows() {
     );
 }
 
+/// An upstream answer with both Content-Length and chunked coding is framed
+/// by the chunks (RFC 9112 6.3, as ureq reads it); its Content-Length is
+/// not the body's and must not be declared to an HTTP/1.0 client, who
+/// would take the first bytes of the body for all of it.
+#[test]
+fn a_content_length_beside_chunked_coding_is_never_declared() {
+    let piece = vec![b' '; 1024 * 1024];
+    let mut chunk = format!("{:x}\r\n", piece.len()).into_bytes();
+    chunk.extend_from_slice(&piece);
+    chunk.extend_from_slice(b"\r\n");
+    let up = Upstream::always(Reply::Raw(vec![
+        Step::Send(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 10\r\nTransfer-Encoding: chunked\r\n\r\n"
+                .to_vec(),
+        ),
+        Step::Repeat(chunk, 9),
+        Step::Send(b"0\r\n\r\n".to_vec()),
+    ]));
+    let bal = start(&[up.url()], &[], |_| {});
+    let body = r#"{"input":"x"}"#;
+    let req = format!(
+        "POST /v1/embeddings HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let text = crate::util::raw(bal.addr, req.as_bytes());
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert!(!head.contains("Content-Length: 10\r\n"), "{head}");
+    assert_eq!(rest.len(), 9 * piece.len(), "the whole body arrives");
+}
+
 /// A one-connection upstream that reads a request, answers with a head
 /// and part of a body that has no length (it would end at the close), then
 /// resets the connection (RST, not FIN).
