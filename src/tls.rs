@@ -44,7 +44,7 @@ use ureq::unversioned::transport::{
 use ureq::Error;
 
 use crate::transport::{
-    is_timeout, peek, read_error, write_error, Link, Peek, COALESCE, WRITE_STALL,
+    is_timeout, peek, read_error, stopped_reading, write_error, Link, Peek, COALESCE, WRITE_STALL,
 };
 use crate::watch;
 
@@ -234,6 +234,10 @@ pub struct TlsLink {
     used: bool,
     /// Taken from the pool: probe before the next record is written.
     recheck: bool,
+    /// The upstream stopped taking the request (see
+    /// [`stopped_reading`](crate::transport::stopped_reading)): what is left
+    /// of it is dropped, and the link is never reused.
+    refused: bool,
     /// What the handshake was made with, to make it again over a new
     /// connection when a pooled one went stale.
     config: Arc<ClientConfig>,
@@ -268,6 +272,7 @@ impl TlsLink {
             unsent: 0,
             used: false,
             recheck: false,
+            refused: false,
             config,
             name,
         })
@@ -310,7 +315,7 @@ impl TlsLink {
     /// Write every pending record; the write timeout is [`WRITE_STALL`] or
     /// `timeout`, whichever is nearer.
     fn flush(&mut self, timeout: &NextTimeout) -> Result<(), Error> {
-        if !self.tls.wants_write() {
+        if !self.tls.wants_write() || self.refused {
             self.unsent = 0;
             return Ok(());
         }
@@ -320,6 +325,11 @@ impl TlsLink {
                 Ok(0) => return Err(Error::Io(io::ErrorKind::WriteZero.into())),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if stopped_reading(&e) => {
+                    log::debug!("upstream stopped reading the request: {e}");
+                    self.refused = true;
+                    break;
+                }
                 Err(e) => return Err(write_error(e, timeout.reason)),
             }
         }
@@ -330,6 +340,9 @@ impl TlsLink {
     /// Encrypt `amount` bytes of the output buffer; records leave now only
     /// when more than [`COALESCE`] bytes wait or rustls will take no more.
     fn transmit(&mut self, amount: usize, timeout: &NextTimeout) -> Result<(), Error> {
+        if self.refused {
+            return Ok(());
+        }
         let mut done = 0;
         while done < amount {
             let plain = &self.link.buffers_mut().output()[done..amount];
@@ -441,7 +454,7 @@ impl Transport for TlsLink {
     /// before the next write ([`TlsLink::ensure_fresh`]).
     fn is_open(&mut self) -> bool {
         // Unsent records mean an exchange was abandoned half-way.
-        if self.unsent > 0 || self.tls.wants_write() {
+        if self.unsent > 0 || self.tls.wants_write() || self.refused {
             return false;
         }
         if !std::mem::replace(&mut self.used, false) {

@@ -378,6 +378,9 @@ pub struct Link {
     write_timeout: Option<Duration>,
     /// I/O happened since the last liveness question.
     used: bool,
+    /// The upstream stopped taking the request (see [`Link::stopped_reading`]):
+    /// what is left of it is dropped, and the link is never reused.
+    refused: bool,
 }
 
 impl fmt::Debug for Link {
@@ -406,6 +409,7 @@ impl Link {
             read_timeout: None,
             write_timeout: None,
             used: false,
+            refused: false,
         }
     }
 
@@ -478,6 +482,9 @@ impl Link {
 
     /// Stage `amount` bytes of the output buffer for sending (see [`COALESCE`]).
     fn transmit(&mut self, amount: usize, timeout: &NextTimeout) -> Result<(), Error> {
+        if self.refused {
+            return Ok(());
+        }
         let amount = amount.min(self.buffers.output_size);
         if self.pending.len() + amount <= COALESCE {
             let output = &self.buffers.output()[..amount];
@@ -497,8 +504,14 @@ impl Link {
         } else {
             &self.buffers.output()[..amount]
         };
-        write_both(&self.stream, &self.pending, output)
-            .map_err(|e| write_error(e, timeout.reason))?;
+        match write_both(&self.stream, &self.pending, output) {
+            Ok(()) => {}
+            Err(e) if stopped_reading(&e) => {
+                log::debug!("{} stopped reading the request: {e}", self.peer);
+                self.refused = true;
+            }
+            Err(e) => return Err(write_error(e, timeout.reason)),
+        }
         self.clear_pending();
         Ok(())
     }
@@ -573,6 +586,19 @@ pub(crate) fn read_error(e: io::Error) -> Error {
         }
         _ => Error::Io(e),
     }
+}
+
+/// A write error that says the upstream stopped reading the request: it
+/// closed, perhaps after answering early (a 413 for a body it will not
+/// take, read from its head alone). The caller drops the rest of the
+/// request and lets ureq read on: an answer that came is that upstream's
+/// answer (passed on as such, not a broken attempt blamed on the host);
+/// without one, the read fails as the write would have.
+pub(crate) fn stopped_reading(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+    )
 }
 
 pub(crate) fn write_error(e: io::Error, reason: ureq::Timeout) -> Error {
@@ -666,7 +692,7 @@ impl Transport for Link {
     /// connection parked in the pool meanwhile costs nothing.
     fn is_open(&mut self) -> bool {
         // Unsent output means an exchange was abandoned half-way.
-        if !self.pending.is_empty() {
+        if !self.pending.is_empty() || self.refused {
             return false;
         }
         if !std::mem::replace(&mut self.used, false) {

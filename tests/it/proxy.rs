@@ -1,5 +1,7 @@
 //! The proxy path: pass-through, failover, keys, client keys.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::fake::{refused_url, Reply, Step, Upstream};
@@ -860,4 +862,74 @@ fn an_unasked_101_is_not_passed_on() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.body, OK.as_bytes());
     assert_eq!(r.header("x-gaia-attempts"), Some("h0:broken,h1:200"));
+}
+
+/// An upstream that refuses a large body from its head alone: it answers
+/// 413 without reading the body and closes (unread bytes make that a
+/// reset), as servers with a body limit do. Counts the connections it
+/// served; its thread ends within 10 s.
+fn early_413_upstream() -> (String, Arc<AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = served.clone();
+    std::thread::spawn(move || {
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < end {
+            let Ok((mut s, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            // The answer leaves at once, before the close (a reset, with the
+            // body unread) could discard it.
+            s.set_nodelay(true).unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1];
+            while !got.ends_with(b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(1) => got.push(buf[0]),
+                    _ => break,
+                }
+            }
+            let _ = s.write_all(too_large_answer().as_bytes());
+        }
+    });
+    (url, served)
+}
+
+/// The early answer of [`early_413_upstream`].
+pub fn too_large_answer() -> String {
+    let body = r#"{"error":{"message":"body too large"}}"#;
+    format!(
+        "HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// A chat request with an 8 MiB prompt: more than socket buffers hold, so
+/// an upstream that does not read it stops its sending.
+pub fn large_chat() -> String {
+    format!(
+        r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(8 * 1024 * 1024)
+    )
+}
+
+/// The upstream's early 413 is its answer, passed through as other 4xx
+/// are, not a broken attempt retried (and blamed on the host, five times:
+/// an ejection) until 502.
+#[test]
+fn an_early_413_for_a_large_body_is_passed_through() {
+    let (url, served) = early_413_upstream();
+    let bal = start(&[url], &[], |_| {});
+    let r = post(bal.addr, "/v1/chat/completions", &large_chat());
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert!(r.text().contains("body too large"), "{}", r.text());
+    assert_eq!(served.load(Ordering::SeqCst), 1, "one attempt, no retry");
 }
