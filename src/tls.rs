@@ -44,7 +44,8 @@ use ureq::unversioned::transport::{
 use ureq::Error;
 
 use crate::transport::{
-    is_timeout, peek, read_error, stopped_reading, write_error, Link, Peek, COALESCE, WRITE_STALL,
+    is_timeout, peek, read_error, stopped_reading, write_error, Link, Peek, WriteClock, COALESCE,
+    WRITE_STALL,
 };
 use crate::watch;
 
@@ -312,19 +313,26 @@ impl TlsLink {
         Ok(())
     }
 
-    /// Write every pending record; the write timeout is [`WRITE_STALL`] or
-    /// `timeout`, whichever is nearer.
+    /// Write every pending record; a write that makes no progress ends
+    /// after [`WRITE_STALL`] or at `timeout`, whichever is nearer, and the
+    /// watch runs while it waits ([`WriteClock`]).
     fn flush(&mut self, timeout: &NextTimeout) -> Result<(), Error> {
         if !self.tls.wants_write() || self.refused {
             self.unsent = 0;
             return Ok(());
         }
         self.link.set_write_timeout(timeout)?;
+        let mut clock = WriteClock::start(timeout);
         while self.tls.wants_write() {
             match self.tls.write_tls(&mut self.link.stream()) {
                 Ok(0) => return Err(Error::Io(io::ErrorKind::WriteZero.into())),
-                Ok(_) => {}
+                Ok(_) => clock.progressed(),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) => {
+                    if let Err(e) = clock.slice_ended(e) {
+                        return Err(write_error(e, timeout.reason));
+                    }
+                }
                 Err(e) if stopped_reading(&e) => {
                     log::debug!("upstream stopped reading the request: {e}");
                     self.refused = true;

@@ -10,8 +10,9 @@
 //! - a request's head and a body of up to [`COALESCE`] bytes leave in one
 //!   `write` (one packet and one wake-up upstream instead of two);
 //! - a socket timeout is only set when its value changes, which on the fast
-//!   path is never (reads wait one watch tick, writes [`WRITE_STALL`]);
-//! - no single write waits longer than [`WRITE_STALL`] or past ureq's deadline;
+//!   path is never (reads and writes wait one watch tick at a time);
+//! - no single write waits longer than [`WRITE_STALL`] or past ureq's
+//!   deadline, and while one waits the thread's watch runs ([`WriteClock`]);
 //! - a pooled connection is probed with one non-blocking `MSG_PEEK` just
 //!   before its next request is written, outside ureq's pool lock; one the
 //!   upstream closed (or sent stray bytes on) meanwhile is replaced by a
@@ -36,6 +37,8 @@ use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 use ureq::unversioned::transport::time::Duration as UreqDuration;
 use ureq::unversioned::transport::{Buffers, ConnectionDetails, Connector, NextTimeout, Transport};
 use ureq::Error;
+
+use crate::watch::TICK;
 
 /// Longest one write to an upstream may make no progress.
 pub const WRITE_STALL: Duration = Duration::from_secs(20);
@@ -504,7 +507,8 @@ impl Link {
         } else {
             &self.buffers.output()[..amount]
         };
-        match write_both(&self.stream, &self.pending, output) {
+        let mut clock = WriteClock::start(timeout);
+        match write_both(&self.stream, &self.pending, output, &mut clock) {
             Ok(()) => {}
             Err(e) if stopped_reading(&e) => {
                 log::debug!("{} stopped reading the request: {e}", self.peer);
@@ -550,13 +554,14 @@ impl Link {
         Ok(())
     }
 
-    /// Set the write timeout for ureq's `timeout`: [`WRITE_STALL`] unless
+    /// Set the write timeout for ureq's `timeout`: one watch tick unless
     /// its deadline is nearer (a value that stays the same from request to
-    /// request, so the syscall is skipped).
+    /// request, so the syscall is skipped). A write that waits longer is
+    /// resumed, tick by tick, by a [`WriteClock`].
     pub(crate) fn set_write_timeout(&mut self, timeout: &NextTimeout) -> io::Result<()> {
         let wanted = match timeout.after {
-            UreqDuration::Exact(d) if d < WRITE_STALL => d.max(Duration::from_millis(1)),
-            _ => WRITE_STALL,
+            UreqDuration::Exact(d) if d < TICK => d.max(Duration::from_millis(1)),
+            _ => TICK,
         };
         self.set_write_timeout_to(wanted)
     }
@@ -609,8 +614,61 @@ pub(crate) fn write_error(e: io::Error, reason: ureq::Timeout) -> Error {
     }
 }
 
-/// `write_all` of `first` then `second`, with `writev` while both have bytes left.
-fn write_both(mut stream: &TcpStream, first: &[u8], second: &[u8]) -> io::Result<()> {
+/// When a write to an upstream that is blocked must give up: after
+/// [`WRITE_STALL`] without progress, or at ureq's deadline. Between the
+/// slices the socket's write timeout cuts it into (see
+/// [`Link::set_write_timeout`]) the thread's watch runs, as during any
+/// upstream wait: a departed client or a passed deadline ends the write, a
+/// hedge due starts (a host that takes no more of a large body is outrun,
+/// not waited on).
+pub(crate) struct WriteClock {
+    /// ureq's deadline for this write, if it has one.
+    end: Option<Instant>,
+    /// When the write has made no progress for too long.
+    stall: Option<Instant>,
+}
+
+impl WriteClock {
+    /// The clock for a write under ureq's `timeout`, started now.
+    pub(crate) fn start(timeout: &NextTimeout) -> WriteClock {
+        let now = Instant::now();
+        WriteClock {
+            end: match timeout.after {
+                UreqDuration::Exact(d) => now.checked_add(d),
+                UreqDuration::NotHappening => None,
+            },
+            stall: now.checked_add(WRITE_STALL),
+        }
+    }
+
+    /// Some bytes left: the stall clock starts again.
+    pub(crate) fn progressed(&mut self) {
+        self.stall = Instant::now().checked_add(WRITE_STALL);
+    }
+
+    /// A slice ended with nothing written (`e`, a timeout): `Err` to stop
+    /// the write (`e` at a deadline, the watch's reason when it aborts),
+    /// `Ok` to wait one more slice.
+    pub(crate) fn slice_ended(&self, e: io::Error) -> io::Result<()> {
+        let now = Instant::now();
+        if self.stall.is_some_and(|s| now >= s) || self.end.is_some_and(|d| now >= d) {
+            return Err(e);
+        }
+        match crate::watch::interruption() {
+            Some(why) => Err(why),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `write_all` of `first` then `second`, with `writev` while both have bytes
+/// left, for as long as `clock` allows.
+fn write_both(
+    mut stream: &TcpStream,
+    first: &[u8],
+    second: &[u8],
+    clock: &mut WriteClock,
+) -> io::Result<()> {
     let (mut a, mut b) = (0, 0);
     while a < first.len() || b < second.len() {
         let result = if a == first.len() {
@@ -626,8 +684,10 @@ fn write_both(mut stream: &TcpStream, first: &[u8], second: &[u8]) -> io::Result
                 let from_first = n.min(first.len() - a);
                 a += from_first;
                 b += n - from_first;
+                clock.progressed();
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => clock.slice_ended(e)?,
             Err(e) => return Err(e),
         }
     }
@@ -759,8 +819,10 @@ pub(crate) mod tests {
         assert_eq!(got, b"POST / HTTP/1.1\r\n\r\n{\"a\":1}");
         assert_eq!(link.buffers.input(), b"ok");
         // One write timeout for both budgets: no setsockopt per request.
-        assert_eq!(link.write_timeout, Some(WRITE_STALL));
-        assert_eq!(link.stream.write_timeout().unwrap(), Some(WRITE_STALL));
+        assert_eq!(link.write_timeout, Some(TICK));
+        // (The kernel keeps it in its own ticks: 250 ms may read back as 252.)
+        let set = link.stream.write_timeout().unwrap().unwrap();
+        assert!(set >= TICK && set < TICK * 2, "{set:?}");
     }
 
     #[test]
@@ -780,15 +842,38 @@ pub(crate) mod tests {
         let (mut link, mut far) = pair();
         let body = vec![b'y'; COALESCE + 1];
         let near = NextTimeout {
-            after: UreqDuration::Exact(Duration::from_secs(3)),
+            after: UreqDuration::Exact(Duration::from_millis(100)),
             ..NextTimeout::default()
         };
         transmit(&mut link, &body, near);
         assert_eq!(
             link.stream.write_timeout().unwrap(),
-            Some(Duration::from_secs(3))
+            Some(Duration::from_millis(100))
         );
         read_exactly(&mut far, body.len());
+    }
+
+    #[test]
+    fn a_write_the_upstream_does_not_take_ends_at_the_deadline_in_slices() {
+        let (mut link, _far) = pair();
+        // Far more than the socket buffers hold, and the far end never reads.
+        link.buffers = LinkBuffers::new(1024, 8 * 1024 * 1024);
+        let body = vec![b'q'; 8 * 1024 * 1024];
+        let deadline = NextTimeout {
+            after: UreqDuration::Exact(Duration::from_millis(600)),
+            reason: ureq::Timeout::SendBody,
+            ..NextTimeout::default()
+        };
+        let started = Instant::now();
+        link.buffers.output()[..body.len()].copy_from_slice(&body);
+        match link.transmit_output(body.len(), deadline) {
+            Err(Error::Timeout(ureq::Timeout::SendBody)) => {}
+            other => panic!("expected a send-body timeout, got {other:?}"),
+        }
+        // Each slice is shorter than the deadline; they add up to it.
+        assert!(link.write_timeout <= Some(TICK));
+        assert!(started.elapsed() >= Duration::from_millis(600));
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[test]
