@@ -465,6 +465,17 @@ impl Transport for TlsLink {
         if self.unsent > 0 || self.tls.wants_write() || self.refused {
             return false;
         }
+        // Plaintext decrypted but not taken is what the upstream sent past
+        // the answer: ureq only sees what reached its input buffer, so the
+        // next request would read it as its answer. (No I/O: only records
+        // already read are looked at.)
+        if self
+            .tls
+            .process_new_packets()
+            .map_or(true, |state| state.plaintext_bytes_to_read() > 0)
+        {
+            return false;
+        }
         if !std::mem::replace(&mut self.used, false) {
             self.recheck = true;
         }

@@ -417,3 +417,94 @@ fn an_early_413_over_tls_is_passed_through() {
     assert_eq!(r.header("x-gaia-attempts"), Some("h0[****]:413"));
     assert_eq!(served.load(Ordering::SeqCst), 1, "one attempt, no retry");
 }
+
+/// An https upstream that keeps its connections open and answers its first
+/// request with a head and body of exactly `first_len` bytes, then, in the
+/// same write (one TLS record), a second answer nobody asked for ("EVIL");
+/// later requests get "GOOD". Counts the connections it accepted.
+fn smuggling_tls(first_len: usize) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, Read};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let requests = Arc::new(AtomicUsize::new(0));
+    std::thread::spawn(move || {
+        for tcp in listener.incoming().take(8) {
+            let Ok(tcp) = tcp else { return };
+            count.fetch_add(1, Ordering::SeqCst);
+            let requests = requests.clone();
+            std::thread::spawn(move || {
+                tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let conn = rustls::ServerConnection::new(Cert::Server.server_config()).unwrap();
+                let mut s = BufReader::new(StreamOwned::new(conn, tcp));
+                loop {
+                    let mut length = 0;
+                    loop {
+                        let mut line = String::new();
+                        if s.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap();
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if s.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let answer = |body: &str| {
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        )
+                    };
+                    let out = if requests.fetch_add(1, Ordering::SeqCst) == 0 {
+                        // The body that makes the whole answer `first_len` long.
+                        let first = (0..first_len)
+                            .map(|l| answer(&"a".repeat(l)))
+                            .find(|a| a.len() == first_len)
+                            .unwrap();
+                        first + &answer("\"EVIL\"")
+                    } else {
+                        answer("\"GOOD\"")
+                    };
+                    if s.get_mut().write_all(out.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, accepted)
+}
+
+/// Bytes an upstream sent past the end of an answer are never read as the
+/// answer to the next request on that connection, also when they sit
+/// decrypted in the TLS layer rather than in the input buffer (the answer
+/// ended exactly where the first read of the connection did: 4 KiB).
+#[test]
+fn bytes_past_an_answer_never_answer_the_next_request_over_tls() {
+    let (url, accepted) = smuggling_tls(4096);
+    let roots = vec![CertificateDer::from_pem_file(ca_pem_path()).unwrap()];
+    let bal = crate::util::start(&[url], &["k1"], |c| {
+        c.settings.ca_file = Some(gaia_balancer::config::CaFile {
+            path: ca_pem_path(),
+            roots,
+        });
+    });
+    let first = crate::util::post(bal.addr, "/v1/chat/completions", &crate::util::chat(false));
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert!(first.text().starts_with("aaa"), "{}", first.text());
+    let second = crate::util::post(bal.addr, "/v1/chat/completions", &crate::util::chat(false));
+    assert_eq!(second.text(), "\"GOOD\"", "a stale answer was served");
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the connection with stray bytes was not reused"
+    );
+}
