@@ -763,6 +763,16 @@ pub fn run_to_commit(
     let first_byte = head_at.saturating_duration_since(sent);
     let status = response.status().as_u16();
     metrics::mark_head(status);
+    if status < 200 {
+        // ureq consumes interim answers (100, 103); one that comes back is a
+        // 101 nobody asked for (`Upgrade` is never forwarded). Passed on, it
+        // would tell the client its connection switched protocols.
+        return Err(upstream::failure(
+            Outcome::Broken,
+            &format!("status {status} as a final answer"),
+            host,
+        ));
+    }
     let content_type = response
         .headers()
         .get("content-type")
@@ -771,9 +781,12 @@ pub fn run_to_commit(
         .and_then(|v| std::str::from_utf8(v).ok())
         .unwrap_or("")
         .to_string();
+    // Beside a Transfer-Encoding the Content-Length is not the body's
+    // (RFC 9112 6.3; ureq frames such a body by its chunks): never declared.
     let length = response
         .headers()
         .get("content-length")
+        .filter(|_| !response.headers().contains_key("transfer-encoding"))
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     if retry::decide(Outcome::Status(status)).retry {

@@ -15,7 +15,9 @@
 //!   (no system store is read) plus those of `caFile`; there is no switch to
 //!   turn verification off;
 //! - the handshake, every read and every write of it, ends by the connect
-//!   deadline;
+//!   deadline, and while it waits the thread's watch runs as during any
+//!   upstream wait (a departed client or a passed deadline ends it, a hedge
+//!   due starts);
 //! - a request's records leave in one write when they fit in
 //!   [`COALESCE`](crate::transport::COALESCE), as on plain connections;
 //! - a body the peer ends without `close_notify` is an error (a cut-off
@@ -41,7 +43,11 @@ use ureq::unversioned::transport::{
 };
 use ureq::Error;
 
-use crate::transport::{is_timeout, peek, write_error, Link, Peek, COALESCE, WRITE_STALL};
+use crate::transport::{
+    is_timeout, peek, read_error, stopped_reading, write_error, Link, Peek, WriteClock, COALESCE,
+    WRITE_STALL,
+};
+use crate::watch;
 
 /// The rustls client settings every https connection of one agent shares.
 pub fn client_config(extra_roots: &[CertificateDer<'static>]) -> Result<ClientConfig, String> {
@@ -129,14 +135,28 @@ fn shake(
     reason: ureq::Timeout,
 ) -> Result<ClientConnection, Error> {
     let mut tls = ClientConnection::new(config.clone(), name.clone())?;
+    // Reads wait in watch slices (see `Deadlined`), so the wait needs an end.
+    let deadline = deadline.or_else(|| Instant::now().checked_add(WRITE_STALL));
     while tls.is_handshaking() {
         let mut io = Deadlined { link, deadline };
-        if let Err(e) = tls.complete_io(&mut io) {
-            return Err(match rustls_error(&e) {
-                Some(tls_error) => Error::Rustls(tls_error),
-                None if is_timeout(&e) => Error::Timeout(reason),
-                None => Error::Io(e),
-            });
+        let Err(e) = tls.complete_io(&mut io) else {
+            continue;
+        };
+        if let Some(tls_error) = rustls_error(&e) {
+            return Err(Error::Rustls(tls_error));
+        }
+        if !is_timeout(&e) {
+            return Err(Error::Io(e));
+        }
+        if deadline.is_none_or(|d| Instant::now() >= d) {
+            return Err(Error::Timeout(reason));
+        }
+        // A slice ended with the handshake still waiting: the watch's turn,
+        // as between ureq's reads (a departed client, a deadline, a hedge
+        // due now, keep-alive comments). A timed-out read leaves rustls's
+        // state as it was, so the handshake resumes where it stood.
+        if let Some(why) = watch::interruption() {
+            return Err(Error::Io(why));
         }
     }
     Ok(tls)
@@ -177,8 +197,10 @@ impl Deadlined<'_> {
 }
 
 impl Read for Deadlined<'_> {
+    /// Waits at most one watch slice ([`watch::next_wake`]); [`shake`] runs
+    /// the watch between slices.
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.left()?.unwrap_or(WRITE_STALL);
+        let left = self.left()?.unwrap_or(WRITE_STALL).min(watch::next_wake());
         self.link.set_read_timeout(Some(left))?;
         self.link.stream().read(buf)
     }
@@ -213,6 +235,10 @@ pub struct TlsLink {
     used: bool,
     /// Taken from the pool: probe before the next record is written.
     recheck: bool,
+    /// The upstream stopped taking the request (see
+    /// [`stopped_reading`](crate::transport::stopped_reading)): what is left
+    /// of it is dropped, and the link is never reused.
+    refused: bool,
     /// What the handshake was made with, to make it again over a new
     /// connection when a pooled one went stale.
     config: Arc<ClientConfig>,
@@ -233,19 +259,21 @@ impl TlsLink {
         mut link: Link,
         timeout: NextTimeout,
     ) -> Result<TlsLink, Error> {
-        let tls = shake(
-            &config,
-            &name,
-            &mut link,
-            deadline_of(&timeout),
-            timeout.reason,
-        )?;
+        // The TCP connect under it used part of the same budget
+        // (`timeouts.connectMs` is TCP and TLS together); `timeout` would
+        // start it afresh.
+        let deadline = match (link.connect_by(), deadline_of(&timeout)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let tls = shake(&config, &name, &mut link, deadline, timeout.reason)?;
         Ok(TlsLink {
             link,
             tls,
             unsent: 0,
             used: false,
             recheck: false,
+            refused: false,
             config,
             name,
         })
@@ -285,19 +313,31 @@ impl TlsLink {
         Ok(())
     }
 
-    /// Write every pending record; the write timeout is [`WRITE_STALL`] or
-    /// `timeout`, whichever is nearer.
+    /// Write every pending record; a write that makes no progress ends
+    /// after [`WRITE_STALL`] or at `timeout`, whichever is nearer, and the
+    /// watch runs while it waits ([`WriteClock`]).
     fn flush(&mut self, timeout: &NextTimeout) -> Result<(), Error> {
-        if !self.tls.wants_write() {
+        if !self.tls.wants_write() || self.refused {
             self.unsent = 0;
             return Ok(());
         }
         self.link.set_write_timeout(timeout)?;
+        let mut clock = WriteClock::start(timeout);
         while self.tls.wants_write() {
             match self.tls.write_tls(&mut self.link.stream()) {
                 Ok(0) => return Err(Error::Io(io::ErrorKind::WriteZero.into())),
-                Ok(_) => {}
+                Ok(_) => clock.progressed(),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) => {
+                    if let Err(e) = clock.slice_ended(e) {
+                        return Err(write_error(e, timeout.reason));
+                    }
+                }
+                Err(e) if stopped_reading(&e) => {
+                    log::debug!("upstream stopped reading the request: {e}");
+                    self.refused = true;
+                    break;
+                }
                 Err(e) => return Err(write_error(e, timeout.reason)),
             }
         }
@@ -308,6 +348,9 @@ impl TlsLink {
     /// Encrypt `amount` bytes of the output buffer; records leave now only
     /// when more than [`COALESCE`] bytes wait or rustls will take no more.
     fn transmit(&mut self, amount: usize, timeout: &NextTimeout) -> Result<(), Error> {
+        if self.refused {
+            return Ok(());
+        }
         let mut done = 0;
         while done < amount {
             let plain = &self.link.buffers_mut().output()[done..amount];
@@ -393,14 +436,14 @@ impl Transport for TlsLink {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 // EOF without close_notify: the body may be cut off.
-                Err(e) => return Err(Error::Io(e)),
+                Err(e) => return Err(read_error(e)),
             }
             match self.tls.read_tls(&mut self.link.stream()) {
                 // Ok(0): rustls notes the EOF and the reader reports it above.
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if is_timeout(&e) => return Err(Error::Timeout(timeout.reason)),
-                Err(e) => return Err(Error::Io(e)),
+                Err(e) => return Err(read_error(e)),
             }
             if let Err(e) = self.tls.process_new_packets() {
                 // Best effort: tell the peer why (rustls queued an alert).
@@ -419,7 +462,18 @@ impl Transport for TlsLink {
     /// before the next write ([`TlsLink::ensure_fresh`]).
     fn is_open(&mut self) -> bool {
         // Unsent records mean an exchange was abandoned half-way.
-        if self.unsent > 0 || self.tls.wants_write() {
+        if self.unsent > 0 || self.tls.wants_write() || self.refused {
+            return false;
+        }
+        // Plaintext decrypted but not taken is what the upstream sent past
+        // the answer: ureq only sees what reached its input buffer, so the
+        // next request would read it as its answer. (No I/O: only records
+        // already read are looked at.)
+        if self
+            .tls
+            .process_new_packets()
+            .map_or(true, |state| state.plaintext_bytes_to_read() > 0)
+        {
             return false;
         }
         if !std::mem::replace(&mut self.used, false) {
@@ -608,7 +662,9 @@ mod tests {
     fn eof_without_close_notify_is_an_error_not_a_clean_end() {
         let mut tls = answered_then_ended(false);
         match tls.await_input(budget(5)) {
-            Err(Error::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}"),
+            // Not UnexpectedEof: ureq's body reader takes that for an
+            // orderly close, the end of a body without a length.
+            Err(Error::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::Other, "{e}"),
             other => panic!("a cut-off answer passed for a complete one: {other:?}"),
         }
     }
@@ -659,6 +715,29 @@ mod tests {
             other => panic!("expected a connect timeout, got {other:?}"),
         }
         assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    /// `connectMs` bounds TCP and TLS together: a handshake after a connect
+    /// that used up most of the budget gets only what is left of it, not
+    /// the whole of ureq's connect timeout again.
+    #[test]
+    fn the_handshake_gets_what_the_tcp_connect_left_of_the_budget() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        // The connect began with 300 ms to go; ureq hands the connector
+        // chain the same (here: long) timeout at each step.
+        let link = Link::dial(listener.local_addr().unwrap(), Duration::from_millis(300));
+        let _silent = accept_within(&listener);
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let started = Instant::now();
+        match TlsLink::establish(trusting_test_ca(), name, link, budget(5)) {
+            Err(Error::Timeout(_)) => {}
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the handshake took {:?}",
+            started.elapsed()
+        );
     }
 
     /// A connection that served a request and went back to the pool, then

@@ -10,8 +10,9 @@
 //! - a request's head and a body of up to [`COALESCE`] bytes leave in one
 //!   `write` (one packet and one wake-up upstream instead of two);
 //! - a socket timeout is only set when its value changes, which on the fast
-//!   path is never (reads wait one watch tick, writes [`WRITE_STALL`]);
-//! - no single write waits longer than [`WRITE_STALL`] or past ureq's deadline;
+//!   path is never (reads and writes wait one watch tick at a time);
+//! - no single write waits longer than [`WRITE_STALL`] or past ureq's
+//!   deadline, and while one waits the thread's watch runs ([`WriteClock`]);
 //! - a pooled connection is probed with one non-blocking `MSG_PEEK` just
 //!   before its next request is written, outside ureq's pool lock; one the
 //!   upstream closed (or sent stray bytes on) meanwhile is replaced by a
@@ -32,10 +33,12 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use socket2::SockRef;
+use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 use ureq::unversioned::transport::time::Duration as UreqDuration;
 use ureq::unversioned::transport::{Buffers, ConnectionDetails, Connector, NextTimeout, Transport};
 use ureq::Error;
+
+use crate::watch::TICK;
 
 /// Longest one write to an upstream may make no progress.
 pub const WRITE_STALL: Duration = Duration::from_secs(20);
@@ -102,12 +105,19 @@ impl Connector<()> for LinkConnector {
         details: &ConnectionDetails,
         _chained: Option<()>,
     ) -> Result<Option<Link>, Error> {
+        // One budget for TCP and TLS together (`timeouts.connectMs`): the
+        // handshake that may follow ends by this too (see `Link::connect_by`).
+        let by = match details.timeout.after {
+            UreqDuration::Exact(d) => Instant::now().checked_add(d),
+            UreqDuration::NotHappening => None,
+        };
         let (stream, peer) = connect(&details.addrs, details.timeout)?;
         let config = details.config;
         Ok(Some(Link::new(
             stream,
             peer,
             config.timeouts().connect,
+            by,
             LinkBuffers::new(config.input_buffer_size(), config.output_buffer_size()),
         )))
     }
@@ -123,7 +133,7 @@ fn connect(addrs: &[SocketAddr], timeout: NextTimeout) -> Result<(TcpStream, Soc
     let mut last = None;
     for (i, addr) in addrs.iter().enumerate() {
         let result = match deadline {
-            None => TcpStream::connect(addr),
+            None => connect_one(addr, None),
             Some(deadline) => {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
@@ -134,7 +144,7 @@ fn connect(addrs: &[SocketAddr], timeout: NextTimeout) -> Result<(TcpStream, Soc
                 } else {
                     left
                 };
-                TcpStream::connect_timeout(addr, share)
+                connect_one(addr, Instant::now().checked_add(share))
             }
         };
         match result {
@@ -142,6 +152,8 @@ fn connect(addrs: &[SocketAddr], timeout: NextTimeout) -> Result<(TcpStream, Soc
                 stream.set_nodelay(true)?;
                 return Ok((stream, *addr));
             }
+            // The watch ended the wait: no other address may be tried.
+            Err(e) if crate::watch::aborted().is_some() => return Err(Error::Io(e)),
             Err(e) => last = Some(e),
         }
     }
@@ -150,6 +162,51 @@ fn connect(addrs: &[SocketAddr], timeout: NextTimeout) -> Result<(TcpStream, Soc
         Some(e) => Error::Io(e),
         None => Error::ConnectionFailed,
     })
+}
+
+/// Connect to `addr` by `end` (`None`: as long as the kernel tries), in
+/// slices of at most one watch tick ([`crate::watch::next_wake`]), running
+/// the thread's watch between them as during any upstream wait: a departed
+/// client or a passed deadline ends the connect, a hedge due starts. A
+/// blocking connect returns when `SO_SNDTIMEO` runs out, with the attempt
+/// still under way (Linux); connecting again waits for that same attempt.
+fn connect_one(addr: &SocketAddr, end: Option<Instant>) -> io::Result<TcpStream> {
+    let socket = Socket::new(
+        Domain::for_address(*addr),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    let target = SockAddr::from(*addr);
+    loop {
+        let mut slice = crate::watch::next_wake();
+        if let Some(end) = end {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            slice = slice.min(left.max(Duration::from_millis(1)));
+        }
+        socket.set_write_timeout(Some(slice))?;
+        match socket.connect(&target) {
+            Ok(()) => break,
+            // Connected between two slices.
+            Err(e) if e.raw_os_error() == Some(libc::EISCONN) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // The slice ran out with the attempt still under way.
+            Err(e)
+                if is_timeout(&e)
+                    || matches!(e.raw_os_error(), Some(libc::EINPROGRESS | libc::EALREADY)) =>
+            {
+                if let Some(why) = crate::watch::interruption() {
+                    return Err(why);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    // The writes to come set their own timeout (see `Link::set_write_timeout_to`,
+    // whose cache starts empty, so the slice left here is always replaced).
+    Ok(socket.into())
 }
 
 pub(crate) fn is_timeout(e: &io::Error) -> bool {
@@ -310,6 +367,9 @@ pub struct Link {
     peer: SocketAddr,
     /// ureq's connect timeout, for that replacement.
     connect_timeout: Option<Duration>,
+    /// When the connect that made this link must be done, a TLS handshake
+    /// over it included (`None`: never).
+    connect_by: Option<Instant>,
     /// Taken from the pool: probe before the next byte is written.
     recheck: bool,
     buffers: LinkBuffers,
@@ -321,6 +381,9 @@ pub struct Link {
     write_timeout: Option<Duration>,
     /// I/O happened since the last liveness question.
     used: bool,
+    /// The upstream stopped taking the request (see [`Link::stopped_reading`]):
+    /// what is left of it is dropped, and the link is never reused.
+    refused: bool,
 }
 
 impl fmt::Debug for Link {
@@ -335,33 +398,43 @@ impl Link {
         stream: TcpStream,
         peer: SocketAddr,
         connect_timeout: Option<Duration>,
+        connect_by: Option<Instant>,
         buffers: LinkBuffers,
     ) -> Link {
         Link {
             stream,
             peer,
             connect_timeout,
+            connect_by,
             recheck: false,
             buffers,
             pending: Vec::new(),
             read_timeout: None,
             write_timeout: None,
             used: false,
+            refused: false,
         }
     }
 
     /// A link to `addr` as the unit tests use it (1 KiB of input at most,
-    /// 64 KiB of output).
+    /// 64 KiB of output), its connect begun now with `connect_timeout`.
     #[cfg(test)]
     pub(crate) fn dial(addr: SocketAddr, connect_timeout: Duration) -> Link {
+        let by = Instant::now().checked_add(connect_timeout);
         let (stream, peer) = connect(&[addr], NextTimeout::default()).unwrap();
         assert_eq!(peer, addr);
         Link::new(
             stream,
             peer,
             Some(connect_timeout),
+            by,
             LinkBuffers::new(1024, 64 * 1024),
         )
+    }
+
+    /// When the connect that made this link must be done, TLS included.
+    pub(crate) fn connect_by(&self) -> Option<Instant> {
+        self.connect_by
     }
 
     /// For a connection just taken from the pool: if the upstream closed it
@@ -412,6 +485,9 @@ impl Link {
 
     /// Stage `amount` bytes of the output buffer for sending (see [`COALESCE`]).
     fn transmit(&mut self, amount: usize, timeout: &NextTimeout) -> Result<(), Error> {
+        if self.refused {
+            return Ok(());
+        }
         let amount = amount.min(self.buffers.output_size);
         if self.pending.len() + amount <= COALESCE {
             let output = &self.buffers.output()[..amount];
@@ -431,8 +507,15 @@ impl Link {
         } else {
             &self.buffers.output()[..amount]
         };
-        write_both(&self.stream, &self.pending, output)
-            .map_err(|e| write_error(e, timeout.reason))?;
+        let mut clock = WriteClock::start(timeout);
+        match write_both(&self.stream, &self.pending, output, &mut clock) {
+            Ok(()) => {}
+            Err(e) if stopped_reading(&e) => {
+                log::debug!("{} stopped reading the request: {e}", self.peer);
+                self.refused = true;
+            }
+            Err(e) => return Err(write_error(e, timeout.reason)),
+        }
         self.clear_pending();
         Ok(())
     }
@@ -471,13 +554,14 @@ impl Link {
         Ok(())
     }
 
-    /// Set the write timeout for ureq's `timeout`: [`WRITE_STALL`] unless
+    /// Set the write timeout for ureq's `timeout`: one watch tick unless
     /// its deadline is nearer (a value that stays the same from request to
-    /// request, so the syscall is skipped).
+    /// request, so the syscall is skipped). A write that waits longer is
+    /// resumed, tick by tick, by a [`WriteClock`].
     pub(crate) fn set_write_timeout(&mut self, timeout: &NextTimeout) -> io::Result<()> {
         let wanted = match timeout.after {
-            UreqDuration::Exact(d) if d < WRITE_STALL => d.max(Duration::from_millis(1)),
-            _ => WRITE_STALL,
+            UreqDuration::Exact(d) if d < TICK => d.max(Duration::from_millis(1)),
+            _ => TICK,
         };
         self.set_write_timeout_to(wanted)
     }
@@ -492,6 +576,36 @@ impl Link {
     }
 }
 
+/// A read error as ureq gets it. ureq's body reader takes `UnexpectedEof`,
+/// `ConnectionReset` and `ConnectionAborted` for the peer's orderly close,
+/// which ends a body without a length (no `Content-Length`, not chunked)
+/// cleanly: a cut-off answer would look complete. Those kinds are passed as
+/// `Other` instead, so the read fails (a reset, or a TLS peer gone without
+/// `close_notify`, is a cut, never an end).
+pub(crate) fn read_error(e: io::Error) -> Error {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted => {
+            Error::Io(io::Error::other(format!("connection cut: {e}")))
+        }
+        _ => Error::Io(e),
+    }
+}
+
+/// A write error that says the upstream stopped reading the request: it
+/// closed, perhaps after answering early (a 413 for a body it will not
+/// take, read from its head alone). The caller drops the rest of the
+/// request and lets ureq read on: an answer that came is that upstream's
+/// answer (passed on as such, not a broken attempt blamed on the host);
+/// without one, the read fails as the write would have.
+pub(crate) fn stopped_reading(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+    )
+}
+
 pub(crate) fn write_error(e: io::Error, reason: ureq::Timeout) -> Error {
     if is_timeout(&e) {
         Error::Timeout(reason)
@@ -500,8 +614,61 @@ pub(crate) fn write_error(e: io::Error, reason: ureq::Timeout) -> Error {
     }
 }
 
-/// `write_all` of `first` then `second`, with `writev` while both have bytes left.
-fn write_both(mut stream: &TcpStream, first: &[u8], second: &[u8]) -> io::Result<()> {
+/// When a write to an upstream that is blocked must give up: after
+/// [`WRITE_STALL`] without progress, or at ureq's deadline. Between the
+/// slices the socket's write timeout cuts it into (see
+/// [`Link::set_write_timeout`]) the thread's watch runs, as during any
+/// upstream wait: a departed client or a passed deadline ends the write, a
+/// hedge due starts (a host that takes no more of a large body is outrun,
+/// not waited on).
+pub(crate) struct WriteClock {
+    /// ureq's deadline for this write, if it has one.
+    end: Option<Instant>,
+    /// When the write has made no progress for too long.
+    stall: Option<Instant>,
+}
+
+impl WriteClock {
+    /// The clock for a write under ureq's `timeout`, started now.
+    pub(crate) fn start(timeout: &NextTimeout) -> WriteClock {
+        let now = Instant::now();
+        WriteClock {
+            end: match timeout.after {
+                UreqDuration::Exact(d) => now.checked_add(d),
+                UreqDuration::NotHappening => None,
+            },
+            stall: now.checked_add(WRITE_STALL),
+        }
+    }
+
+    /// Some bytes left: the stall clock starts again.
+    pub(crate) fn progressed(&mut self) {
+        self.stall = Instant::now().checked_add(WRITE_STALL);
+    }
+
+    /// A slice ended with nothing written (`e`, a timeout): `Err` to stop
+    /// the write (`e` at a deadline, the watch's reason when it aborts),
+    /// `Ok` to wait one more slice.
+    pub(crate) fn slice_ended(&self, e: io::Error) -> io::Result<()> {
+        let now = Instant::now();
+        if self.stall.is_some_and(|s| now >= s) || self.end.is_some_and(|d| now >= d) {
+            return Err(e);
+        }
+        match crate::watch::interruption() {
+            Some(why) => Err(why),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `write_all` of `first` then `second`, with `writev` while both have bytes
+/// left, for as long as `clock` allows.
+fn write_both(
+    mut stream: &TcpStream,
+    first: &[u8],
+    second: &[u8],
+    clock: &mut WriteClock,
+) -> io::Result<()> {
     let (mut a, mut b) = (0, 0);
     while a < first.len() || b < second.len() {
         let result = if a == first.len() {
@@ -517,8 +684,10 @@ fn write_both(mut stream: &TcpStream, first: &[u8], second: &[u8]) -> io::Result
                 let from_first = n.min(first.len() - a);
                 a += from_first;
                 b += n - from_first;
+                clock.progressed();
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => clock.slice_ended(e)?,
             Err(e) => return Err(e),
         }
     }
@@ -571,7 +740,7 @@ impl Transport for Link {
                 Ok(n > 0)
             }
             Err(e) if is_timeout(&e) => Err(Error::Timeout(timeout.reason)),
-            Err(e) => Err(Error::Io(e)),
+            Err(e) => Err(read_error(e)),
         }
     }
 
@@ -583,7 +752,7 @@ impl Transport for Link {
     /// connection parked in the pool meanwhile costs nothing.
     fn is_open(&mut self) -> bool {
         // Unsent output means an exchange was abandoned half-way.
-        if !self.pending.is_empty() {
+        if !self.pending.is_empty() || self.refused {
             return false;
         }
         if !std::mem::replace(&mut self.used, false) {
@@ -650,8 +819,10 @@ pub(crate) mod tests {
         assert_eq!(got, b"POST / HTTP/1.1\r\n\r\n{\"a\":1}");
         assert_eq!(link.buffers.input(), b"ok");
         // One write timeout for both budgets: no setsockopt per request.
-        assert_eq!(link.write_timeout, Some(WRITE_STALL));
-        assert_eq!(link.stream.write_timeout().unwrap(), Some(WRITE_STALL));
+        assert_eq!(link.write_timeout, Some(TICK));
+        // (The kernel keeps it in its own ticks: 250 ms may read back as 252.)
+        let set = link.stream.write_timeout().unwrap().unwrap();
+        assert!(set >= TICK && set < TICK * 2, "{set:?}");
     }
 
     #[test]
@@ -671,15 +842,38 @@ pub(crate) mod tests {
         let (mut link, mut far) = pair();
         let body = vec![b'y'; COALESCE + 1];
         let near = NextTimeout {
-            after: UreqDuration::Exact(Duration::from_secs(3)),
+            after: UreqDuration::Exact(Duration::from_millis(100)),
             ..NextTimeout::default()
         };
         transmit(&mut link, &body, near);
         assert_eq!(
             link.stream.write_timeout().unwrap(),
-            Some(Duration::from_secs(3))
+            Some(Duration::from_millis(100))
         );
         read_exactly(&mut far, body.len());
+    }
+
+    #[test]
+    fn a_write_the_upstream_does_not_take_ends_at_the_deadline_in_slices() {
+        let (mut link, _far) = pair();
+        // Far more than the socket buffers hold, and the far end never reads.
+        link.buffers = LinkBuffers::new(1024, 8 * 1024 * 1024);
+        let body = vec![b'q'; 8 * 1024 * 1024];
+        let deadline = NextTimeout {
+            after: UreqDuration::Exact(Duration::from_millis(600)),
+            reason: ureq::Timeout::SendBody,
+            ..NextTimeout::default()
+        };
+        let started = Instant::now();
+        link.buffers.output()[..body.len()].copy_from_slice(&body);
+        match link.transmit_output(body.len(), deadline) {
+            Err(Error::Timeout(ureq::Timeout::SendBody)) => {}
+            other => panic!("expected a send-body timeout, got {other:?}"),
+        }
+        // Each slice is shorter than the deadline; they add up to it.
+        assert!(link.write_timeout <= Some(TICK));
+        assert!(started.elapsed() >= Duration::from_millis(600));
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[test]

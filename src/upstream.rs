@@ -38,7 +38,7 @@ pub const INPUT_BUFFER: usize = 32 * 1024;
 /// Output buffer: holds the whole forwarded request head, which is the
 /// client's (at most [`MAX_HEAD`](crate::server::MAX_HEAD)) minus the headers
 /// we drop, plus ours (`Authorization`, `X-Request-Id`, `Host`,
-/// `Content-Length`, `User-Agent`). Lent only while a request is sent.
+/// `Content-Length`, `User-Agent`, `Accept-Encoding`). Lent only while a request is sent.
 pub const OUTPUT_BUFFER: usize = crate::server::MAX_HEAD + 8 * 1024;
 
 /// Request headers never forwarded: hop-by-hop, framing, and the client's credentials.
@@ -73,7 +73,12 @@ pub fn agent(settings: &Settings) -> Agent {
             env!("CARGO_PKG_VERSION")
         ))))
         .accept(AutoHeaderValue::None)
-        .accept_encoding(AutoHeaderValue::None)
+        // No header would mean "any coding" (RFC 9110 12.5.3); bodies pass
+        // through without their Content-Encoding and are read (SSE, key
+        // masking), so ask for them as they are.
+        .accept_encoding(AutoHeaderValue::Provided(std::sync::Arc::new(
+            "identity".to_string(),
+        )))
         .input_buffer_size(INPUT_BUFFER)
         .output_buffer_size(OUTPUT_BUFFER)
         .max_response_header_size(RESPONSE_HEAD_LIMIT)

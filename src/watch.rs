@@ -212,7 +212,7 @@ pub fn poll_client() -> bool {
 
 /// How long the current thread's upstream wait may last before something on
 /// the watch is due (at most [`TICK`], at least 1 ms).
-fn next_wake() -> Duration {
+pub(crate) fn next_wake() -> Duration {
     CURRENT.with(|c| {
         let slot = c.borrow();
         let Some(w) = slot.as_ref() else {
@@ -381,9 +381,19 @@ impl Transport for WatchedTransport {
     }
 }
 
+/// For an upstream wait outside ureq's reads (a TLS handshake), between two
+/// slices of at most [`next_wake`]: run the watch's checks (a hedge due is
+/// launched, keep-alives are written) and return the error that abandons
+/// the wait, if one is due.
+pub(crate) fn interruption() -> Option<io::Error> {
+    check().map(aborted_error)
+}
+
 fn aborted_error(why: Abort) -> io::Error {
     match why {
-        Abort::ClientGone => io::Error::new(io::ErrorKind::ConnectionAborted, "client went away"),
+        // Not `ConnectionAborted`: ureq's body reader takes that for the
+        // upstream's orderly close, the clean end of a body without a length.
+        Abort::ClientGone => io::Error::other("client went away"),
         Abort::Deadline => io::Error::new(io::ErrorKind::TimedOut, "deadline passed"),
         // Not `Interrupted`: readers retry those.
         Abort::Preempted => io::Error::other("another attempt won"),

@@ -157,7 +157,7 @@ pub enum Cert {
 
 impl Cert {
     /// This certificate's server configuration (ring, TLS 1.2 and 1.3).
-    fn server_config(self) -> Arc<ServerConfig> {
+    pub fn server_config(self) -> Arc<ServerConfig> {
         let name = match self {
             Cert::Server => "server",
             Cert::Other => "other-server",

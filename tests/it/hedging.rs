@@ -521,3 +521,88 @@ fn a_hedge_with_nowhere_to_go_gives_its_token_back() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-gaia-attempts"), Some("h0:outrun,h1(hedge):200"));
 }
+
+/// A listener whose accept queue is full (backlog 0, one connection never
+/// accepted): a new connection's SYN is dropped, so a connect to it stalls
+/// as one to a black-holed host does, on loopback. Dropped at the test's end.
+struct Unreachable {
+    url: String,
+    _listener: socket2::Socket,
+    _queued: std::net::TcpStream,
+}
+
+fn unreachable() -> Unreachable {
+    use socket2::{Domain, Socket, Type};
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    listener
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    let queued = std::net::TcpStream::connect(addr).unwrap();
+    // The queue is full once the first connection sits in it: one more
+    // connect must now stall (checked, so the test cannot pass vacuously).
+    let probe = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300));
+    assert!(probe.is_err(), "the accept queue did not fill");
+    Unreachable {
+        url: format!("http://{addr}"),
+        _listener: listener,
+        _queued: queued,
+    }
+}
+
+/// The watch runs during a TCP connect too: a hedge starts on time while
+/// the first attempt's connect stalls (not once connectMs has failed it).
+#[test]
+fn a_hedge_starts_while_a_connect_stalls() {
+    let dead = unreachable();
+    let fast = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[dead.url.clone(), fast.url()], &[], |c| {
+        c.hosts[0].weight = 1000; // the unreachable host goes first
+        c.settings.timeouts.connect = Duration::from_secs(10);
+        c.settings.hedge = Hedge::After(Duration::from_millis(200));
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-gaia-attempts"), Some("h0:outrun,h1(hedge):200"));
+}
+
+/// A host that accepts connections and never reads from them (a server
+/// whose workers are all busy); its thread holds them for 30 s at most.
+fn never_reads() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let end = Instant::now() + Duration::from_secs(30);
+        let mut held = Vec::new();
+        while Instant::now() < end {
+            match listener.accept() {
+                Ok((s, _)) => held.push(s),
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+    url
+}
+
+/// The watch runs while a request body waits to be written too: with a
+/// prompt larger than the socket buffers and a host that does not read it,
+/// a hedge starts on time (not after the write has stalled for 20 s).
+#[test]
+fn a_hedge_starts_while_a_request_body_cannot_be_written() {
+    let stuck = never_reads();
+    let fast = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[stuck, fast.url()], &[], |c| {
+        c.hosts[0].weight = 1000; // the stuck host goes first
+        c.settings.hedge = Hedge::After(Duration::from_millis(200));
+    });
+    let big = format!(
+        r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(8 * 1024 * 1024)
+    );
+    let r = post(bal.addr, "/v1/chat/completions", &big);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-gaia-attempts"), Some("h0:outrun,h1(hedge):200"));
+    assert_eq!(fast.requests()[0].body.len(), big.len());
+}

@@ -1,5 +1,7 @@
 //! The proxy path: pass-through, failover, keys, client keys.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::fake::{refused_url, Reply, Step, Upstream};
@@ -520,12 +522,38 @@ fn hop_by_hop_and_connection_named_headers_stay_here() {
         "x-hop-one",
         "x-hop-two",
         "cookie",
-        "accept-encoding",
         "proxy-authorization",
         "keep-alive",
     ] {
         assert_eq!(seen.header(gone), None, "{gone} was forwarded");
     }
+    // Ours, not the client's (see `bodies_are_asked_for_uncompressed`).
+    assert_eq!(seen.header("accept-encoding"), Some("identity"));
+}
+
+/// A request without `Accept-Encoding` accepts any coding (RFC 9110
+/// 12.5.3), but the balancer passes on `Content-Type` and the body, not
+/// `Content-Encoding`, and reads bodies (SSE events, keys to mask): it asks
+/// for `identity`. This fake compresses whenever it may, as the RFC lets it.
+#[test]
+fn bodies_are_asked_for_uncompressed() {
+    let up = Upstream::start(|seen, _| {
+        if seen.header("accept-encoding") == Some("identity") {
+            Reply::json(200, OK)
+        } else {
+            Reply::json(200, "\x1f\u{8b}compressed").with_header("Content-Encoding", "gzip")
+        }
+    });
+    let bal = start(&[up.url()], &[], |_| {});
+    let r = request(
+        bal.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("Accept-Encoding", "gzip, br")],
+        chat(false).as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), OK, "a compressed body lost its Content-Encoding");
 }
 
 #[test]
@@ -714,4 +742,194 @@ fn a_large_answer_to_an_http_1_0_client_declares_its_length_so_a_cut_shows() {
         "and the cut shows: {} bytes",
         rest.len()
     );
+}
+
+/// An upstream answer with both Content-Length and chunked coding is framed
+/// by the chunks (RFC 9112 6.3, as ureq reads it); its Content-Length is
+/// not the body's and must not be declared to an HTTP/1.0 client, who
+/// would take the first bytes of the body for all of it.
+#[test]
+fn a_content_length_beside_chunked_coding_is_never_declared() {
+    let piece = vec![b' '; 1024 * 1024];
+    let mut chunk = format!("{:x}\r\n", piece.len()).into_bytes();
+    chunk.extend_from_slice(&piece);
+    chunk.extend_from_slice(b"\r\n");
+    let up = Upstream::always(Reply::Raw(vec![
+        Step::Send(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 10\r\nTransfer-Encoding: chunked\r\n\r\n"
+                .to_vec(),
+        ),
+        Step::Repeat(chunk, 9),
+        Step::Send(b"0\r\n\r\n".to_vec()),
+    ]));
+    let bal = start(&[up.url()], &[], |_| {});
+    let body = r#"{"input":"x"}"#;
+    let req = format!(
+        "POST /v1/embeddings HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let text = crate::util::raw(bal.addr, req.as_bytes());
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert!(!head.contains("Content-Length: 10\r\n"), "{head}");
+    assert_eq!(rest.len(), 9 * piece.len(), "the whole body arrives");
+}
+
+/// A one-connection upstream that reads a request, answers with a head
+/// and part of a body that has no length (it would end at the close), then
+/// resets the connection (RST, not FIN).
+fn resetting_upstream() -> (String, std::thread::JoinHandle<()>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // Head and body: read until the body's closing brace has come.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(b"}") {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "the request ended early");
+            got.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{\"choices\":[{\"text\":\"hal",
+        )
+        .unwrap();
+        s.flush().unwrap();
+        // Linger 0: the close sends RST.
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    });
+    (url, server)
+}
+
+/// A reset is no orderly end: a body without a length cut by one must not
+/// reach the client as a complete answer.
+#[test]
+fn a_body_without_length_cut_by_a_reset_is_not_an_answer() {
+    let (url, server) = resetting_upstream();
+    let bal = start(&[url], &[], |c| c.settings.max_attempts = 1);
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    server.join().unwrap();
+    assert_eq!(
+        r.status,
+        502,
+        "a cut body passed as an answer: {}",
+        r.text()
+    );
+    assert_eq!(r.header("x-gaia-attempts"), Some("h0:broken"));
+}
+
+/// Interim answers (100 Continue, 103 Early Hints) before the final status
+/// are consumed upstream-side: the client sees only the final answer, and
+/// the connection stays usable for the next request.
+#[test]
+fn interim_1xx_answers_are_not_passed_on() {
+    let up = Upstream::always(Reply::Raw(vec![Step::Send(
+        format!(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n\
+             HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{OK}",
+            OK.len()
+        )
+        .into_bytes(),
+    )]));
+    let bal = start(&[up.url()], &[], |_| {});
+    for _ in 0..2 {
+        let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.body, OK.as_bytes());
+        assert_eq!(r.header("x-gaia-attempts"), Some("h0:200"));
+    }
+}
+
+/// A 101 Switching Protocols nobody asked for (the balancer never forwards
+/// `Upgrade`) is no answer: passed on, it would tell the client its
+/// connection switched protocols. It fails over like a broken answer.
+#[test]
+fn an_unasked_101_is_not_passed_on() {
+    let switching = Upstream::always(Reply::Raw(vec![Step::Send(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+            .to_vec(),
+    )]));
+    let good = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[switching.url(), good.url()], &[], |c| {
+        c.hosts[0].weight = 1000; // the switching host goes first
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body, OK.as_bytes());
+    assert_eq!(r.header("x-gaia-attempts"), Some("h0:broken,h1:200"));
+}
+
+/// An upstream that refuses a large body from its head alone: it answers
+/// 413 without reading the body and closes (unread bytes make that a
+/// reset), as servers with a body limit do. Counts the connections it
+/// served; its thread ends within 10 s.
+fn early_413_upstream() -> (String, Arc<AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = served.clone();
+    std::thread::spawn(move || {
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < end {
+            let Ok((mut s, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            // The answer leaves at once, before the close (a reset, with the
+            // body unread) could discard it.
+            s.set_nodelay(true).unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1];
+            while !got.ends_with(b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(1) => got.push(buf[0]),
+                    _ => break,
+                }
+            }
+            let _ = s.write_all(too_large_answer().as_bytes());
+        }
+    });
+    (url, served)
+}
+
+/// The early answer of [`early_413_upstream`].
+pub fn too_large_answer() -> String {
+    let body = r#"{"error":{"message":"body too large"}}"#;
+    format!(
+        "HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// A chat request with an 8 MiB prompt: more than socket buffers hold, so
+/// an upstream that does not read it stops its sending.
+pub fn large_chat() -> String {
+    format!(
+        r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(8 * 1024 * 1024)
+    )
+}
+
+/// The upstream's early 413 is its answer, passed through as other 4xx
+/// are, not a broken attempt retried (and blamed on the host, five times:
+/// an ejection) until 502.
+#[test]
+fn an_early_413_for_a_large_body_is_passed_through() {
+    let (url, served) = early_413_upstream();
+    let bal = start(&[url], &[], |_| {});
+    let r = post(bal.addr, "/v1/chat/completions", &large_chat());
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert!(r.text().contains("body too large"), "{}", r.text());
+    assert_eq!(served.load(Ordering::SeqCst), 1, "one attempt, no retry");
 }

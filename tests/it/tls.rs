@@ -271,3 +271,240 @@ fn an_https_upstream_closing_idle_connections_costs_no_attempt() {
     assert_eq!(host["failures"], 0, "{status}");
     assert_eq!(host["successes"], 20, "{status}");
 }
+
+/// A body without Content-Length or chunked coding ends when the connection
+/// does; over TLS only a `close_notify` says it ended, and a TCP close
+/// without one is a cut. Such a cut answer must fail over (here: every
+/// attempt fails, 502), never reach the client as a complete 200.
+#[test]
+fn a_close_delimited_tls_body_cut_without_close_notify_is_not_an_answer() {
+    let up = Upstream::always_tls(Reply::Raw(vec![Step::Send(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{\"choices\":[{\"text\":\"hal"
+            .to_vec(),
+    )]));
+    let roots = vec![CertificateDer::from_pem_file(ca_pem_path()).unwrap()];
+    let bal = crate::util::start(&[up.url()], &["k1"], |c| {
+        c.settings.ca_file = Some(gaia_balancer::config::CaFile {
+            path: ca_pem_path(),
+            roots,
+        });
+        // No backoffs between attempts on the one host.
+        c.settings.max_attempts = 1;
+    });
+    let r = crate::util::post(bal.addr, "/v1/chat/completions", &crate::util::chat(false));
+    assert_eq!(
+        r.status,
+        502,
+        "a cut body passed as an answer: {}",
+        r.text()
+    );
+    assert!(
+        r.header("x-gaia-attempts").unwrap_or("").contains("broken"),
+        "{:?}",
+        r.header("x-gaia-attempts")
+    );
+}
+
+/// An https "host" that accepts TCP connections and never says a word, so
+/// a TLS handshake with it stalls until the connect timeout. Its thread
+/// holds what it accepted for 15 s at most, then closes it all.
+fn silent_tls() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let end = std::time::Instant::now() + Duration::from_secs(15);
+        let mut held = Vec::new();
+        while std::time::Instant::now() < end {
+            match listener.accept() {
+                Ok((s, _)) => held.push(s),
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+    url
+}
+
+/// The watch runs during a TLS handshake too: a hedge starts on time while
+/// the first attempt's handshake stalls (not once the connect timeout has
+/// failed it), and wins.
+#[test]
+fn a_hedge_starts_while_a_tls_handshake_stalls() {
+    let silent = silent_tls();
+    let good = Upstream::always_tls(Reply::json(200, r#"{"from":"good"}"#));
+    let roots = vec![CertificateDer::from_pem_file(ca_pem_path()).unwrap()];
+    let bal = crate::util::start(&[silent, good.url()], &["k1"], |c| {
+        c.settings.ca_file = Some(gaia_balancer::config::CaFile {
+            path: ca_pem_path(),
+            roots,
+        });
+        c.hosts[0].weight = 1000; // the silent host goes first
+        c.settings.timeouts.connect = Duration::from_secs(10);
+        c.settings.hedge = gaia_balancer::config::Hedge::After(Duration::from_millis(200));
+    });
+    let r = crate::util::post(bal.addr, "/v1/chat/completions", &crate::util::chat(false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body, br#"{"from":"good"}"#);
+    assert_eq!(
+        r.header("x-gaia-attempts"),
+        Some("h0[****]:outrun,h1[****](hedge):200")
+    );
+}
+
+/// The TLS twin of `proxy::an_early_413_for_a_large_body_is_passed_through`:
+/// an https upstream answers 413 from the request head alone and closes
+/// without reading the body; its answer is passed through, not retried.
+#[test]
+fn an_early_413_over_tls_is_passed_through() {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = served.clone();
+    std::thread::spawn(move || {
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < end {
+            let Ok((tcp, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            tcp.set_nonblocking(false).unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            // The answer leaves at once, before the close (a reset, with
+            // the body unread) would discard it: Nagle would hold it back
+            // behind the unacknowledged session tickets.
+            tcp.set_nodelay(true).unwrap();
+            let conn = rustls::ServerConnection::new(Cert::Server.server_config()).unwrap();
+            let mut s = StreamOwned::new(conn, tcp);
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1];
+            while !got.ends_with(b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(1) => got.push(buf[0]),
+                    _ => break,
+                }
+            }
+            // Straight to the socket: `StreamOwned`'s write would first
+            // read on, into a plaintext buffer the unread body fills.
+            let _ = s
+                .conn
+                .writer()
+                .write_all(crate::proxy::too_large_answer().as_bytes());
+            while s.conn.wants_write() {
+                if s.conn.write_tls(&mut s.sock).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let roots = vec![CertificateDer::from_pem_file(ca_pem_path()).unwrap()];
+    let bal = crate::util::start(&[url], &["k1"], |c| {
+        c.settings.ca_file = Some(gaia_balancer::config::CaFile {
+            path: ca_pem_path(),
+            roots,
+        });
+    });
+    let r = crate::util::post(
+        bal.addr,
+        "/v1/chat/completions",
+        &crate::proxy::large_chat(),
+    );
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert!(r.text().contains("body too large"), "{}", r.text());
+    assert_eq!(r.header("x-gaia-attempts"), Some("h0[****]:413"));
+    assert_eq!(served.load(Ordering::SeqCst), 1, "one attempt, no retry");
+}
+
+/// An https upstream that keeps its connections open and answers its first
+/// request with a head and body of exactly `first_len` bytes, then, in the
+/// same write (one TLS record), a second answer nobody asked for ("EVIL");
+/// later requests get "GOOD". Counts the connections it accepted.
+fn smuggling_tls(first_len: usize) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, Read};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let requests = Arc::new(AtomicUsize::new(0));
+    std::thread::spawn(move || {
+        for tcp in listener.incoming().take(8) {
+            let Ok(tcp) = tcp else { return };
+            count.fetch_add(1, Ordering::SeqCst);
+            let requests = requests.clone();
+            std::thread::spawn(move || {
+                tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let conn = rustls::ServerConnection::new(Cert::Server.server_config()).unwrap();
+                let mut s = BufReader::new(StreamOwned::new(conn, tcp));
+                loop {
+                    let mut length = 0;
+                    loop {
+                        let mut line = String::new();
+                        if s.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap();
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if s.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let answer = |body: &str| {
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        )
+                    };
+                    let out = if requests.fetch_add(1, Ordering::SeqCst) == 0 {
+                        // The body that makes the whole answer `first_len` long.
+                        let first = (0..first_len)
+                            .map(|l| answer(&"a".repeat(l)))
+                            .find(|a| a.len() == first_len)
+                            .unwrap();
+                        first + &answer("\"EVIL\"")
+                    } else {
+                        answer("\"GOOD\"")
+                    };
+                    if s.get_mut().write_all(out.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, accepted)
+}
+
+/// Bytes an upstream sent past the end of an answer are never read as the
+/// answer to the next request on that connection, also when they sit
+/// decrypted in the TLS layer rather than in the input buffer (the answer
+/// ended exactly where the first read of the connection did: 4 KiB).
+#[test]
+fn bytes_past_an_answer_never_answer_the_next_request_over_tls() {
+    let (url, accepted) = smuggling_tls(4096);
+    let roots = vec![CertificateDer::from_pem_file(ca_pem_path()).unwrap()];
+    let bal = crate::util::start(&[url], &["k1"], |c| {
+        c.settings.ca_file = Some(gaia_balancer::config::CaFile {
+            path: ca_pem_path(),
+            roots,
+        });
+    });
+    let first = crate::util::post(bal.addr, "/v1/chat/completions", &crate::util::chat(false));
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert!(first.text().starts_with("aaa"), "{}", first.text());
+    let second = crate::util::post(bal.addr, "/v1/chat/completions", &crate::util::chat(false));
+    assert_eq!(second.text(), "\"GOOD\"", "a stale answer was served");
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the connection with stray bytes was not reused"
+    );
+}
