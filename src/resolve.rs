@@ -16,6 +16,8 @@ use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver
 use ureq::unversioned::transport::NextTimeout;
 use ureq::Error;
 
+use crate::transport;
+
 /// IP literals answered at once; names delegated to [`DefaultResolver`].
 #[derive(Debug, Default)]
 pub struct LiteralFirst {
@@ -47,7 +49,15 @@ impl Resolver for LiteralFirst {
         timeout: NextTimeout,
     ) -> Result<ResolvedSocketAddrs, Error> {
         let Some(addr) = literal(uri) else {
-            return self.names.resolve(uri, config, timeout);
+            // The OS's lookup error arrives as plain I/O; marked, it counts
+            // as a connect failure like a refused port.
+            return self
+                .names
+                .resolve(uri, config, timeout)
+                .map_err(|e| match e {
+                    Error::Io(io) => Error::Io(transport::unreachable("name resolution", io)),
+                    other => other,
+                });
         };
         let mut out = self.empty();
         for a in config.ip_family().keep_wanted(std::iter::once(addr)) {

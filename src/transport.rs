@@ -159,7 +159,7 @@ fn connect(addrs: &[SocketAddr], timeout: NextTimeout) -> Result<(TcpStream, Soc
     }
     Err(match last {
         Some(e) if is_timeout(&e) => Error::Timeout(timeout.reason),
-        Some(e) => Error::Io(e),
+        Some(e) => Error::Io(unreachable("connect", e)),
         None => Error::ConnectionFailed,
     })
 }
@@ -207,6 +207,40 @@ fn connect_one(addr: &SocketAddr, end: Option<Instant>) -> io::Result<TcpStream>
     // The writes to come set their own timeout (see `Link::set_write_timeout_to`,
     // whose cache starts empty, so the slice left here is always replaced).
     Ok(socket.into())
+}
+
+/// An upstream that could not be reached at all: its name did not resolve,
+/// or no address of it took the connection (unreachable network or host).
+/// ureq has no error variant for these that keeps the OS's reason, so it
+/// travels inside an `io::Error` of the same kind, marked, so that
+/// `upstream::classify` counts a connect failure (README: "connect refused,
+/// DNS or TLS failure, connect timeout") rather than a broken answer.
+#[derive(Debug)]
+pub struct Unreachable {
+    step: &'static str,
+    cause: io::Error,
+}
+
+impl fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} failed: {}", self.step, self.cause)
+    }
+}
+
+impl std::error::Error for Unreachable {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.cause)
+    }
+}
+
+/// `cause`, marked as a failure to reach the upstream during `step`.
+pub fn unreachable(step: &'static str, cause: io::Error) -> io::Error {
+    io::Error::new(cause.kind(), Unreachable { step, cause })
+}
+
+/// Whether `e` came from [`unreachable`].
+pub fn is_unreachable(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Unreachable>())
 }
 
 pub(crate) fn is_timeout(e: &io::Error) -> bool {

@@ -23,7 +23,7 @@ use crate::request::Headers;
 use crate::resolve::LiteralFirst;
 use crate::retry::Outcome;
 use crate::tls::TlsConnector;
-use crate::transport::LinkConnector;
+use crate::transport::{self, LinkConnector};
 use crate::watch::{self, Abort};
 
 /// Largest upstream response head (status line and headers) accepted; a
@@ -223,6 +223,7 @@ pub fn classify(e: ureq::Error, host: &Host) -> AttemptError {
             std::io::ErrorKind::ConnectionRefused => {
                 failed(Outcome::Connect, "connection refused", host)
             }
+            _ if transport::is_unreachable(&io) => failed(Outcome::Connect, &io.to_string(), host),
             _ => failed(Outcome::Broken, &format!("i/o error: {io}"), host),
         },
         E::Tls(_) | E::Rustls(_) | E::Pem(_) => {

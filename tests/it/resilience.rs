@@ -74,6 +74,25 @@ fn refused_and_first_byte_timeouts_are_host_failures() {
     assert!(last.as_str().unwrap().contains("refused"), "{last}");
 }
 
+/// README: a DNS failure is a connect failure like a refused port (the
+/// `connect` outcome in `x-gaia-attempts` and `upstream_attempts_total`),
+/// not a connection that broke off. `.invalid` never resolves (RFC 6761);
+/// a resolver that times out instead is a connect timeout, also `connect`.
+#[test]
+fn a_host_name_that_does_not_resolve_is_a_connect_failure() {
+    let bal = start(&["http://no-such-host.invalid:9".to_string()], &[], |c| {
+        c.settings.max_attempts = 1;
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.header("x-gaia-attempts"), Some("h0:connect"));
+    let metrics = request(bal.addr, "GET", "/metrics", &[], b"").text();
+    assert!(
+        metrics.contains(r#"upstream_attempts_total{host="h0",outcome="connect"} 1"#),
+        "{metrics}"
+    );
+}
+
 #[test]
 fn five_consecutive_failures_eject_a_host() {
     let bad = Upstream::always(Reply::json(500, "{}"));
