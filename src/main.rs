@@ -92,7 +92,7 @@ fn run(inv: &cli::Invocation) -> ExitCode {
         match server::start_with_reload(config, inv.config_dir.clone(), inv.overrides.clone()) {
             Ok(server) => server,
             Err(e) => {
-                eprintln!("gaia-balancer: cannot listen: {e}");
+                eprintln!("gaia-balancer: cannot start: {e}");
                 return ExitCode::FAILURE;
             }
         };

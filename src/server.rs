@@ -116,10 +116,32 @@ pub(crate) struct Conn {
     _slot: Option<Slot>,
 }
 
+/// Why the listener could not open, naming the address (the port may come
+/// from a flag, the environment or balancer.json) and the usual remedy.
+fn listen_error(addr: SocketAddr, e: io::Error) -> io::Error {
+    let hint = match e.kind() {
+        io::ErrorKind::AddrInUse => {
+            "; another process (perhaps another gaia-balancer) listens there: \
+             stop it, or choose another port with --port, PORT or \"port\" in balancer.json"
+        }
+        io::ErrorKind::PermissionDenied => {
+            "; ports below 1024 need root or CAP_NET_BIND_SERVICE: \
+             choose a higher port with --port, PORT or \"port\" in balancer.json"
+        }
+        io::ErrorKind::AddrNotAvailable => {
+            "; no interface of this machine has that address: \
+             bind to one of its own addresses, 127.0.0.1 or 0.0.0.0"
+        }
+        _ => "",
+    };
+    io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}{hint}"))
+}
+
 /// Start serving `config` on its bind address and port.
 pub fn start(config: Config) -> io::Result<Server> {
     let settings = config.settings.clone();
-    let listener = TcpListener::bind((settings.bind, settings.port))?;
+    let wanted = SocketAddr::new(settings.bind, settings.port);
+    let listener = TcpListener::bind(wanted).map_err(|e| listen_error(wanted, e))?;
     let addr = listener.local_addr()?;
     let shared = Arc::new(Shared::new(Balancer::new(config)));
     discovery::start(&shared)?;

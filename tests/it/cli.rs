@@ -583,3 +583,32 @@ fn a_broken_stderr_does_not_stop_the_balancer_answering() {
     assert!(alive, "the process died");
     assert_eq!(answered, 40, "stopped answering after {answered} requests");
 }
+
+/// A port that is taken is the commonest start-up failure: the message
+/// names the address and says what to do, instead of a bare
+/// "Address already in use" with no port in it.
+#[test]
+fn a_port_in_use_is_named_with_a_hint() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let dir = temp_dir("port-in-use");
+    std::fs::write(
+        dir.join("hosts.json"),
+        r#"{"hosts": ["http://127.0.0.1:9"]}"#,
+    )
+    .unwrap();
+    let out = bin()
+        .arg("--config")
+        .arg(&dir)
+        .args(["--port", &port])
+        .env("LOG_LEVEL", "error")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(err.contains("--port"), "{err}");
+}
