@@ -18,7 +18,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use gaia_balancer::cli::{self, Command};
-use gaia_balancer::{config, logging, server};
+use gaia_balancer::{config, logging, routes, server};
 
 fn main() -> ExitCode {
     // args_os: a non-UTF-8 argument must be an error message, not a panic.
@@ -87,6 +87,9 @@ fn run(inv: &cli::Invocation) -> ExitCode {
             "no active key in {}: requests go upstream without Authorization",
             config.dir.join(config::API_KEYS_FILE).display()
         );
+    }
+    if let Some(warning) = routes::protected_mode_warning(&config.settings) {
+        log::warn!("{warning}");
     }
     let server =
         match server::start_with_reload(config, inv.config_dir.clone(), inv.overrides.clone()) {

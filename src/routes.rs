@@ -10,6 +10,7 @@
 
 use std::net::IpAddr;
 
+use crate::config::Settings;
 use crate::request::Head;
 use crate::state::{Balancer, Shared};
 
@@ -77,6 +78,21 @@ fn is_dot_segment(seg: &str) -> bool {
 /// The path part of a request target.
 pub fn path_of(target: &str) -> &str {
     target.split(['?', '#']).next().unwrap_or(target)
+}
+
+/// The warning for a start that listens beyond loopback in protected mode:
+/// every client that can now connect gets 403 until `clientKeys` or `open`
+/// is set, which an operator following `--bind 0.0.0.0` should learn from
+/// the log at start, not from the first remote client (as Redis warns).
+pub fn protected_mode_warning(settings: &Settings) -> Option<String> {
+    if settings.open || !settings.client_keys.is_empty() || is_loopback(settings.bind) {
+        return None;
+    }
+    Some(format!(
+        "listening on {} in protected mode: clients other than loopback get 403 \
+         until balancer.json sets \"clientKeys\" (or \"open\": true on a trusted network)",
+        settings.bind
+    ))
 }
 
 /// True for loopback peers, IPv4-mapped IPv6 included.
@@ -332,7 +348,7 @@ pub fn status_json(shared: &Shared, b: &Balancer) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, HostSpec, Settings};
+    use crate::config::{Config, HostSpec};
     use crate::request::Framing;
 
     fn balancer(tweak: impl FnOnce(&mut Settings)) -> Balancer {
@@ -385,6 +401,36 @@ mod tests {
         assert_eq!(
             route(&b, &head("GET", "/healthz", None), REMOTE),
             Ok(Route::Healthz)
+        );
+    }
+
+    #[test]
+    fn listening_beyond_loopback_in_protected_mode_is_warned_at_start() {
+        let with = |tweak: fn(&mut Settings)| {
+            let mut s = Settings::default();
+            tweak(&mut s);
+            protected_mode_warning(&s)
+        };
+        assert_eq!(with(|_| {}), None, "127.0.0.1: nobody else can connect");
+        let said = with(|s| s.bind = "0.0.0.0".parse().unwrap()).unwrap();
+        assert!(said.contains("0.0.0.0") && said.contains("403"), "{said}");
+        assert!(
+            said.contains("clientKeys") && said.contains("open"),
+            "{said}"
+        );
+        assert_eq!(
+            with(|s| {
+                s.bind = "0.0.0.0".parse().unwrap();
+                s.client_keys = vec!["ck-1".into()];
+            }),
+            None
+        );
+        assert_eq!(
+            with(|s| {
+                s.bind = "::".parse().unwrap();
+                s.open = true;
+            }),
+            None
         );
     }
 
