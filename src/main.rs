@@ -83,10 +83,20 @@ fn run(inv: &cli::Invocation) -> ExitCode {
         }
     };
     if config.api_keys.is_empty() {
-        log::warn!(
-            "no active key in {}: requests go upstream without Authorization",
-            config.dir.join(config::API_KEYS_FILE).display()
-        );
+        // Name what is actually missing: the file, or an active key in it.
+        let file = config.dir.join(config::API_KEYS_FILE);
+        if file.exists() {
+            log::warn!(
+                "no active key in {}: requests go upstream without Authorization",
+                file.display()
+            );
+        } else {
+            log::warn!(
+                "no {} in {}: requests go upstream without Authorization",
+                config::API_KEYS_FILE,
+                config.dir.display()
+            );
+        }
     }
     if let Some(warning) = routes::protected_mode_warning(&config.settings) {
         log::warn!("{warning}");

@@ -137,6 +137,13 @@ fn the_binary_serves_a_config_directory() {
     let r = post(addr, "/v1/chat/completions", &chat(false));
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), r#"{"ok":true}"#);
+    // The directory has no api-keys.json: the warning says that, rather
+    // than "no active key in .../api-keys.json" about a file that is not there.
+    assert!(
+        bal.logged("no api-keys.json in", Duration::from_secs(5)),
+        "{:?}",
+        bal.lines()
+    );
 }
 
 #[test]
