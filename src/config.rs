@@ -515,7 +515,7 @@ fn render_into(config: &Config, out: &mut String) -> fmt::Result {
     let hedge = match hedge {
         Hedge::Off => "0 (off)".to_string(),
         Hedge::After(d) => ms(d),
-        Hedge::Auto => "auto (the host's p95 time to first byte, at least 500)".to_string(),
+        Hedge::Auto => "auto (the host's p95 time to first byte, at least 500 ms)".to_string(),
     };
     let keep_alive_after = match stream_keep_alive_after {
         Some(d) => ms(d),
@@ -3207,6 +3207,10 @@ mod tests {
         assert!(out.contains("hedge.afterMs"), "{out}");
         assert!(out.contains("https://sakura.gaia.domains"), "{out}");
         assert!(out.contains("none active"), "{out}");
+        // "auto" shows its floor with the unit, as the README gives it.
+        let (_dir, auto) = load_with(&[("balancer.json", r#"{"hedge": {"afterMs": "auto"}}"#)]);
+        let out = render(&auto.unwrap());
+        assert!(out.contains("at least 500 ms)"), "{out}");
     }
 
     /// Load a config directory holding `files` plus a minimal hosts.json.
