@@ -226,9 +226,11 @@ pub fn classify(e: ureq::Error, host: &Host) -> AttemptError {
             _ if transport::is_unreachable(&io) => failed(Outcome::Connect, &io.to_string(), host),
             _ => failed(Outcome::Broken, &format!("i/o error: {io}"), host),
         },
-        E::Tls(_) | E::Rustls(_) | E::Pem(_) => {
-            failed(Outcome::Connect, &format!("TLS failed: {e}"), host)
+        E::Rustls(ref tls) => {
+            let hint = certificate_hint(tls);
+            failed(Outcome::Connect, &format!("TLS failed: {e}{hint}"), host)
         }
+        E::Tls(_) | E::Pem(_) => failed(Outcome::Connect, &format!("TLS failed: {e}"), host),
         E::LargeResponseHeader(_, limit) => failed(
             Outcome::Broken,
             &format!("response head larger than {} KiB", limit / 1024),
@@ -238,6 +240,32 @@ pub fn classify(e: ureq::Error, host: &Host) -> AttemptError {
             AttemptError::Invalid(format!("request cannot be forwarded: {e}"))
         }
         other => failed(Outcome::Broken, &format!("{other}"), host),
+    }
+}
+
+/// What to change for the certificate refusals an operator meets when
+/// adding a node with a private CA or a self-signed certificate (README,
+/// "Upstream TLS"); rustls names them only by their variant.
+fn certificate_hint(e: &rustls::Error) -> &'static str {
+    use rustls::CertificateError as C;
+    let rustls::Error::InvalidCertificate(cert) = e else {
+        return "";
+    };
+    match cert {
+        C::UnknownIssuer => {
+            " (the certificate does not chain to a trusted root: put the node's CA, \
+             or its self-signed certificate, in caFile)"
+        }
+        C::NotValidForName | C::NotValidForNameContext { .. } => {
+            " (the certificate's subjectAltName does not name the host of the URL in hosts.json)"
+        }
+        // webpki's own error, which rustls carries as an opaque `Other`; its
+        // name is the only handle short of depending on webpki directly.
+        C::Other(other) if format!("{other:?}").contains("CaUsedAsEndEntity") => {
+            " (the node's own certificate is marked as a CA, which rustls refuses: \
+             reissue it with basicConstraints=critical,CA:FALSE)"
+        }
+        _ => "",
     }
 }
 

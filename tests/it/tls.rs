@@ -143,6 +143,14 @@ fn a_tls_client_leaving_a_delayed_reply_is_seen() {
 
 /// The balancer in front of TLS fakes, trusting the test CA through `caFile`.
 fn balancer_over(urls: &[String]) -> crate::util::Running {
+    balancer_over_with(urls, |_| {})
+}
+
+/// [`balancer_over`], then `tweak`.
+fn balancer_over_with(
+    urls: &[String],
+    tweak: impl FnOnce(&mut gaia_balancer::config::Config),
+) -> crate::util::Running {
     let roots = CertificateDer::pem_file_iter(ca_pem_path())
         .unwrap()
         .map(|c| c.unwrap())
@@ -152,6 +160,7 @@ fn balancer_over(urls: &[String]) -> crate::util::Running {
             path: ca_pem_path(),
             roots,
         });
+        tweak(c);
     })
 }
 
@@ -194,6 +203,21 @@ fn an_untrusted_certificate_is_refused_and_the_request_fails_over() {
         assert_eq!(r.body, br#"{"from":"good"}"#);
     }
     assert_eq!(bad.hits(), 0, "no request may reach an untrusted host");
+}
+
+/// An operator reading "invalid peer certificate: UnknownIssuer" learns
+/// what to change: the node's CA (or its self-signed certificate) goes in
+/// `caFile`.
+#[test]
+fn an_untrusted_certificate_says_to_add_its_ca_to_ca_file() {
+    let bad = Upstream::start_tls_with(Cert::Other, |_, _| Reply::json(200, "{}"));
+    // One attempt is enough to read the reason (the rest would back off).
+    let bal = balancer_over_with(&[bad.url()], |c| c.settings.max_attempts = 1);
+    let r = crate::util::post(bal.addr, "/v1/chat/completions", &crate::util::chat(false));
+    assert_eq!(r.status, 502);
+    let text = r.text();
+    assert!(text.contains("UnknownIssuer"), "{text}");
+    assert!(text.contains("caFile"), "{text}");
 }
 
 #[test]
