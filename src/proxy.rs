@@ -781,6 +781,9 @@ pub fn run_to_commit(
         .and_then(|v| std::str::from_utf8(v).ok())
         .unwrap_or("")
         .to_string();
+    if (300..400).contains(&status) && status != 304 {
+        return Err(redirected(&response, status, host, key));
+    }
     // Beside a Transfer-Encoding the Content-Length is not the body's
     // (RFC 9112 6.3; ureq frames such a body by its chunks): never declared.
     let length = response
@@ -886,6 +889,48 @@ pub fn run_to_commit(
         hedged: false,
         busy: _busy,
     })
+}
+
+/// Longest part of a redirect's `Location` quoted in the attempt's detail.
+const LOCATION_SHOWN: usize = 200;
+
+/// A redirect as an attempt's answer: a failure of the host, never passed
+/// on. It says the URL in `hosts.json` is not the node's (`http://` for an
+/// `https://` node, a moved path); the client could not follow it anyway,
+/// as only `Content-Type` is passed back, and a client that did would leave
+/// the balancer and its keys behind. The detail (the 502's last word) says
+/// where it pointed.
+fn redirected(
+    response: &ureq::http::Response<ureq::Body>,
+    status: u16,
+    host: &Host,
+    key: Option<&Arc<Key>>,
+) -> AttemptError {
+    let mut location = response
+        .headers()
+        .get("location")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default();
+    if let Some(cut) = location
+        .char_indices()
+        .nth(LOCATION_SHOWN)
+        .map(|(at, _)| at)
+    {
+        location.truncate(cut);
+        location.push_str("...");
+    }
+    if let Some(k) = key {
+        // A node may echo what it was sent; the detail reaches the client.
+        let mut bytes = location.into_bytes();
+        keys::redact(&mut bytes, k);
+        location = String::from_utf8_lossy(&bytes).into_owned();
+    }
+    let what = if location.is_empty() {
+        format!("status {status} (a redirect without Location): check the host's URL in hosts.json")
+    } else {
+        format!("status {status} redirecting to {location}: use that URL in hosts.json")
+    };
+    upstream::failure(Outcome::Broken, &what, host)
 }
 
 /// Send what `ready` holds and pass the rest of its body through.

@@ -864,6 +864,45 @@ fn an_unasked_101_is_not_passed_on() {
     assert_eq!(r.header("x-gaia-attempts"), Some("h0:broken,h1:200"));
 }
 
+/// A redirect says the host's URL in hosts.json is not the node's (an
+/// `http://` URL for an `https://` node): never passed on, as the client
+/// would get it without its Location; it fails over, and when every host
+/// redirects, the 502 says where to (with the pool key masked).
+#[test]
+fn a_redirect_fails_over_and_the_502_says_where_it_pointed() {
+    let key = "pool-key-000000000001";
+    let moved = Upstream::always(Reply::json(301, "").with_header(
+        "Location",
+        &format!("https://node.example/v1/chat/completions?k={key}"),
+    ));
+    let good = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[moved.url(), good.url()], &[key], |c| {
+        c.hosts[0].weight = 1000; // the redirecting host goes first
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("x-gaia-attempts"),
+        Some("h0[...0001]:broken,h1[...0001]:200")
+    );
+
+    let bal = start(&[moved.url()], &[key], |c| c.settings.max_attempts = 2);
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 502, "{}", r.text());
+    let text = r.text();
+    assert!(
+        text.contains("status 301 redirecting to https://node.example/v1/chat/completions?k=")
+            && text.contains("use that URL in hosts.json"),
+        "{text}"
+    );
+    assert!(!text.contains(key), "the pool key leaked: {text}");
+    // A 304 is an answer (to a conditional GET), not a redirect.
+    let not_modified = Upstream::always(Reply::json(304, ""));
+    let bal = start(&[not_modified.url()], &[], |_| {});
+    let r = request(bal.addr, "GET", "/v1/models/x", &[], b"");
+    assert_eq!(r.status, 304);
+}
+
 /// An upstream that refuses a large body from its head alone: it answers
 /// 413 without reading the body and closes (unread bytes make that a
 /// reset), as servers with a body limit do. Counts the connections it
