@@ -361,14 +361,7 @@ fn a_fifo_in_place_of_a_config_file_is_an_error_not_a_hang() {
         "{:?}",
         bal.lines()
     );
-    bal.signal("TERM");
-    assert_eq!(
-        bal.exit_within(Duration::from_secs(10))
-            .and_then(|s| s.code()),
-        Some(0),
-        "{:?}",
-        bal.lines()
-    );
+    bal.terminate_cleanly();
 }
 
 /// A refused change that is then undone (the file put back as it was) used

@@ -327,12 +327,7 @@ fn no_log_line_at_trace_contains_a_whole_key() {
         .iter()
         .any(|s| s.header("authorization") == Some(&format!("Bearer {global}"))));
 
-    bin.signal("TERM");
-    assert_eq!(
-        bin.exit_within(Duration::from_secs(10))
-            .and_then(|s| s.code()),
-        Some(0)
-    );
+    bin.terminate_cleanly();
     let lines = bin.lines();
     assert!(
         lines
@@ -389,12 +384,7 @@ fn every_request_gets_an_info_line_refused_and_abandoned_ones_included() {
         "{:?}",
         bin.lines()
     );
-    bin.signal("TERM");
-    assert_eq!(
-        bin.exit_within(Duration::from_secs(10))
-            .and_then(|s| s.code()),
-        Some(0)
-    );
+    bin.terminate_cleanly();
 }
 
 #[test]
@@ -446,12 +436,7 @@ fn sighup_re_reads_the_configuration_and_never_stops_the_process() {
         bin.exit_within(Duration::from_millis(200)).is_none(),
         "still running"
     );
-    bin.signal("TERM");
-    assert_eq!(
-        bin.exit_within(Duration::from_secs(10))
-            .and_then(|s| s.code()),
-        Some(0)
-    );
+    bin.terminate_cleanly();
 }
 
 #[test]
@@ -490,12 +475,7 @@ fn a_client_that_resets_mid_body_is_logged_499_as_it_is_counted() {
         "{metrics}"
     );
     assert_eq!(up.hits(), 0);
-    bin.signal("TERM");
-    assert_eq!(
-        bin.exit_within(Duration::from_secs(10))
-            .and_then(|s| s.code()),
-        Some(0)
-    );
+    bin.terminate_cleanly();
 }
 
 #[test]
@@ -539,12 +519,7 @@ fn a_request_id_with_spaces_is_replaced_so_log_fields_stay_apart() {
         b"{}",
     );
     assert_eq!(r.header("x-request-id"), Some("trace-7f3a/b:c"));
-    bin.signal("TERM");
-    assert_eq!(
-        bin.exit_within(Duration::from_secs(10))
-            .and_then(|s| s.code()),
-        Some(0)
-    );
+    bin.terminate_cleanly();
 }
 
 #[test]
@@ -578,10 +553,5 @@ fn a_panic_is_logged_without_the_query_string() {
         !lines.iter().any(|l| l.contains("Secret-9Xq2")),
         "{lines:?}"
     );
-    bin.signal("TERM");
-    assert_eq!(
-        bin.exit_within(Duration::from_secs(10))
-            .and_then(|s| s.code()),
-        Some(0)
-    );
+    bin.terminate_cleanly();
 }

@@ -117,6 +117,15 @@ impl Balancer {
         });
         status
     }
+
+    /// SIGTERM, then expect a clean exit (code 0) within 10 s.
+    pub fn terminate_cleanly(&mut self) {
+        self.signal("TERM");
+        let code = self
+            .exit_within(Duration::from_secs(10))
+            .and_then(|s| s.code());
+        assert_eq!(code, Some(0), "{:?}", self.lines());
+    }
 }
 
 /// An empty directory of this test process's own, named `what-name`.
