@@ -6,8 +6,9 @@
 //! at 300 s, plus 0–10 % jitter). When that time is up exactly one request
 //! probes it (half-open): success readmits it, failure ejects it again with
 //! n + 1. Never more than half the hosts are ejected at once, and when fewer
-//! than half are routable the ejections are ignored (panic mode): the
-//! balancer tries the least-bad hosts rather than refuse traffic. A 429 is
+//! than half the primaries and no backup are free of ejection, the
+//! ejections are ignored (panic mode): the balancer tries the least-bad
+//! hosts rather than refuse traffic. A 429 is
 //! not a host failure; it cools the host, the key or the pair (host, key),
 //! whichever the evidence points at.
 //!
@@ -386,16 +387,22 @@ impl Hosts {
         host.health().cooldown.extend(Instant::now(), length);
     }
 
-    /// Panic mode: fewer than half the primaries are free of ejection.
+    /// Panic mode: fewer than half the primaries are free of ejection, and
+    /// no backup is. A backup free of ejection is what serves when the
+    /// primaries cannot, so it keeps ejections in force: otherwise every
+    /// request would fail on the ejected primaries before reaching it.
     pub fn panic_mode(&self, now: Instant) -> bool {
-        let (mut total, mut routable) = (0, 0);
-        for h in self.hosts.iter().filter(|h| !h.spec.backup) {
-            total += 1;
-            if !matches!(h.health().state, HostState::Ejected(until) if until > now) {
-                routable += 1;
+        let (mut total, mut routable, mut backups) = (0, 0, 0);
+        for h in &self.hosts {
+            let free = !matches!(h.health().state, HostState::Ejected(until) if until > now);
+            if h.spec.backup {
+                backups += usize::from(free);
+            } else {
+                total += 1;
+                routable += usize::from(free);
             }
         }
-        routable * 2 < total
+        routable * 2 < total && backups == 0
     }
 
     /// The configured strategy's pick among the hosts `eligible` accepts.
