@@ -972,3 +972,37 @@ fn an_early_413_for_a_large_body_is_passed_through() {
     assert!(r.text().contains("body too large"), "{}", r.text());
     assert_eq!(served.load(Ordering::SeqCst), 1, "one attempt, no retry");
 }
+
+/// Round-robin over the usable keys: with one of three keys out of rotation,
+/// the other two share the traffic evenly, rather than the key after the
+/// missing one taking its turn as well (two thirds of the load on one key,
+/// which then hits its own rate limit first).
+#[test]
+fn keys_rotate_evenly_over_the_usable_ones() {
+    const BAD: &str = "key-aaaaaaaaaaaa-0001";
+    let up = Upstream::start(|seen, _| {
+        if seen.header("authorization") == Some(format!("Bearer {BAD}").as_str()) {
+            Reply::json(401, r#"{"error":{"message":"bad key"}}"#)
+        } else {
+            Reply::json(200, OK)
+        }
+    });
+    let keys = [BAD, "key-bbbbbbbbbbbb-0002", "key-cccccccccccc-0003"];
+    // One host: the first 401 takes the key out at once.
+    let bal = start(&[up.url()], &keys, |_| {});
+    for _ in 0..60 {
+        let r = post(bal.addr, "/v1/embeddings", "{}");
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let count = |k: &str| {
+        let want = format!("Bearer {k}");
+        up.requests()
+            .iter()
+            .filter(|s| s.header("authorization") == Some(want.as_str()))
+            .count()
+    };
+    assert_eq!(count(BAD), 1);
+    let (b, c) = (count(keys[1]), count(keys[2]));
+    assert_eq!(b + c, 60);
+    assert!(b.abs_diff(c) <= 2, "uneven rotation: {b} and {c}");
+}
