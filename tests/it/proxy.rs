@@ -1006,3 +1006,24 @@ fn keys_rotate_evenly_over_the_usable_ones() {
     assert_eq!(b + c, 60);
     assert!(b.abs_diff(c) <= 2, "uneven rotation: {b} and {c}");
 }
+
+/// `maxAttempts` counts every attempt, the first included, and a hedge is one
+/// (`x-gaia-attempts` lists it): with `maxAttempts: 1` a request goes to one
+/// upstream only, however slow it is, and no hedge is sent.
+#[test]
+fn max_attempts_one_sends_no_hedge() {
+    let slow = Upstream::always(Reply::Delayed(
+        Duration::from_millis(800),
+        Box::new(Reply::json(200, OK)),
+    ));
+    let fast = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[slow.url(), fast.url()], &[], |c| {
+        c.hosts[0].weight = 1000; // the slow host goes first
+        c.settings.max_attempts = 1;
+        c.settings.hedge = gaia_balancer::config::Hedge::After(Duration::from_millis(100));
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-gaia-attempts"), Some("h0:200"));
+    assert_eq!((slow.hits(), fast.hits()), (1, 0));
+}
