@@ -265,6 +265,7 @@ impl Hosts {
         Candidates {
             hosts: self,
             tried: vec![false; self.hosts.len()],
+            done: vec![false; self.hosts.len()],
             retry_at: None,
             model: None,
         }
@@ -500,6 +501,8 @@ pub struct Candidate {
 pub struct Candidates<'a> {
     hosts: &'a Hosts,
     tried: Vec<bool>,
+    /// Hosts whose answer stands for this request (a 404): never again.
+    done: Vec<bool>,
     retry_at: Option<Instant>,
     model: Option<Arc<str>>,
 }
@@ -509,6 +512,15 @@ impl Candidates<'_> {
     pub fn for_model(mut self, model: Option<Arc<str>>) -> Self {
         self.model = model;
         self
+    }
+
+    /// `index` gave an answer that asking it again cannot change (a 404:
+    /// the path or model is the same with any key, after any pause), so this
+    /// request never goes round to it again.
+    pub fn settle(&mut self, index: usize) {
+        if let Some(d) = self.done.get_mut(index) {
+            *d = true;
+        }
     }
 
     /// After `next()` gave `None`: the earliest moment a cooling host or key
@@ -608,7 +620,8 @@ impl Iterator for Candidates<'_> {
             .as_deref()
             .map(|m| (m, discovery::declared_anywhere(&hosts.hosts, m, now)));
         for host in &hosts.hosts {
-            usable[host.index] = by_model.is_none_or(|(m, d)| discovery::admits(host, m, d, now))
+            usable[host.index] = !self.done[host.index]
+                && by_model.is_none_or(|(m, d)| discovery::admits(host, m, d, now))
                 && self.usable(host, now, panic).is_some();
         }
         // Untried primaries, untried backups, then round again in the same order.

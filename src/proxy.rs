@@ -202,6 +202,8 @@ fn attempts(
     let settings = &b.config.settings;
     let deadline = req.started + settings.timeouts.total;
     let mut last: Option<Failed> = None;
+    // The last 404, quoted when every host has answered 404.
+    let mut not_found: Option<String> = None;
     // Pauses before going back to a failed host: the backoff doubles with each.
     let mut pauses = 0u32;
     let mut candidates = b.hosts.candidates().for_model(req.model.clone());
@@ -229,6 +231,10 @@ fn attempts(
                 Some(at) if at < deadline => {
                     pause_until(at, deadline)?;
                     continue;
+                }
+                // The hosts left answered 404: that is the answer.
+                _ if not_found.is_some() => {
+                    return finish_not_found(out, trail, not_found.unwrap_or_default());
                 }
                 at => return finish_unavailable(out, trail, at, last.as_ref()),
             }
@@ -351,13 +357,24 @@ fn attempts(
         };
         trail.push(&c.host, c.key.as_deref(), &outcome_label(failure.outcome));
         learn(b, &c, &failure, req.model.as_ref());
+        if failure.outcome == Outcome::Status(404) {
+            // Another key or a pause would get the same 404 from this host.
+            candidates.settle(c.host.index);
+            not_found = Some(last_word(&failure));
+        }
         log::debug!("attempt {} failed: {}", served.attempts, failure.detail);
         last = Some(failure);
         if Instant::now() >= deadline {
             return finish_timeout(out, trail, last.as_ref());
         }
     }
-    finish_failed(out, trail, served.attempts, last, GaveUp::MaxAttempts)
+    match not_found {
+        // The last answer was a 404: attempts ran out on hosts without it.
+        Some(word) if last.as_ref().map(|f| f.outcome) == Some(Outcome::Status(404)) => {
+            finish_not_found(out, trail, word)
+        }
+        _ => finish_failed(out, trail, served.attempts, last, GaveUp::MaxAttempts),
+    }
 }
 
 /// Apply what a failed attempt says about its host, key and model.
@@ -427,16 +444,9 @@ fn finish_failed(
     last: Option<Failed>,
     why: GaveUp,
 ) -> Result<(), Stop> {
-    let mut detail = last
+    let detail = last
         .as_ref()
-        .map_or_else(|| "no upstream host".to_string(), |f| f.detail.clone());
-    // The last upstream's own words help the client more than ours.
-    if let Some(body) = last.as_ref().and_then(|f| f.error_body.as_ref()) {
-        let excerpt = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
-        if !excerpt.trim().is_empty() {
-            detail = format!("{detail}: {}", excerpt.trim());
-        }
-    }
+        .map_or_else(|| "no upstream host".to_string(), last_word);
     let why = match why {
         GaveUp::MaxAttempts => "maxAttempts reached",
         GaveUp::Budget => "retry budget spent",
@@ -444,6 +454,28 @@ fn finish_failed(
     };
     let msg = format!("all {attempts} attempts failed ({why}); last: {detail}");
     send_proxy_error(out, trail, 502, "upstream_failed", &msg)
+}
+
+/// A failed attempt's detail, with the upstream's own words (they help the
+/// client more than ours).
+fn last_word(f: &Failed) -> String {
+    let mut detail = f.detail.clone();
+    if let Some(body) = &f.error_body {
+        let excerpt = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
+        if !excerpt.trim().is_empty() {
+            detail = format!("{detail}: {}", excerpt.trim());
+        }
+    }
+    detail
+}
+
+fn finish_not_found(
+    out: &mut Responder<'_, TcpStream>,
+    trail: &Trail,
+    last: String,
+) -> Result<(), Stop> {
+    let msg = format!("the upstream hosts asked answered 404; last: {last}");
+    send_proxy_error(out, trail, 404, "not_found", &msg)
 }
 
 fn finish_unavailable(

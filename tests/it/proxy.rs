@@ -1027,3 +1027,38 @@ fn max_attempts_one_sends_no_hedge() {
     assert_eq!(r.header("x-gaia-attempts"), Some("h0:200"));
     assert_eq!((slow.hits(), fast.hits()), (1, 0));
 }
+
+/// A 404 is retried on another host, never on one that already answered it
+/// in this request (a key switch does not change what a path or model is):
+/// once every host has answered 404, the client gets a 404 that quotes the
+/// upstream, after one attempt per host, not `maxAttempts` of them and a 502.
+#[test]
+fn a_404_goes_to_each_host_once_and_then_reaches_the_client_as_404() {
+    let body = r#"{"error":{"message":"no such route"}}"#;
+    let a = Upstream::always(Reply::json(404, body));
+    let b = Upstream::always(Reply::json(404, body));
+    let keys = ["key-aaaaaaaaaaaa-0001", "key-bbbbbbbbbbbb-0002"];
+    for hosts in [1, 2] {
+        let bal = start(&[a.url(), b.url()], &keys, |c| c.hosts.truncate(hosts));
+        let (a0, b0) = (a.hits(), b.hits());
+        let r = post(bal.addr, "/v1/responses", "{}");
+        assert_eq!(r.status, 404, "{hosts} host(s): {}", r.text());
+        assert!(r.text().contains("no such route"), "{}", r.text());
+        assert_eq!(r.header("x-should-retry"), Some("false"));
+        assert_eq!(
+            (a.hits() - a0, b.hits() - b0),
+            if hosts == 1 { (1, 0) } else { (1, 1) },
+            "{hosts} host(s): {:?}",
+            r.header("x-gaia-attempts")
+        );
+    }
+    // Attempts running out on a 404 end the same way.
+    let bal = start(&[a.url(), b.url()], &keys, |c| c.settings.max_attempts = 1);
+    let r = post(bal.addr, "/v1/responses", "{}");
+    assert_eq!(r.status, 404, "{}", r.text());
+    // A host that has it still serves after another said 404.
+    let ok = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[a.url(), ok.url()], &keys, |c| c.hosts[0].weight = 1000);
+    let r = post(bal.addr, "/v1/responses", "{}");
+    assert_eq!(r.status, 200, "{}", r.text());
+}
