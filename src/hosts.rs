@@ -543,8 +543,24 @@ impl Candidates<'_> {
             return None;
         }
         if !host.keys.is_empty() && !host.free_key(&h, now) {
-            let pairs = h.pairs.iter().filter_map(|(_, c)| c.until(now)).min();
-            if let Some(t) = host.keys.earliest_usable(now).max(pairs) {
+            // A key is free here once both its own cooldown and its pair's
+            // end: the later of the two, for the key that frees first.
+            let free_at = host
+                .keys
+                .keys()
+                .iter()
+                .filter_map(|k| {
+                    let own = k.usable_from(now)?;
+                    let pair = h
+                        .pairs
+                        .iter()
+                        .filter(|(i, _)| *i == k.index)
+                        .filter_map(|(_, c)| c.until(now))
+                        .max();
+                    Some(pair.map_or(own, |p| p.max(own)))
+                })
+                .min();
+            if let Some(t) = free_at {
                 self.note(t);
             }
             return None;
@@ -950,6 +966,27 @@ mod tests {
             left > Duration::from_secs(6) && left <= Duration::from_secs(7),
             "{left:?}"
         );
+    }
+
+    #[test]
+    fn the_wait_is_for_the_key_that_frees_first_on_each_host() {
+        let hosts = table(
+            &[spec("a", 1, false), spec("b", 1, false)],
+            &["k0-xxxxxxxxxx", "k1-xxxxxxxxxx"],
+        );
+        let (a, b) = (hosts.all()[0].clone(), hosts.all()[1].clone());
+        let (k0, k1) = (a.keys.keys()[0].clone(), a.keys.keys()[1].clone());
+        // a: k0 kept off it for 300 s; k1 cooling everywhere for 2 s; b cooling 100 s.
+        assert_eq!(hosts.rejected(&a, &k0), Scope::Pair);
+        k1.state()
+            .cooldown
+            .hit(Instant::now(), Some(Duration::from_secs(2)));
+        hosts.cool_host(&b, Duration::from_secs(100));
+        let mut c = hosts.candidates();
+        assert!(c.next().is_none());
+        let left = c.retry_at().unwrap().duration_since(Instant::now());
+        // k1 on a, in 2 s: not k0's pair on a (300 s), nor b (100 s).
+        assert!(left <= Duration::from_secs(2), "{left:?}");
     }
 
     #[test]

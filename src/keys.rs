@@ -77,6 +77,12 @@ impl Key {
         !s.disabled && !s.cooldown.active(now)
     }
 
+    /// When the key is usable again (`now` if it is): `None` when disabled.
+    pub fn usable_from(&self, now: Instant) -> Option<Instant> {
+        let s = self.state();
+        (!s.disabled).then(|| s.cooldown.until(now).unwrap_or(now))
+    }
+
     /// The key just worked: forget its rate-limit history, so only 429s in a
     /// row, not scattered ones, add up to a key cooldown.
     pub fn succeeded(&self) {
@@ -239,17 +245,6 @@ impl KeyPool {
         }
         Some(key.clone())
     }
-
-    /// The earliest moment a currently cooling key becomes usable, if any will.
-    pub fn earliest_usable(&self, now: Instant) -> Option<Instant> {
-        self.keys
-            .iter()
-            .filter_map(|k| {
-                let s = k.state();
-                (!s.disabled).then(|| s.cooldown.until(now).unwrap_or(now))
-            })
-            .min()
-    }
 }
 
 #[cfg(test)]
@@ -317,7 +312,9 @@ mod tests {
         let later = now + Duration::from_secs(2);
         let seen: Vec<String> = (0..4).map(|_| secret(pool.next(later, |_| true))).collect();
         assert!(seen.contains(&"b".to_string()) && !seen.contains(&"a".to_string()));
-        assert_eq!(pool.earliest_usable(now), Some(now));
+        assert_eq!(pool.keys()[0].usable_from(now), None);
+        assert!(pool.keys()[1].usable_from(now) > Some(now));
+        assert_eq!(pool.keys()[2].usable_from(now), Some(now));
     }
 
     #[test]
