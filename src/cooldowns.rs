@@ -79,7 +79,9 @@ pub fn retry_after(headers: &ureq::http::HeaderMap) -> Option<Duration> {
 
 /// `Retry-After` as delay-seconds or an IMF-fixdate, relative to `now`.
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
-    if let Ok(secs) = value.parse::<u64>() {
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // Digits beyond u64 still mean "a very long time": capped, not ignored.
+        let secs = value.parse::<u64>().unwrap_or(u64::MAX);
         return Some(Duration::from_secs(secs.min(1_000_000)));
     }
     let at = parse_http_date(value)?;
@@ -181,6 +183,17 @@ mod tests {
             parse_retry_after("Sun, 06 Nov 1994 08:49:00 GMT", now),
             Some(Duration::ZERO)
         );
+        assert_eq!(
+            parse_retry_after("1000000000000", now),
+            Some(Duration::from_secs(1_000_000))
+        );
+        assert_eq!(
+            parse_retry_after("100000000000000000000000", now),
+            Some(Duration::from_secs(1_000_000)),
+            "beyond u64: still long, not ignored"
+        );
+        assert_eq!(parse_retry_after("+5", now), None);
+        assert_eq!(parse_retry_after("1.5", now), None);
         assert_eq!(parse_retry_after("soon", now), None);
         assert_eq!(parse_retry_after("-5", now), None);
         assert_eq!(
