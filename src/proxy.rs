@@ -204,6 +204,8 @@ fn attempts(
     let mut last: Option<Failed> = None;
     // The last 404, quoted when every host has answered 404.
     let mut not_found: Option<String> = None;
+    // Some host refused the request as such (401/403 with no key to change).
+    let mut refused = false;
     // Pauses before going back to a failed host: the backoff doubles with each.
     let mut pauses = 0u32;
     let mut candidates = b.hosts.candidates().for_model(req.model.clone());
@@ -235,6 +237,9 @@ fn attempts(
                 // The hosts left answered 404: that is the answer.
                 _ if not_found.is_some() => {
                     return finish_not_found(out, trail, not_found.unwrap_or_default());
+                }
+                None if refused => {
+                    return finish_failed(out, trail, served.attempts, last, GaveUp::Refused);
                 }
                 at => return finish_unavailable(out, trail, at, last.as_ref()),
             }
@@ -357,10 +362,18 @@ fn attempts(
         };
         trail.push(&c.host, c.key.as_deref(), &outcome_label(failure.outcome));
         learn(b, &c, &failure, req.model.as_ref());
-        if failure.outcome == Outcome::Status(404) {
-            // Another key or a pause would get the same 404 from this host.
-            candidates.settle(c.host.index);
-            not_found = Some(last_word(&failure));
+        match failure.outcome {
+            Outcome::Status(404) => {
+                // Another key or a pause would get the same 404 from this host.
+                candidates.settle(c.host.index);
+                not_found = Some(last_word(&failure));
+            }
+            Outcome::Status(401 | 403) if c.key.is_none() => {
+                // No pool key to switch to: it would refuse the same request again.
+                candidates.settle(c.host.index);
+                refused = true;
+            }
+            _ => {}
         }
         log::debug!("attempt {} failed: {}", served.attempts, failure.detail);
         last = Some(failure);
@@ -435,6 +448,8 @@ enum GaveUp {
     Budget,
     /// The backoff before the next attempt would end past the deadline.
     NoTime,
+    /// Every host left refused the request (401/403 without a key to change).
+    Refused,
 }
 
 fn finish_failed(
@@ -451,6 +466,7 @@ fn finish_failed(
         GaveUp::MaxAttempts => "maxAttempts reached",
         GaveUp::Budget => "retry budget spent",
         GaveUp::NoTime => "no time left in timeouts.totalMs for another attempt after backoff",
+        GaveUp::Refused => "every host left refused it, and there is no pool key to change",
     };
     let msg = format!("all {attempts} attempts failed ({why}); last: {detail}");
     send_proxy_error(out, trail, 502, "upstream_failed", &msg)

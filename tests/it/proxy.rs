@@ -1062,3 +1062,25 @@ fn a_404_goes_to_each_host_once_and_then_reaches_the_client_as_404() {
     let r = post(bal.addr, "/v1/responses", "{}");
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+/// A 401 or 403 is retried with the next pool key; a host that refused a
+/// request sent without any key (no pool configured) would refuse it again
+/// the same way, so each host gets it once and the client a 502 quoting it.
+#[test]
+fn a_401_without_a_pool_key_goes_to_each_host_once() {
+    let body = r#"{"error":{"message":"auth required"}}"#;
+    for status in [401, 403] {
+        let a = Upstream::always(Reply::json(status, body));
+        let b = Upstream::always(Reply::json(status, body));
+        let bal = start(&[a.url(), b.url()], &[], |_| {});
+        let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+        assert_eq!(r.status, 502, "{}", r.text());
+        assert!(r.text().contains("auth required"), "{}", r.text());
+        assert_eq!(
+            (a.hits(), b.hits()),
+            (1, 1),
+            "{:?}",
+            r.header("x-gaia-attempts")
+        );
+    }
+}
