@@ -383,6 +383,21 @@ impl Hosts {
         Scope::Pair
     }
 
+    /// `key` just worked on `host`: forget the rate-limit history of the
+    /// key and of the pair, so only 429s in a row, not scattered ones, make
+    /// their cooldowns grow.
+    pub fn succeeded(&self, host: &Host, key: &Key) {
+        key.succeeded();
+        if let Some((_, c)) = host
+            .health()
+            .pairs
+            .iter_mut()
+            .find(|(k, _)| *k == key.index)
+        {
+            c.reset();
+        }
+    }
+
     /// Cool a host down for `length` (a 503 with `Retry-After`).
     pub fn cool_host(&self, host: &Host, length: Duration) {
         host.health().cooldown.extend(Instant::now(), length);

@@ -337,7 +337,7 @@ fn attempts(
                 };
                 b.hosts.record(&c.host, verdict, c.probe, detail);
                 if let Some(k) = &c.key {
-                    k.succeeded();
+                    b.hosts.succeeded(&c.host, k);
                 }
                 served.host = Some(c.host.spec.name.clone());
                 served.cut = matches!(end, Delivered::Cut(_));
@@ -713,7 +713,7 @@ fn commit_hedge(
         Ok(Delivered::Complete) => {
             b.hosts.record(&c.host, Verdict::Success, false, None);
             if let Some(k) = &c.key {
-                k.succeeded();
+                b.hosts.succeeded(&c.host, k);
             }
             Ok(Delivered::Hedged {
                 host: c.host.spec.name.clone(),

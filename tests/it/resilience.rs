@@ -610,3 +610,36 @@ fn a_probe_readmits_its_host_at_the_commit_not_when_its_stream_ends() {
     assert_eq!(host_field(addr, 0, "state"), "up");
     assert_eq!(status(addr)["totals"]["ejected"], 0);
 }
+
+/// A success clears the repeat count of a (host, key) cooldown as it does
+/// a key's and a host's: a 429 after a success cools the pair for 1 s again,
+/// not for twice as long as the last one.
+#[test]
+fn a_success_clears_the_repeat_count_of_a_pair_cooldown() {
+    let up = Upstream::start(|_, n| {
+        if n == 1 {
+            Reply::json(200, OK)
+        } else {
+            Reply::json(429, "{}")
+        }
+    });
+    // One host, one key: a 429 cools the pair; 300 ms leave no time to wait it out.
+    let bal = start(&[up.url()], &["key-only-0000000001"], |c| {
+        c.settings.timeouts.total = Duration::from_millis(300)
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    // Once the pair has cooled, the second upstream answer is a success.
+    assert!(wait_for(Duration::from_secs(5), || {
+        post(bal.addr, "/v1/chat/completions", &chat(false)).status == 200
+    }));
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(up.hits(), 3);
+    assert_eq!(
+        r.header("retry-after"),
+        Some("1"),
+        "the 429 after a success counted as a repeat"
+    );
+}
