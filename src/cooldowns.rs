@@ -79,7 +79,9 @@ pub fn retry_after(headers: &ureq::http::HeaderMap) -> Option<Duration> {
 
 /// `Retry-After` as delay-seconds or an IMF-fixdate, relative to `now`.
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
-    if let Ok(secs) = value.parse::<u64>() {
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // Digits beyond u64 still mean "a very long time": capped, not ignored.
+        let secs = value.parse::<u64>().unwrap_or(u64::MAX);
         return Some(Duration::from_secs(secs.min(1_000_000)));
     }
     let at = parse_http_date(value)?;
@@ -87,12 +89,37 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(Duration::from_secs(at.saturating_sub(now)))
 }
 
-/// Seconds since the epoch of an IMF-fixdate such as `Sun, 06 Nov 1994 08:49:37 GMT`.
+/// Seconds since the epoch of an HTTP-date: the IMF-fixdate
+/// `Sun, 06 Nov 1994 08:49:37 GMT`, or one of the two obsolete forms that
+/// RFC 9110 (5.6.7) says a recipient must still accept, RFC 850's
+/// `Sunday, 06-Nov-94 08:49:37 GMT` and asctime's `Sun Nov  6 08:49:37 1994`.
 fn parse_http_date(value: &str) -> Option<u64> {
-    let mut parts = value.split_whitespace();
-    let _weekday = parts.next()?;
-    let day: u64 = parts.next()?.parse().ok()?;
-    let month = match parts.next()? {
+    let parts: Vec<&str> = value.split_whitespace().collect();
+    let (day, month, year, time) = match parts.as_slice() {
+        [weekday, day, month, year, time, "GMT"] if weekday.ends_with(',') => {
+            (*day, *month, year.parse::<u64>().ok()?, *time)
+        }
+        [weekday, date, time, "GMT"] if weekday.ends_with(',') => {
+            let mut d = date.split('-');
+            let (day, month, yy) = (d.next()?, d.next()?, d.next()?);
+            if d.next().is_some() || yy.len() != 2 {
+                return None;
+            }
+            // Two digits: the century that puts it nearest now (RFC 9110
+            // says not more than 50 years ahead; a Retry-After is soon).
+            let yy: u64 = yy.parse().ok()?;
+            (
+                day,
+                month,
+                if yy < 70 { 2000 + yy } else { 1900 + yy },
+                *time,
+            )
+        }
+        [_, month, day, time, year] => (*day, *month, year.parse::<u64>().ok()?, *time),
+        _ => return None,
+    };
+    let day: u64 = day.parse().ok()?;
+    let month = match month {
         "Jan" => 1,
         "Feb" => 2,
         "Mar" => 3,
@@ -107,10 +134,9 @@ fn parse_http_date(value: &str) -> Option<u64> {
         "Dec" => 12,
         _ => return None,
     };
-    let year: u64 = parts.next()?.parse().ok()?;
-    let mut hms = parts.next()?.split(':').map(|p| p.parse::<u64>().ok());
+    let mut hms = time.split(':').map(|p| p.parse::<u64>().ok());
     let (h, m, s) = (hms.next()??, hms.next()??, hms.next()??);
-    if parts.next()? != "GMT"
+    if hms.next().is_some()
         || !(1970..=9999).contains(&year)
         || day == 0
         || day > 31
@@ -180,6 +206,33 @@ mod tests {
         assert_eq!(
             parse_retry_after("Sun, 06 Nov 1994 08:49:00 GMT", now),
             Some(Duration::ZERO)
+        );
+        assert_eq!(
+            parse_retry_after("1000000000000", now),
+            Some(Duration::from_secs(1_000_000))
+        );
+        assert_eq!(
+            parse_retry_after("100000000000000000000000", now),
+            Some(Duration::from_secs(1_000_000)),
+            "beyond u64: still long, not ignored"
+        );
+        assert_eq!(parse_retry_after("+5", now), None);
+        assert_eq!(parse_retry_after("1.5", now), None);
+        // The obsolete forms RFC 9110 still makes a recipient accept.
+        for obsolete in ["Sunday, 06-Nov-94 08:50:07 GMT", "Sun Nov  6 08:50:07 1994"] {
+            assert_eq!(
+                parse_retry_after(obsolete, now),
+                Some(Duration::from_secs(30)),
+                "{obsolete}"
+            );
+        }
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:50:07 UTC", now),
+            None
+        );
+        assert_eq!(
+            parse_retry_after("Sunday, 06-Nov-1994 08:50:07 GMT", now),
+            None
         );
         assert_eq!(parse_retry_after("soon", now), None);
         assert_eq!(parse_retry_after("-5", now), None);

@@ -289,7 +289,10 @@ pub fn arm(
         Hedge::After(d) => d,
         Hedge::Auto => shared.hedger.p95(&c.host.spec.name)?.max(AUTO_FLOOR),
     };
-    if b.hosts.all().iter().filter(|h| !h.spec.backup).count() < 2 {
+    // A hedge is an attempt of its own: `maxAttempts: 1` leaves no room for it.
+    if b.config.settings.max_attempts < 2
+        || b.hosts.all().iter().filter(|h| !h.spec.backup).count() < 2
+    {
         return None;
     }
     let at = Instant::now() + delay;

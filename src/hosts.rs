@@ -6,8 +6,9 @@
 //! at 300 s, plus 0–10 % jitter). When that time is up exactly one request
 //! probes it (half-open): success readmits it, failure ejects it again with
 //! n + 1. Never more than half the hosts are ejected at once, and when fewer
-//! than half are routable the ejections are ignored (panic mode): the
-//! balancer tries the least-bad hosts rather than refuse traffic. A 429 is
+//! than half the primaries and no backup are free of ejection, the
+//! ejections are ignored (panic mode): the balancer tries the least-bad
+//! hosts rather than refuse traffic. A 429 is
 //! not a host failure; it cools the host, the key or the pair (host, key),
 //! whichever the evidence points at.
 //!
@@ -264,6 +265,7 @@ impl Hosts {
         Candidates {
             hosts: self,
             tried: vec![false; self.hosts.len()],
+            done: vec![false; self.hosts.len()],
             retry_at: None,
             model: None,
         }
@@ -381,21 +383,42 @@ impl Hosts {
         Scope::Pair
     }
 
+    /// `key` just worked on `host`: forget the rate-limit history of the
+    /// key and of the pair, so only 429s in a row, not scattered ones, make
+    /// their cooldowns grow.
+    pub fn succeeded(&self, host: &Host, key: &Key) {
+        key.succeeded();
+        if let Some((_, c)) = host
+            .health()
+            .pairs
+            .iter_mut()
+            .find(|(k, _)| *k == key.index)
+        {
+            c.reset();
+        }
+    }
+
     /// Cool a host down for `length` (a 503 with `Retry-After`).
     pub fn cool_host(&self, host: &Host, length: Duration) {
         host.health().cooldown.extend(Instant::now(), length);
     }
 
-    /// Panic mode: fewer than half the primaries are free of ejection.
+    /// Panic mode: fewer than half the primaries are free of ejection, and
+    /// no backup is. A backup free of ejection is what serves when the
+    /// primaries cannot, so it keeps ejections in force: otherwise every
+    /// request would fail on the ejected primaries before reaching it.
     pub fn panic_mode(&self, now: Instant) -> bool {
-        let (mut total, mut routable) = (0, 0);
-        for h in self.hosts.iter().filter(|h| !h.spec.backup) {
-            total += 1;
-            if !matches!(h.health().state, HostState::Ejected(until) if until > now) {
-                routable += 1;
+        let (mut total, mut routable, mut backups) = (0, 0, 0);
+        for h in &self.hosts {
+            let free = !matches!(h.health().state, HostState::Ejected(until) if until > now);
+            if h.spec.backup {
+                backups += usize::from(free);
+            } else {
+                total += 1;
+                routable += usize::from(free);
             }
         }
-        routable * 2 < total
+        routable * 2 < total && backups == 0
     }
 
     /// The configured strategy's pick among the hosts `eligible` accepts.
@@ -493,6 +516,8 @@ pub struct Candidate {
 pub struct Candidates<'a> {
     hosts: &'a Hosts,
     tried: Vec<bool>,
+    /// Hosts whose answer stands for this request (a 404): never again.
+    done: Vec<bool>,
     retry_at: Option<Instant>,
     model: Option<Arc<str>>,
 }
@@ -502,6 +527,15 @@ impl Candidates<'_> {
     pub fn for_model(mut self, model: Option<Arc<str>>) -> Self {
         self.model = model;
         self
+    }
+
+    /// `index` gave an answer that asking it again cannot change (a 404:
+    /// the path or model is the same with any key, after any pause), so this
+    /// request never goes round to it again.
+    pub fn settle(&mut self, index: usize) {
+        if let Some(d) = self.done.get_mut(index) {
+            *d = true;
+        }
     }
 
     /// After `next()` gave `None`: the earliest moment a cooling host or key
@@ -524,8 +558,24 @@ impl Candidates<'_> {
             return None;
         }
         if !host.keys.is_empty() && !host.free_key(&h, now) {
-            let pairs = h.pairs.iter().filter_map(|(_, c)| c.until(now)).min();
-            if let Some(t) = host.keys.earliest_usable(now).max(pairs) {
+            // A key is free here once both its own cooldown and its pair's
+            // end: the later of the two, for the key that frees first.
+            let free_at = host
+                .keys
+                .keys()
+                .iter()
+                .filter_map(|k| {
+                    let own = k.usable_from(now)?;
+                    let pair = h
+                        .pairs
+                        .iter()
+                        .filter(|(i, _)| *i == k.index)
+                        .filter_map(|(_, c)| c.until(now))
+                        .max();
+                    Some(pair.map_or(own, |p| p.max(own)))
+                })
+                .min();
+            if let Some(t) = free_at {
                 self.note(t);
             }
             return None;
@@ -601,7 +651,8 @@ impl Iterator for Candidates<'_> {
             .as_deref()
             .map(|m| (m, discovery::declared_anywhere(&hosts.hosts, m, now)));
         for host in &hosts.hosts {
-            usable[host.index] = by_model.is_none_or(|(m, d)| discovery::admits(host, m, d, now))
+            usable[host.index] = !self.done[host.index]
+                && by_model.is_none_or(|(m, d)| discovery::admits(host, m, d, now))
                 && self.usable(host, now, panic).is_some();
         }
         // Untried primaries, untried backups, then round again in the same order.
@@ -930,6 +981,27 @@ mod tests {
             left > Duration::from_secs(6) && left <= Duration::from_secs(7),
             "{left:?}"
         );
+    }
+
+    #[test]
+    fn the_wait_is_for_the_key_that_frees_first_on_each_host() {
+        let hosts = table(
+            &[spec("a", 1, false), spec("b", 1, false)],
+            &["k0-xxxxxxxxxx", "k1-xxxxxxxxxx"],
+        );
+        let (a, b) = (hosts.all()[0].clone(), hosts.all()[1].clone());
+        let (k0, k1) = (a.keys.keys()[0].clone(), a.keys.keys()[1].clone());
+        // a: k0 kept off it for 300 s; k1 cooling everywhere for 2 s; b cooling 100 s.
+        assert_eq!(hosts.rejected(&a, &k0), Scope::Pair);
+        k1.state()
+            .cooldown
+            .hit(Instant::now(), Some(Duration::from_secs(2)));
+        hosts.cool_host(&b, Duration::from_secs(100));
+        let mut c = hosts.candidates();
+        assert!(c.next().is_none());
+        let left = c.retry_at().unwrap().duration_since(Instant::now());
+        // k1 on a, in 2 s: not k0's pair on a (300 s), nor b (100 s).
+        assert!(left <= Duration::from_secs(2), "{left:?}");
     }
 
     #[test]

@@ -77,6 +77,12 @@ impl Key {
         !s.disabled && !s.cooldown.active(now)
     }
 
+    /// When the key is usable again (`now` if it is): `None` when disabled.
+    pub fn usable_from(&self, now: Instant) -> Option<Instant> {
+        let s = self.state();
+        (!s.disabled).then(|| s.cooldown.until(now).unwrap_or(now))
+    }
+
     /// The key just worked: forget its rate-limit history, so only 429s in a
     /// row, not scattered ones, add up to a key cooldown.
     pub fn succeeded(&self) {
@@ -227,22 +233,17 @@ impl KeyPool {
         if n == 0 {
             return None;
         }
-        let start = self.cursor.fetch_add(1, Ordering::Relaxed);
-        (0..n)
-            .map(|i| &self.keys[(start + i) % n])
-            .find(|k| k.usable(now) && accept(k))
-            .cloned()
-    }
-
-    /// The earliest moment a currently cooling key becomes usable, if any will.
-    pub fn earliest_usable(&self, now: Instant) -> Option<Instant> {
-        self.keys
-            .iter()
-            .filter_map(|k| {
-                let s = k.state();
-                (!s.disabled).then(|| s.cooldown.until(now).unwrap_or(now))
-            })
-            .min()
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
+        let (skipped, key) = (0..n)
+            .map(|i| (i, &self.keys[(start + i) % n]))
+            .find(|(_, k)| k.usable(now) && accept(k))?;
+        // Move the cursor past the key taken, not just one step: else the
+        // key after one that is out gets that key's turn as well as its own
+        // (two thirds of the traffic of three keys with one out).
+        if skipped > 0 {
+            self.cursor.fetch_add(skipped, Ordering::Relaxed);
+        }
+        Some(key.clone())
     }
 }
 
@@ -311,7 +312,9 @@ mod tests {
         let later = now + Duration::from_secs(2);
         let seen: Vec<String> = (0..4).map(|_| secret(pool.next(later, |_| true))).collect();
         assert!(seen.contains(&"b".to_string()) && !seen.contains(&"a".to_string()));
-        assert_eq!(pool.earliest_usable(now), Some(now));
+        assert_eq!(pool.keys()[0].usable_from(now), None);
+        assert!(pool.keys()[1].usable_from(now) > Some(now));
+        assert_eq!(pool.keys()[2].usable_from(now), Some(now));
     }
 
     #[test]

@@ -202,8 +202,15 @@ fn attempts(
     let settings = &b.config.settings;
     let deadline = req.started + settings.timeouts.total;
     let mut last: Option<Failed> = None;
+    // The last 404, quoted when every host has answered 404.
+    let mut not_found: Option<String> = None;
+    // Some host refused the request as such (401/403 with no key to change).
+    let mut refused = false;
     // Pauses before going back to a failed host: the backoff doubles with each.
     let mut pauses = 0u32;
+    // Hosts whose last answer in this request was a host failure (a 429 or
+    // a 401 is none: the next key there needs no pause).
+    let mut host_failed = vec![false; b.hosts.all().len()];
     let mut candidates = b.hosts.candidates().for_model(req.model.clone());
     if let (true, Some(after)) = (req.stream, settings.stream_keep_alive_after) {
         // A slow first token: commit the head early and keep the line warm,
@@ -230,6 +237,13 @@ fn attempts(
                     pause_until(at, deadline)?;
                     continue;
                 }
+                // The hosts left answered 404: that is the answer.
+                _ if not_found.is_some() => {
+                    return finish_not_found(out, trail, not_found.unwrap_or_default());
+                }
+                None if refused => {
+                    return finish_failed(out, trail, served.attempts, last, GaveUp::Refused);
+                }
                 at => return finish_unavailable(out, trail, at, last.as_ref()),
             }
         };
@@ -241,11 +255,9 @@ fn attempts(
             );
             return finish_failed(out, trail, served.attempts, last, GaveUp::Budget);
         }
-        // Waiting only helps a host that failed itself; a new key needs no pause.
-        let host_failed = last
-            .as_ref()
-            .is_some_and(|f| retry::decide(f.outcome).host_failure);
-        if c.repeat && host_failed {
+        // Waiting only helps a host that failed itself (whatever another
+        // host said since); a new key needs no pause.
+        if c.repeat && host_failed.get(c.host.index) == Some(&true) {
             pauses += 1;
             let turnaround = settings.timeouts.connect.min(Duration::from_secs(1));
             let resume = Instant::now() + retry::backoff(pauses, turnaround);
@@ -326,7 +338,7 @@ fn attempts(
                 };
                 b.hosts.record(&c.host, verdict, c.probe, detail);
                 if let Some(k) = &c.key {
-                    k.succeeded();
+                    b.hosts.succeeded(&c.host, k);
                 }
                 served.host = Some(c.host.spec.name.clone());
                 served.cut = matches!(end, Delivered::Cut(_));
@@ -344,6 +356,9 @@ fn attempts(
                 // Already in the trail and learned from (a hedge was waited
                 // on, or won the race and then failed): one more attempt.
                 served.attempts += 1;
+                if let Some(failed) = host_failed.get_mut(c.host.index) {
+                    *failed = retry::decide(f.outcome).host_failure;
+                }
                 last = Some(f);
                 continue;
             }
@@ -351,13 +366,35 @@ fn attempts(
         };
         trail.push(&c.host, c.key.as_deref(), &outcome_label(failure.outcome));
         learn(b, &c, &failure, req.model.as_ref());
+        if let Some(failed) = host_failed.get_mut(c.host.index) {
+            *failed = retry::decide(failure.outcome).host_failure;
+        }
+        match failure.outcome {
+            Outcome::Status(404) => {
+                // Another key or a pause would get the same 404 from this host.
+                candidates.settle(c.host.index);
+                not_found = Some(last_word(&failure));
+            }
+            Outcome::Status(401 | 403) if c.key.is_none() => {
+                // No pool key to switch to: it would refuse the same request again.
+                candidates.settle(c.host.index);
+                refused = true;
+            }
+            _ => {}
+        }
         log::debug!("attempt {} failed: {}", served.attempts, failure.detail);
         last = Some(failure);
         if Instant::now() >= deadline {
             return finish_timeout(out, trail, last.as_ref());
         }
     }
-    finish_failed(out, trail, served.attempts, last, GaveUp::MaxAttempts)
+    match not_found {
+        // The last answer was a 404: attempts ran out on hosts without it.
+        Some(word) if last.as_ref().map(|f| f.outcome) == Some(Outcome::Status(404)) => {
+            finish_not_found(out, trail, word)
+        }
+        _ => finish_failed(out, trail, served.attempts, last, GaveUp::MaxAttempts),
+    }
 }
 
 /// Apply what a failed attempt says about its host, key and model.
@@ -418,6 +455,8 @@ enum GaveUp {
     Budget,
     /// The backoff before the next attempt would end past the deadline.
     NoTime,
+    /// Every host left refused the request (401/403 without a key to change).
+    Refused,
 }
 
 fn finish_failed(
@@ -427,23 +466,39 @@ fn finish_failed(
     last: Option<Failed>,
     why: GaveUp,
 ) -> Result<(), Stop> {
-    let mut detail = last
+    let detail = last
         .as_ref()
-        .map_or_else(|| "no upstream host".to_string(), |f| f.detail.clone());
-    // The last upstream's own words help the client more than ours.
-    if let Some(body) = last.as_ref().and_then(|f| f.error_body.as_ref()) {
+        .map_or_else(|| "no upstream host".to_string(), last_word);
+    let why = match why {
+        GaveUp::MaxAttempts => "maxAttempts reached",
+        GaveUp::Budget => "retry budget spent",
+        GaveUp::NoTime => "no time left in timeouts.totalMs for another attempt after backoff",
+        GaveUp::Refused => "every host left refused it, and there is no pool key to change",
+    };
+    let msg = format!("all {attempts} attempts failed ({why}); last: {detail}");
+    send_proxy_error(out, trail, 502, "upstream_failed", &msg)
+}
+
+/// A failed attempt's detail, with the upstream's own words (they help the
+/// client more than ours).
+fn last_word(f: &Failed) -> String {
+    let mut detail = f.detail.clone();
+    if let Some(body) = &f.error_body {
         let excerpt = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
         if !excerpt.trim().is_empty() {
             detail = format!("{detail}: {}", excerpt.trim());
         }
     }
-    let why = match why {
-        GaveUp::MaxAttempts => "maxAttempts reached",
-        GaveUp::Budget => "retry budget spent",
-        GaveUp::NoTime => "no time left in timeouts.totalMs for another attempt after backoff",
-    };
-    let msg = format!("all {attempts} attempts failed ({why}); last: {detail}");
-    send_proxy_error(out, trail, 502, "upstream_failed", &msg)
+    detail
+}
+
+fn finish_not_found(
+    out: &mut Responder<'_, TcpStream>,
+    trail: &Trail,
+    last: String,
+) -> Result<(), Stop> {
+    let msg = format!("the upstream hosts asked answered 404; last: {last}");
+    send_proxy_error(out, trail, 404, "not_found", &msg)
 }
 
 fn finish_unavailable(
@@ -665,7 +720,7 @@ fn commit_hedge(
         Ok(Delivered::Complete) => {
             b.hosts.record(&c.host, Verdict::Success, false, None);
             if let Some(k) = &c.key {
-                k.succeeded();
+                b.hosts.succeeded(&c.host, k);
             }
             Ok(Delivered::Hedged {
                 host: c.host.spec.name.clone(),

@@ -143,3 +143,35 @@ fn only_the_model_value_changes_in_the_body() {
     post(bal.addr, "/v1/chat/completions", other);
     assert_eq!(backup.requests()[1].body, other.as_bytes());
 }
+
+/// One primary and one backup, a common setup (a local node with a paid
+/// provider behind it): once the primary is ejected, requests go straight to
+/// the backup instead of failing on the ejected primary first. Panic mode
+/// (ignoring ejections) is for when nothing else can serve.
+#[test]
+fn an_ejected_primary_is_skipped_while_a_backup_can_serve() {
+    let primary = Upstream::always(Reply::json(500, "{}"));
+    let backup = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[primary.url(), backup.url()], &[GLOBAL], |c| {
+        c.hosts[1].backup = true;
+    });
+    // Five host failures eject the primary (each request then fails over).
+    for _ in 0..5 {
+        let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(primary.hits(), 5);
+    // Ejected for 30 s at least: it gets nothing meanwhile.
+    for _ in 0..10 {
+        let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.header("x-gaia-attempts").map(|t| t.contains("h0")),
+            Some(false),
+            "{:?}",
+            r.header("x-gaia-attempts")
+        );
+    }
+    assert_eq!(primary.hits(), 5, "requests went to the ejected primary");
+    assert_eq!(backup.hits(), 15);
+}

@@ -972,3 +972,115 @@ fn an_early_413_for_a_large_body_is_passed_through() {
     assert!(r.text().contains("body too large"), "{}", r.text());
     assert_eq!(served.load(Ordering::SeqCst), 1, "one attempt, no retry");
 }
+
+/// Round-robin over the usable keys: with one of three keys out of rotation,
+/// the other two share the traffic evenly, rather than the key after the
+/// missing one taking its turn as well (two thirds of the load on one key,
+/// which then hits its own rate limit first).
+#[test]
+fn keys_rotate_evenly_over_the_usable_ones() {
+    const BAD: &str = "key-aaaaaaaaaaaa-0001";
+    let up = Upstream::start(|seen, _| {
+        if seen.header("authorization") == Some(format!("Bearer {BAD}").as_str()) {
+            Reply::json(401, r#"{"error":{"message":"bad key"}}"#)
+        } else {
+            Reply::json(200, OK)
+        }
+    });
+    let keys = [BAD, "key-bbbbbbbbbbbb-0002", "key-cccccccccccc-0003"];
+    // One host: the first 401 takes the key out at once.
+    let bal = start(&[up.url()], &keys, |_| {});
+    for _ in 0..60 {
+        let r = post(bal.addr, "/v1/embeddings", "{}");
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let count = |k: &str| {
+        let want = format!("Bearer {k}");
+        up.requests()
+            .iter()
+            .filter(|s| s.header("authorization") == Some(want.as_str()))
+            .count()
+    };
+    assert_eq!(count(BAD), 1);
+    let (b, c) = (count(keys[1]), count(keys[2]));
+    assert_eq!(b + c, 60);
+    assert!(b.abs_diff(c) <= 2, "uneven rotation: {b} and {c}");
+}
+
+/// `maxAttempts` counts every attempt, the first included, and a hedge is one
+/// (`x-gaia-attempts` lists it): with `maxAttempts: 1` a request goes to one
+/// upstream only, however slow it is, and no hedge is sent.
+#[test]
+fn max_attempts_one_sends_no_hedge() {
+    let slow = Upstream::always(Reply::Delayed(
+        Duration::from_millis(800),
+        Box::new(Reply::json(200, OK)),
+    ));
+    let fast = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[slow.url(), fast.url()], &[], |c| {
+        c.hosts[0].weight = 1000; // the slow host goes first
+        c.settings.max_attempts = 1;
+        c.settings.hedge = gaia_balancer::config::Hedge::After(Duration::from_millis(100));
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-gaia-attempts"), Some("h0:200"));
+    assert_eq!((slow.hits(), fast.hits()), (1, 0));
+}
+
+/// A 404 is retried on another host, never on one that already answered it
+/// in this request (a key switch does not change what a path or model is):
+/// once every host has answered 404, the client gets a 404 that quotes the
+/// upstream, after one attempt per host, not `maxAttempts` of them and a 502.
+#[test]
+fn a_404_goes_to_each_host_once_and_then_reaches_the_client_as_404() {
+    let body = r#"{"error":{"message":"no such route"}}"#;
+    let a = Upstream::always(Reply::json(404, body));
+    let b = Upstream::always(Reply::json(404, body));
+    let keys = ["key-aaaaaaaaaaaa-0001", "key-bbbbbbbbbbbb-0002"];
+    for hosts in [1, 2] {
+        let bal = start(&[a.url(), b.url()], &keys, |c| c.hosts.truncate(hosts));
+        let (a0, b0) = (a.hits(), b.hits());
+        let r = post(bal.addr, "/v1/responses", "{}");
+        assert_eq!(r.status, 404, "{hosts} host(s): {}", r.text());
+        assert!(r.text().contains("no such route"), "{}", r.text());
+        assert_eq!(r.header("x-should-retry"), Some("false"));
+        assert_eq!(
+            (a.hits() - a0, b.hits() - b0),
+            if hosts == 1 { (1, 0) } else { (1, 1) },
+            "{hosts} host(s): {:?}",
+            r.header("x-gaia-attempts")
+        );
+    }
+    // Attempts running out on a 404 end the same way.
+    let bal = start(&[a.url(), b.url()], &keys, |c| c.settings.max_attempts = 1);
+    let r = post(bal.addr, "/v1/responses", "{}");
+    assert_eq!(r.status, 404, "{}", r.text());
+    // A host that has it still serves after another said 404.
+    let ok = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[a.url(), ok.url()], &keys, |c| c.hosts[0].weight = 1000);
+    let r = post(bal.addr, "/v1/responses", "{}");
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// A 401 or 403 is retried with the next pool key; a host that refused a
+/// request sent without any key (no pool configured) would refuse it again
+/// the same way, so each host gets it once and the client a 502 quoting it.
+#[test]
+fn a_401_without_a_pool_key_goes_to_each_host_once() {
+    let body = r#"{"error":{"message":"auth required"}}"#;
+    for status in [401, 403] {
+        let a = Upstream::always(Reply::json(status, body));
+        let b = Upstream::always(Reply::json(status, body));
+        let bal = start(&[a.url(), b.url()], &[], |_| {});
+        let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+        assert_eq!(r.status, 502, "{}", r.text());
+        assert!(r.text().contains("auth required"), "{}", r.text());
+        assert_eq!(
+            (a.hits(), b.hits()),
+            (1, 1),
+            "{:?}",
+            r.header("x-gaia-attempts")
+        );
+    }
+}

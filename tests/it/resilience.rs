@@ -610,3 +610,70 @@ fn a_probe_readmits_its_host_at_the_commit_not_when_its_stream_ends() {
     assert_eq!(host_field(addr, 0, "state"), "up");
     assert_eq!(status(addr)["totals"]["ejected"], 0);
 }
+
+/// A success clears the repeat count of a (host, key) cooldown as it does
+/// a key's and a host's: a 429 after a success cools the pair for 1 s again,
+/// not for twice as long as the last one.
+#[test]
+fn a_success_clears_the_repeat_count_of_a_pair_cooldown() {
+    let up = Upstream::start(|_, n| {
+        if n == 1 {
+            Reply::json(200, OK)
+        } else {
+            Reply::json(429, "{}")
+        }
+    });
+    // One host, one key: a 429 cools the pair; 300 ms leave no time to wait it out.
+    let bal = start(&[up.url()], &["key-only-0000000001"], |c| {
+        c.settings.timeouts.total = Duration::from_millis(300)
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    // Once the pair has cooled, the second upstream answer is a success.
+    assert!(wait_for(Duration::from_secs(5), || {
+        post(bal.addr, "/v1/chat/completions", &chat(false)).status == 200
+    }));
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(up.hits(), 3);
+    assert_eq!(
+        r.header("retry-after"),
+        Some("1"),
+        "the 429 after a success counted as a repeat"
+    );
+}
+
+/// The backoff is for going back to a host that failed in this request,
+/// whatever the attempt just before it was: a 429 from another host in
+/// between (no host failure) must not make the failed host's retry immediate.
+#[test]
+fn going_back_to_a_failed_host_backs_off_even_after_a_429_elsewhere() {
+    let times = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = times.clone();
+    let failing = Upstream::start(move |_, _| {
+        seen.lock().unwrap().push(Instant::now());
+        Reply::json(500, "{}")
+    });
+    let limited = Upstream::always(Reply::json(429, "{}"));
+    let bal = start(&[failing.url(), limited.url()], &[], |c| {
+        c.hosts[0].weight = 1000; // the failing host goes first
+        c.settings.timeouts.connect = Duration::from_secs(1); // pauses of 0.5-1 s first
+        c.settings.max_attempts = 3;
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(
+        r.header("x-gaia-attempts"),
+        Some("h0:500,h1:429,h0:500"),
+        "{}",
+        r.text()
+    );
+    let times = times.lock().unwrap().clone();
+    assert_eq!(times.len(), 2);
+    let gap = times[1] - times[0];
+    assert!(
+        gap >= Duration::from_millis(500),
+        "went back to h0 after {gap:?}"
+    );
+}
