@@ -240,7 +240,19 @@ struct Tally {
 }
 
 /// Read one response; returns (status, body, complete).
-fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<(u16, Vec<u8>, bool, bool)> {
+/// One answer as the client read it.
+struct Answer {
+    status: u16,
+    body: Vec<u8>,
+    /// The body ended where its framing said (not cut by a close).
+    complete: bool,
+    /// The connection is not kept.
+    close: bool,
+    /// `x-gaia-attempts`, the trail a lost request is reported with.
+    attempts: String,
+}
+
+fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<Answer> {
     let mut line = String::new();
     r.read_line(&mut line)?;
     let status: u16 = line
@@ -249,6 +261,7 @@ fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<(u16, Vec<u8>,
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
     let (mut len, mut chunked, mut close) = (None, false, false);
+    let mut attempts = String::new();
     loop {
         let mut h = String::new();
         if r.read_line(&mut h)? == 0 {
@@ -266,34 +279,43 @@ fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<(u16, Vec<u8>,
                 chunked = v.eq_ignore_ascii_case("chunked");
             } else if n.eq_ignore_ascii_case("connection") {
                 close = v.eq_ignore_ascii_case("close");
+            } else if n.eq_ignore_ascii_case("x-gaia-attempts") {
+                attempts = v.to_string();
             }
         }
     }
     let mut body = Vec::new();
+    let answer = |body, complete, close| Answer {
+        status,
+        body,
+        complete,
+        close,
+        attempts: attempts.clone(),
+    };
     if chunked {
         for _ in 0..100_000 {
             let mut size = String::new();
             if r.read_line(&mut size)? == 0 {
-                return Ok((status, body, false, true));
+                return Ok(answer(body, false, true));
             }
             let n = usize::from_str_radix(size.trim(), 16).map_err(std::io::Error::other)?;
             if n == 0 {
                 let mut end = String::new();
                 r.read_line(&mut end)?;
-                return Ok((status, body, true, close));
+                return Ok(answer(body, true, close));
             }
             let mut data = vec![0; n + 2];
             r.read_exact(&mut data)?;
             body.extend_from_slice(&data[..n]);
         }
-        Ok((status, body, false, true))
+        Ok(answer(body, false, true))
     } else if let Some(n) = len {
         body.resize(n, 0);
         r.read_exact(&mut body)?;
-        Ok((status, body, true, close))
+        Ok(answer(body, true, close))
     } else {
         r.read_to_end(&mut body)?;
-        Ok((status, body, true, true))
+        Ok(answer(body, true, true))
     }
 }
 
@@ -346,7 +368,13 @@ fn client(addr: SocketAddr, seed: u64, end: Instant, tally: &Tally) {
             continue;
         }
         match read_response(r) {
-            Ok((200, body, true, close)) => {
+            Ok(Answer {
+                status: 200,
+                body,
+                complete: true,
+                close,
+                attempts,
+            }) => {
                 let text = String::from_utf8_lossy(&body);
                 let good = if streaming {
                     text.contains("data: [DONE]") && !text.contains("\"error\"")
@@ -361,7 +389,7 @@ fn client(addr: SocketAddr, seed: u64, end: Instant, tally: &Tally) {
                 } else {
                     tally.lost.fetch_add(1, Ordering::Relaxed);
                     eprintln!(
-                        "lost: bad body {}",
+                        "lost: bad body (attempts {attempts}) {}",
                         text.chars().take(200).collect::<String>()
                     );
                 }
@@ -369,10 +397,15 @@ fn client(addr: SocketAddr, seed: u64, end: Instant, tally: &Tally) {
                     conn = None;
                 }
             }
-            Ok((status, body, _, _)) => {
+            Ok(Answer {
+                status,
+                body,
+                attempts,
+                ..
+            }) => {
                 tally.lost.fetch_add(1, Ordering::Relaxed);
                 eprintln!(
-                    "lost: status {status}: {}",
+                    "lost: status {status} (attempts {attempts}): {}",
                     String::from_utf8_lossy(&body)
                         .chars()
                         .take(200)
