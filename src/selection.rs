@@ -31,8 +31,10 @@
 //! believed gradually). Between samples the estimate decays toward zero with
 //! the same τ (Finagle observes a zero at every read), so a host that was
 //! slow or failed a while ago gets tried again and re-measured instead of
-//! being starved forever. A host with no sample yet is costed at the median
-//! of the hosts that have one. A failed attempt counts as a sample of twice
+//! being starved forever. A host with no sample yet is costed like the
+//! best measured host per unit of weight (times its own in-flight factor):
+//! it is tried and measured soon, whatever its weight, and not flooded, as
+//! each request under way makes it dearer. A failed attempt counts as a sample of twice
 //! the current estimate (at least 1 s), however fast it failed: a host that
 //! refuses connections must not look fast.
 
@@ -62,7 +64,7 @@ const DEFAULT_ESTIMATE_NS: f64 = 1e8;
 /// Smallest and largest sample a failure counts as.
 const FAILURE_MIN_NS: f64 = 1e9;
 const FAILURE_MAX_NS: f64 = 300e9;
-/// Hosts sampled for the median that seeds hosts without an estimate.
+/// Hosts looked at for the cost of hosts without an estimate.
 const MEDIAN_SAMPLE: usize = 64;
 
 /// What selection knows about one host beyond its configuration.
@@ -386,39 +388,39 @@ fn latency(hosts: &[Arc<Host>], eligible: &[bool], now: Instant) -> Option<usize
         hosts[a].signals.ttfb.estimate_ns(now),
         hosts[b].signals.ttfb.estimate_ns(now),
     );
-    let seed = if ea.is_none() || eb.is_none() {
-        median_estimate(hosts, now)
+    let best = if ea.is_none() || eb.is_none() {
+        best_per_weight(hosts, now)
     } else {
-        DEFAULT_ESTIMATE_NS
+        None
     };
     let cost = |i: usize, estimate: Option<f64>| {
         let host = &hosts[i];
         let load = host.in_flight.load(Ordering::Relaxed) as f64 + 1.0;
-        estimate.unwrap_or(seed).max(COST_FLOOR_NS) * load / host.effective_weight(now) as f64
+        let weight = host.effective_weight(now) as f64;
+        match (estimate, best) {
+            (Some(e), _) => e.max(COST_FLOOR_NS) * load / weight,
+            // Unmeasured: as cheap per request as the best measured host,
+            // whatever its own weight (costed by its weight, a lighter host
+            // would lose every draw and never be measured at all).
+            (None, Some(best)) => best * load,
+            (None, None) => DEFAULT_ESTIMATE_NS * load / weight,
+        }
     };
     Some(if cost(b, eb) < cost(a, ea) { b } else { a })
 }
 
-/// Median estimate over (up to [`MEDIAN_SAMPLE`]) hosts that have one; only
-/// computed while some host has no sample yet. A stack buffer: no allocation.
-fn median_estimate(hosts: &[Arc<Host>], now: Instant) -> f64 {
-    let mut buf = [0f64; MEDIAN_SAMPLE];
-    let mut n = 0;
-    for host in hosts {
-        if n == MEDIAN_SAMPLE {
-            break;
-        }
-        if let Some(e) = host.signals.ttfb.estimate_ns(now) {
-            buf[n] = e;
-            n += 1;
-        }
-    }
-    if n == 0 {
-        return DEFAULT_ESTIMATE_NS;
-    }
-    let values = &mut buf[..n];
-    let (_, median, _) = values.select_nth_unstable_by((n - 1) / 2, f64::total_cmp);
-    *median
+/// The lowest estimate per unit of weight over (up to [`MEDIAN_SAMPLE`])
+/// hosts that have one, `None` when none has; only computed while a drawn
+/// host has no sample yet.
+fn best_per_weight(hosts: &[Arc<Host>], now: Instant) -> Option<f64> {
+    hosts
+        .iter()
+        .filter_map(|h| {
+            let e = h.signals.ttfb.estimate_ns(now)?;
+            Some(e.max(COST_FLOOR_NS) / h.effective_weight(now) as f64)
+        })
+        .take(MEDIAN_SAMPLE)
+        .min_by(f64::total_cmp)
 }
 
 #[cfg(test)]
@@ -548,7 +550,7 @@ mod tests {
     }
 
     #[test]
-    fn latency_seeds_new_hosts_with_the_median_and_decays() {
+    fn latency_costs_new_hosts_like_the_best_and_decays() {
         rng::seed(5);
         let hosts = table(&[1, 1, 1, 1], Strategy::Latency);
         let now = Instant::now();
@@ -558,14 +560,41 @@ mod tests {
                 .ttfb
                 .observe(Duration::from_millis(ms), now);
         }
-        assert_eq!(median_estimate(hosts.0.all(), now), 20e6);
-        // The unsampled host counts as 20 ms: it beats 400 ms, loses to 10 ms.
+        assert_eq!(
+            best_per_weight(hosts.0.all(), now),
+            Some(10e6 / SCALE as f64)
+        );
+        // The unsampled host counts as 10 ms: it beats 20 and 400 ms, ties 10 ms.
         let c = counts(&hosts, 3000, now);
-        assert!(c[3] > 0 && c[0] > c[3] && c[3] > c[2], "{c:?}");
+        assert!(c[3] > c[1] && c[1] > c[2], "{c:?}");
+        assert!(c[3] * 2 > c[0] && c[0] * 2 > c[3], "{c:?}");
         // Decay toward zero between samples: 400 ms is tried again later.
         let later = now + Duration::from_secs(60);
         let e = hosts.0.all()[2].latency_estimate(later).unwrap();
         assert!(e < Duration::from_millis(1), "{e:?}");
+    }
+
+    /// A lighter host with no sample yet is still tried: costed by its own
+    /// weight at the others' estimate, it lost every draw against a heavier
+    /// host of the same speed and was never measured (0 of 400).
+    #[test]
+    fn latency_tries_a_lighter_unmeasured_host() {
+        rng::seed(7);
+        let hosts = table(&[1, 3], Strategy::Latency);
+        let now = Instant::now();
+        hosts.0.all()[1]
+            .signals
+            .ttfb
+            .observe(Duration::from_millis(50), now);
+        let c = counts(&hosts, 400, now);
+        assert!(c[0] > 0, "the light host was never tried: {c:?}");
+        // Measured at the same speed, its weight makes it the dearer one.
+        hosts.0.all()[0]
+            .signals
+            .ttfb
+            .observe(Duration::from_millis(50), now);
+        let c = counts(&hosts, 400, now);
+        assert_eq!(c[0], 0, "{c:?}");
     }
 
     #[test]
