@@ -806,6 +806,21 @@ fn resetting_upstream() -> (String, std::thread::JoinHandle<()>) {
     (url, server)
 }
 
+/// The counterpart of the next test: a body with neither Content-Length nor
+/// chunked coding that the upstream ends with an orderly close (FIN) is a
+/// whole answer, passed on as such.
+#[test]
+fn a_body_without_length_ended_by_an_orderly_close_is_an_answer() {
+    let up = Upstream::always(Reply::Raw(vec![Step::Send(
+        format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{OK}").into_bytes(),
+    )]));
+    let bal = start(&[up.url()], &[], |c| c.settings.max_attempts = 1);
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body, OK.as_bytes());
+    assert_eq!(r.header("x-gaia-attempts"), Some("h0:200"));
+}
+
 /// A reset is no orderly end: a body without a length cut by one must not
 /// reach the client as a complete answer.
 #[test]
