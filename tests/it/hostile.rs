@@ -4,28 +4,13 @@ use std::io::{BufReader, Read, Write};
 use std::time::{Duration, Instant};
 
 use crate::fake::{Reply, Step, Upstream};
-use crate::util::{chat, connect, post, raw, read_response, request, start};
+use crate::util::{connect, hold_the_only_worker, post, raw, read_response, request, start};
 
 fn status_of(resp: &str) -> u16 {
     resp.split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0)
-}
-
-/// Start a stream on the only worker of `bal` (its upstream `up` stays
-/// silent) and return the connection that holds it.
-fn hold_the_only_worker(bal: &crate::util::Running, up: &Upstream) -> std::net::TcpStream {
-    let mut busy = connect(bal.addr);
-    let body = chat(true);
-    write!(
-        busy,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    assert!(crate::util::wait_for(Duration::from_secs(3), || up.hits() == 1));
-    busy
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::fake::{content_event, finish_events, role_event, Reply, Step, Upstream};
-use crate::util::{chat, connect, post, request, start, wait_for};
+use crate::util::{chat, connect, hold_the_only_worker, post, request, start, wait_for};
 
 const OK: &str = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}]}"#;
 const REVOKED: &str = "gaia-Revoked7Kq2mZ8xW4pL";
@@ -446,20 +446,6 @@ fn readyz_is_503_while_no_host_is_routable() {
         quick(&text, "gaia_balancer_cooldowns_total{scope=\"host\"}"),
         1.0
     );
-}
-
-/// Start a silent stream on the only worker of `bal` and return its connection.
-fn hold_the_only_worker(bal: &crate::util::Running, up: &Upstream) -> std::net::TcpStream {
-    let mut busy = connect(bal.addr);
-    let body = chat(true);
-    write!(
-        busy,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    assert!(wait_for(Duration::from_secs(3), || up.hits() == 1));
-    busy
 }
 
 #[test]

@@ -923,35 +923,12 @@ fn a_redirect_fails_over_and_the_502_says_where_it_pointed() {
 /// reset), as servers with a body limit do. Counts the connections it
 /// served; its thread ends within 10 s.
 fn early_413_upstream() -> (String, Arc<AtomicUsize>) {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let served = Arc::new(AtomicUsize::new(0));
-    let count = served.clone();
-    std::thread::spawn(move || {
-        let end = std::time::Instant::now() + Duration::from_secs(10);
-        while std::time::Instant::now() < end {
-            let Ok((mut s, _)) = listener.accept() else {
-                std::thread::sleep(Duration::from_millis(5));
-                continue;
-            };
-            count.fetch_add(1, Ordering::SeqCst);
-            s.set_nonblocking(false).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            // The answer leaves at once, before the close (a reset, with the
-            // body unread) could discard it.
-            s.set_nodelay(true).unwrap();
-            let mut got = Vec::new();
-            let mut buf = [0u8; 1];
-            while !got.ends_with(b"\r\n\r\n") {
-                match s.read(&mut buf) {
-                    Ok(1) => got.push(buf[0]),
-                    _ => break,
-                }
-            }
-            let _ = s.write_all(too_large_answer().as_bytes());
-        }
+    let served = crate::util::serve_by_hand(listener, |mut s| {
+        crate::util::read_head_only(&mut s);
+        let _ = s.write_all(too_large_answer().as_bytes());
     });
     (url, served)
 }

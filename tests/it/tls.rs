@@ -380,47 +380,23 @@ fn a_hedge_starts_while_a_tls_handshake_stalls() {
 /// without reading the body; its answer is passed through, not retried.
 #[test]
 fn an_early_413_over_tls_is_passed_through() {
-    use std::io::Read;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
     let url = format!("https://{}", listener.local_addr().unwrap());
-    let served = Arc::new(AtomicUsize::new(0));
-    let count = served.clone();
-    std::thread::spawn(move || {
-        let end = std::time::Instant::now() + Duration::from_secs(10);
-        while std::time::Instant::now() < end {
-            let Ok((tcp, _)) = listener.accept() else {
-                std::thread::sleep(Duration::from_millis(5));
-                continue;
-            };
-            count.fetch_add(1, Ordering::SeqCst);
-            tcp.set_nonblocking(false).unwrap();
-            tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            // The answer leaves at once, before the close (a reset, with
-            // the body unread) would discard it: Nagle would hold it back
-            // behind the unacknowledged session tickets.
-            tcp.set_nodelay(true).unwrap();
-            let conn = rustls::ServerConnection::new(Cert::Server.server_config()).unwrap();
-            let mut s = StreamOwned::new(conn, tcp);
-            let mut got = Vec::new();
-            let mut buf = [0u8; 1];
-            while !got.ends_with(b"\r\n\r\n") {
-                match s.read(&mut buf) {
-                    Ok(1) => got.push(buf[0]),
-                    _ => break,
-                }
-            }
-            // Straight to the socket: `StreamOwned`'s write would first
-            // read on, into a plaintext buffer the unread body fills.
-            let _ = s
-                .conn
-                .writer()
-                .write_all(crate::proxy::too_large_answer().as_bytes());
-            while s.conn.wants_write() {
-                if s.conn.write_tls(&mut s.sock).is_err() {
-                    break;
-                }
+    // Nagle off (as `serve_by_hand` sets) matters here too: it would hold
+    // the answer back behind the unacknowledged session tickets.
+    let served = crate::util::serve_by_hand(listener, |tcp| {
+        let conn = rustls::ServerConnection::new(Cert::Server.server_config()).unwrap();
+        let mut s = StreamOwned::new(conn, tcp);
+        crate::util::read_head_only(&mut s);
+        // Straight to the socket: `StreamOwned`'s write would first
+        // read on, into a plaintext buffer the unread body fills.
+        let _ = s
+            .conn
+            .writer()
+            .write_all(crate::proxy::too_large_answer().as_bytes());
+        while s.conn.wants_write() {
+            if s.conn.write_tls(&mut s.sock).is_err() {
+                break;
             }
         }
     });
@@ -439,7 +415,11 @@ fn an_early_413_over_tls_is_passed_through() {
     assert_eq!(r.status, 413, "{}", r.text());
     assert!(r.text().contains("body too large"), "{}", r.text());
     assert_eq!(r.header("x-gaia-attempts"), Some("h0[****]:413"));
-    assert_eq!(served.load(Ordering::SeqCst), 1, "one attempt, no retry");
+    assert_eq!(
+        served.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one attempt, no retry"
+    );
 }
 
 /// An https upstream that keeps its connections open and answers its first

@@ -258,6 +258,64 @@ pub fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
 }
 
 /// Poll `cond` until it holds or `limit` passes; bounded in time and count.
+/// Start a stream on the only worker of `bal` (its upstream `up` stays
+/// silent) and return the connection that holds it.
+pub fn hold_the_only_worker(bal: &Running, up: &crate::fake::Upstream) -> TcpStream {
+    let mut busy = connect(bal.addr);
+    let body = chat(true);
+    write!(
+        busy,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    assert!(wait_for(Duration::from_secs(3), || up.hits() == 1));
+    busy
+}
+
+/// A hand-written upstream for what the fake cannot do: for 10 s, each
+/// connection `listener` accepts goes to `each` on one thread (blocking, 5 s
+/// read timeout, no Nagle: an answer leaves at once, before a close that a
+/// reset could make discard it). Returns how many were accepted.
+pub fn serve_by_hand(
+    listener: std::net::TcpListener,
+    mut each: impl FnMut(TcpStream) + Send + 'static,
+) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    listener.set_nonblocking(true).unwrap();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            let Ok((s, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.set_nodelay(true).unwrap();
+            each(s);
+        }
+    });
+    accepted
+}
+
+/// Read a request head byte by byte (nothing of the body), up to its blank line.
+pub fn read_head_only(mut r: impl Read) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        match r.read(&mut buf) {
+            Ok(1) => got.push(buf[0]),
+            _ => break,
+        }
+    }
+    got
+}
+
+/// Wait until `cond` holds, up to `limit`; whether it did.
 pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + limit;
     for _ in 0..100_000 {
