@@ -821,6 +821,44 @@ fn a_body_without_length_ended_by_an_orderly_close_is_an_answer() {
     assert_eq!(r.header("x-gaia-attempts"), Some("h0:200"));
 }
 
+/// An IPv6 literal host with a path prefix: the connect (made by our own
+/// transport, socket by socket) reaches `[::1]`, the request goes to the
+/// prefix plus `/v1/...`, and `Host` carries the bracketed address.
+#[test]
+fn an_ipv6_host_with_a_path_prefix_is_reached() {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("[::1]:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    crate::util::serve_by_hand(listener, move |mut s| {
+        let head = crate::util::read_head_only(&mut s);
+        seen.lock()
+            .unwrap()
+            .push(String::from_utf8_lossy(&head).into_owned());
+        let _ = write!(
+            s,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{OK}",
+            OK.len()
+        );
+    });
+    let bal = start(&[format!("http://[::1]:{port}/api")], &[], |_| {});
+    let r = request(bal.addr, "GET", "/v1/models/x", &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body, OK.as_bytes());
+    let heads = heads.lock().unwrap();
+    let head = heads.first().expect("the upstream was reached");
+    assert!(
+        head.starts_with("GET /api/v1/models/x HTTP/1.1\r\n"),
+        "{head}"
+    );
+    assert!(
+        head.to_ascii_lowercase()
+            .contains(&format!("\r\nhost: [::1]:{port}\r\n")),
+        "{head}"
+    );
+}
+
 /// A reset is no orderly end: a body without a length cut by one must not
 /// reach the client as a complete answer.
 #[test]
