@@ -529,6 +529,14 @@ impl Candidates<'_> {
         self
     }
 
+    /// `index` was tried for this request elsewhere (by its hedge): later
+    /// attempts take it as they take a host they tried themselves.
+    pub fn mark_tried(&mut self, index: usize) {
+        if let Some(t) = self.tried.get_mut(index) {
+            *t = true;
+        }
+    }
+
     /// `index` gave an answer that asking it again cannot change (a 404:
     /// the path or model is the same with any key, after any pause), so this
     /// request never goes round to it again.

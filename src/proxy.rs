@@ -313,6 +313,18 @@ fn attempts(
             trail,
         );
         observe(b, &c.host, begun, &result);
+        // A hedge that failed tried its host for this request too: later
+        // attempts pause before it, or leave it out after a 404, as if the
+        // request had tried it itself.
+        if let Some((host, _, outcome)) = slot.as_ref().and_then(|s| s.failure()) {
+            candidates.mark_tried(host.index);
+            if let Some(failed) = host_failed.get_mut(host.index) {
+                *failed = retry::decide(outcome).host_failure;
+            }
+            if outcome == Outcome::Status(404) {
+                candidates.settle(host.index);
+            }
+        }
         let failure = match result {
             Ok(end) => {
                 if let Delivered::Hedged { host, cut, .. } = &end {

@@ -300,7 +300,7 @@ fn hedge_attempts_are_counted_in_upstream_attempts_total() {
                 Box::new(Reply::json(502, r#"{"error":{"message":"bad gateway"}}"#)),
             )
         } else {
-            Reply::Hang(Duration::from_secs(5))
+            Reply::json(200, OK)
         }
     });
     let other = Upstream::start(|_, n| {
@@ -314,17 +314,24 @@ fn hedge_attempts_are_counted_in_upstream_attempts_total() {
         c.hosts[0].weight = 1000; // the slow host goes first
         c.settings.hedge = Hedge::After(Duration::from_millis(200));
     });
-    // The hedge fails (500), then the first attempt (502); the retry serves.
+    // The hedge fails (500), then the first attempt (502); both hosts have
+    // now been tried, so the retry goes round again by weight, and serves.
     let r = post(bal.addr, "/v1/chat/completions", &chat(false));
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
         r.header("x-gaia-attempts"),
-        Some("h0:502,h1(hedge):500,h1:200")
+        Some("h0:502,h1(hedge):500,h0:200")
     );
+    // Counted once the answer has gone out: a moment after the client has it.
+    let served = || {
+        let m = request(bal.addr, "GET", "/metrics", &[], b"").text();
+        attempts(&m, "h0", "ok") == 1.0
+    };
+    assert!(wait_for(Duration::from_secs(2), served));
     let metrics = request(bal.addr, "GET", "/metrics", &[], b"").text();
     assert_eq!(attempts(&metrics, "h0", "status_5xx"), 1.0, "{metrics}");
     assert_eq!(attempts(&metrics, "h1", "status_5xx"), 1.0, "{metrics}");
-    assert_eq!(attempts(&metrics, "h1", "ok"), 1.0, "{metrics}");
+    assert_eq!(attempts(&metrics, "h0", "ok"), 1.0, "{metrics}");
     // A hedge that wins counts as `ok` on its host; the host it outran,
     // only slower, gets no outcome.
     let slow = Upstream::always(Reply::Hang(Duration::from_secs(5)));
@@ -335,8 +342,11 @@ fn hedge_attempts_are_counted_in_upstream_attempts_total() {
     });
     let r = post(bal.addr, "/v1/chat/completions", &chat(false));
     assert_eq!(r.header("x-gaia-attempts"), Some("h0:outrun,h1(hedge):200"));
-    let metrics = request(bal.addr, "GET", "/metrics", &[], b"").text();
-    assert_eq!(attempts(&metrics, "h1", "ok"), 1.0, "{metrics}");
+    let h1_ok = |bal: &crate::util::Running| {
+        let m = request(bal.addr, "GET", "/metrics", &[], b"").text();
+        attempts(&m, "h1", "ok") == 1.0
+    };
+    assert!(wait_for(Duration::from_secs(2), || h1_ok(&bal)));
     // The first attempt fails while its hedge runs, and the hedge wins:
     // both count, each on its own host.
     let failing = Upstream::always(Reply::Delayed(
@@ -353,6 +363,7 @@ fn hedge_attempts_are_counted_in_upstream_attempts_total() {
     });
     let r = post(bal.addr, "/v1/chat/completions", &chat(false));
     assert_eq!(r.header("x-gaia-attempts"), Some("h0:500,h1(hedge):200"));
+    assert!(wait_for(Duration::from_secs(2), || h1_ok(&bal)));
     let metrics = request(bal.addr, "GET", "/metrics", &[], b"").text();
     assert_eq!(attempts(&metrics, "h0", "status_5xx"), 1.0, "{metrics}");
     assert_eq!(attempts(&metrics, "h1", "ok"), 1.0, "{metrics}");
@@ -605,4 +616,29 @@ fn a_hedge_starts_while_a_request_body_cannot_be_written() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-gaia-attempts"), Some("h0:outrun,h1(hedge):200"));
     assert_eq!(fast.requests()[0].body.len(), big.len());
+}
+
+/// A hedge that failed tried its host for the request: a later attempt does
+/// not send the same request there again as if it were untried (here: a
+/// 404, which another try there cannot change).
+#[test]
+fn a_host_a_failed_hedge_tried_counts_as_tried() {
+    let slow = Upstream::always(Reply::Delayed(
+        Duration::from_millis(600),
+        Box::new(Reply::json(500, r#"{"error":{"message":"boom"}}"#)),
+    ));
+    let missing = Upstream::always(Reply::json(404, r#"{"error":{"message":"no such path"}}"#));
+    let good = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[slow.url(), missing.url(), good.url()], &[], |c| {
+        c.hosts[0].weight = 1000; // the slow host goes first,
+        c.hosts[1].weight = 100; // the missing one next (the hedge's pick)
+        c.settings.hedge = Hedge::After(Duration::from_millis(100));
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("x-gaia-attempts"),
+        Some("h0:500,h1(hedge):404,h2:200")
+    );
+    assert_eq!(missing.hits(), 1, "asked again after its hedge's 404");
 }
