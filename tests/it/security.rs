@@ -1,7 +1,7 @@
 //! Security: what a hostile client can make the balancer send upstream.
 
 use crate::fake::{Reply, Upstream};
-use crate::util::{raw, start};
+use crate::util::{post, raw, start};
 
 fn status_of(resp: &str) -> u16 {
     resp.split_whitespace()
@@ -44,4 +44,43 @@ fn dot_segments_behind_encoded_or_backslash_separators_never_reach_upstream() {
         up.requests().last().map(|s| s.path.clone()).as_deref(),
         Some(fine)
     );
+}
+
+const UNKNOWN: &str =
+    r#"{"error":{"message":"The model does not exist","code":"model_not_found"}}"#;
+
+fn ask(model: &str) -> String {
+    format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#)
+}
+
+#[test]
+fn model_names_chosen_by_clients_are_remembered_within_bounds() {
+    let up = Upstream::always(Reply::json(404, UNKNOWN));
+    let bal = start(&[up.url()], &[], |_| {});
+    // A name no host can list (longer than any kept id) is not remembered
+    // (nor logged): the host is asked again, as it was the first time.
+    let long = "x".repeat(300);
+    for _ in 0..2 {
+        assert_eq!(
+            post(bal.addr, "/v1/chat/completions", &ask(&long)).status,
+            404
+        );
+    }
+    assert_eq!(up.hits(), 2, "a 300-byte model name was remembered");
+    // Made-up names fill at most 256 places per host; the oldest gives way.
+    for i in 0..257 {
+        let r = post(
+            bal.addr,
+            "/v1/chat/completions",
+            &ask(&format!("made-up-{i}")),
+        );
+        assert_eq!(r.status, 404, "{}", r.text());
+    }
+    assert_eq!(up.hits(), 2 + 257);
+    let r = post(bal.addr, "/v1/chat/completions", &ask("made-up-256"));
+    assert_eq!(r.status, 404);
+    assert_eq!(up.hits(), 2 + 257, "the newest name is still remembered");
+    let r = post(bal.addr, "/v1/chat/completions", &ask("made-up-0"));
+    assert_eq!(r.status, 404);
+    assert_eq!(up.hits(), 2 + 258, "the oldest name gave way");
 }
