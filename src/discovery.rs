@@ -60,6 +60,10 @@ const PARALLEL: usize = 8;
 /// Longest sleep of the discovery thread between looks at its schedule,
 /// the drain flag and the configuration generation.
 const TICK: Duration = Duration::from_millis(250);
+/// Most model-unknown exclusions remembered per host. Clients choose the
+/// names, so without a cap a stream of made-up ones would grow the list (and
+/// the scan every request makes of it) until the next round.
+const MAX_EXCLUDED: usize = 256;
 /// Bytes of an error body searched for "model not found" wordings.
 const ERROR_SCAN: usize = 4096;
 
@@ -112,6 +116,10 @@ impl Catalog {
         let now = Instant::now();
         let mut k = self.lock();
         k.excluded.retain(|(m, _, u)| *u > now && **m != **model);
+        if k.excluded.len() >= MAX_EXCLUDED {
+            // The oldest goes: at worst that host is asked about it once more.
+            k.excluded.remove(0);
+        }
         k.excluded.push((model.clone(), now, until));
     }
 
@@ -191,6 +199,12 @@ pub fn says_model_unknown(body: &[u8]) -> bool {
 /// Exclude (`host`, `model`) after a model-unknown 404, until the host's next
 /// discovery round (bounded by one interval plus jitter).
 pub fn exclude(b: &Balancer, host: &Host, model: &Arc<str>) {
+    // Discovery keeps no longer id (see `parse_list`), so such a name is
+    // junk; remembering and logging it would hold and print whatever a
+    // client put in `model`, up to maxBodyBytes, once per host.
+    if model.len() > MAX_ID_LEN {
+        return;
+    }
     let interval = b
         .config
         .settings

@@ -75,6 +75,40 @@ fn is_dot_segment(seg: &str) -> bool {
     dots == 1 || dots == 2
 }
 
+/// The segments of a `/v1/*` path as an upstream may see them: besides `/`,
+/// a backslash (WHATWG URL parsers, Node among them, read it as `/`) and an
+/// encoded `/` or `\` (`%2f`, `%5c`, which nginx decodes before resolving
+/// dot segments) separate segments, and a `;` path parameter (`..;`, which
+/// Tomcat and Jetty read as `..`) is not part of the segment's name.
+fn upstream_segments(path: &str) -> Vec<&str> {
+    let bytes = path.as_bytes();
+    let mut start = 0;
+    let mut i = 0;
+    let mut out = Vec::new();
+    while i < bytes.len() {
+        let encoded = bytes.len() - i >= 3
+            && bytes[i] == b'%'
+            && ((bytes[i + 1] == b'2' && bytes[i + 2] | 0x20 == b'f')
+                || (bytes[i + 1] == b'5' && bytes[i + 2] | 0x20 == b'c'));
+        let width = if encoded {
+            3
+        } else if matches!(bytes[i], b'/' | b'\\') {
+            1
+        } else {
+            i += 1;
+            continue;
+        };
+        out.push(&path[start..i]);
+        i += width;
+        start = i;
+    }
+    out.push(&path[start..]);
+    for seg in &mut out {
+        *seg = seg.split(';').next().unwrap_or(seg);
+    }
+    out
+}
+
 /// The path part of a request target.
 pub fn path_of(target: &str) -> &str {
     target.split(['?', '#']).next().unwrap_or(target)
@@ -139,7 +173,7 @@ pub fn route(b: &Balancer, head: &Head, peer: IpAddr) -> Result<Route, Rejection
         "/status" => get_only(Route::Status)?,
         "/metrics" => get_only(Route::Metrics)?,
         p if p == "/v1" || p.starts_with("/v1/") => {
-            if p.split('/').any(is_dot_segment) || p.contains("//") {
+            if upstream_segments(p).into_iter().any(is_dot_segment) || p.contains("//") {
                 return Err(reject(
                     400,
                     "invalid_path",
@@ -538,11 +572,26 @@ mod tests {
             "/v1/.%2E/x",
             "/v1/chat/%2e",
             "/v1/a/%2E%2e",
+            "/v1/..%2fadmin",
+            "/v1/%2E%2E%2Fadmin",
+            "/v1/..\\admin",
+            "/v1/x/%2e%5c",
+            "/v1/..;/admin",
+            "/v1/..;x=1/admin",
         ] {
             let refused = route(&b, &head("POST", encoded, None), LOCAL);
             assert_eq!(refused.map_err(|r| r.status), Err(400), "{encoded}");
         }
-        for fine in ["/v1/...", "/v1/a.b", "/v1/%2e%2ex", "/v1/%2"] {
+        for fine in [
+            "/v1/...",
+            "/v1/a.b",
+            "/v1/%2e%2ex",
+            "/v1/%2",
+            "/v1/%5",
+            "/v1/models/org%2Fname",
+            "/v1/a..%2fb",
+            "/v1/x;y",
+        ] {
             let ok = route(&b, &head("POST", fine, None), LOCAL);
             assert_eq!(ok, Ok(Route::Proxy), "{fine}");
         }

@@ -18,6 +18,7 @@ mod process;
 mod proxy;
 mod reload;
 mod resilience;
+mod security;
 mod strategies;
 mod streaming;
 mod tls;
