@@ -219,6 +219,18 @@ fn metrics_parse_and_count_what_happened() {
     assert_eq!(r.status, 200, "{}", r.text());
     chat_ok += 1;
 
+    // A request is counted once its answer has gone out: a moment after the
+    // client has it.
+    let chat_200 = [("route", "chat"), ("code", "200")];
+    let counted = value(&before, "gaia_balancer_requests_total", &chat_200) + chat_ok as f64;
+    assert!(wait_for(Duration::from_secs(2), || {
+        scrapes += 1;
+        value(
+            &parse(&scrape(addr)),
+            "gaia_balancer_requests_total",
+            &chat_200,
+        ) == counted
+    }));
     let text = scrape(addr);
     for key in [REVOKED, GOOD] {
         assert!(!leaks(&text, key), "key material in /metrics:\n{text}");
