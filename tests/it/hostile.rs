@@ -4,14 +4,9 @@ use std::io::{BufReader, Read, Write};
 use std::time::{Duration, Instant};
 
 use crate::fake::{Reply, Step, Upstream};
-use crate::util::{connect, hold_the_only_worker, post, raw, read_response, request, start};
-
-fn status_of(resp: &str) -> u16 {
-    resp.split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
-}
+use crate::util::{
+    connect, hold_the_only_worker, post, raw, read_response, request, start, status_of,
+};
 
 #[test]
 fn huge_content_length_is_413_and_the_process_keeps_serving() {

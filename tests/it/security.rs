@@ -1,14 +1,7 @@
 //! Security: what a hostile client can make the balancer send upstream.
 
 use crate::fake::{Reply, Upstream};
-use crate::util::{post, raw, start};
-
-fn status_of(resp: &str) -> u16 {
-    resp.split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
-}
+use crate::util::{post, raw, start, status_of};
 
 #[test]
 fn dot_segments_behind_encoded_or_backslash_separators_never_reach_upstream() {

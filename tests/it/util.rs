@@ -315,6 +315,14 @@ pub fn read_head_only(mut r: impl Read) -> Vec<u8> {
     got
 }
 
+/// The status code of a raw response text (0 when there is none).
+pub fn status_of(resp: &str) -> u16 {
+    resp.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Wait until `cond` holds, up to `limit`; whether it did.
 pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + limit;
