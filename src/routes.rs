@@ -180,6 +180,15 @@ pub fn route(b: &Balancer, head: &Head, peer: IpAddr) -> Result<Route, Rejection
                     "path segments '.', '..' and empty segments are not allowed",
                 ));
             }
+            // A NUL names nothing, and a C-string upstream would cut the
+            // path there (after the pool key was added).
+            if p.as_bytes().windows(3).any(|w| w == b"%00") {
+                return Err(reject(
+                    400,
+                    "invalid_path",
+                    "an encoded NUL (%00) is not allowed in a path",
+                ));
+            }
             if !PROXIED_METHODS.contains(&head.method.as_str()) {
                 // TRACE would echo the client's headers (keys included);
                 // CONNECT is not for an API; anything else the upstream
@@ -578,6 +587,8 @@ mod tests {
             "/v1/x/%2e%5c",
             "/v1/..;/admin",
             "/v1/..;x=1/admin",
+            "/v1/models%00/x",
+            "/v1/chat/completions%00.json",
         ] {
             let refused = route(&b, &head("POST", encoded, None), LOCAL);
             assert_eq!(refused.map_err(|r| r.status), Err(400), "{encoded}");
