@@ -25,6 +25,7 @@ use crate::config::{HostSpec, Strategy};
 use crate::cooldowns::Cooldown;
 use crate::discovery::{self, Catalog};
 use crate::keys::{Key, KeyPool, EVIDENCE_WINDOW};
+use crate::retry::{self, Outcome};
 use crate::rng;
 use crate::selection::{HostSignals, Selector};
 
@@ -264,8 +265,7 @@ impl Hosts {
     pub fn candidates(&self) -> Candidates<'_> {
         Candidates {
             hosts: self,
-            tried: vec![false; self.hosts.len()],
-            done: vec![false; self.hosts.len()],
+            seen: vec![Seen::default(); self.hosts.len()],
             retry_at: None,
             model: None,
         }
@@ -512,12 +512,22 @@ pub struct Candidate {
     pub repeat: bool,
 }
 
+/// What one request has learned of a host so far.
+#[derive(Debug, Clone, Copy, Default)]
+struct Seen {
+    /// An attempt of the request (its hedge's included) went there.
+    tried: bool,
+    /// Its last answer there was a host failure (a 429 or 401 is none).
+    failed: bool,
+    /// Its answer there stands (a 404): never again.
+    settled: bool,
+}
+
 /// Hosts in the order one request should try them.
 pub struct Candidates<'a> {
     hosts: &'a Hosts,
-    tried: Vec<bool>,
-    /// Hosts whose answer stands for this request (a 404): never again.
-    done: Vec<bool>,
+    /// Per host, by index.
+    seen: Vec<Seen>,
     retry_at: Option<Instant>,
     model: Option<Arc<str>>,
 }
@@ -529,20 +539,28 @@ impl Candidates<'_> {
         self
     }
 
-    /// `index` was tried for this request elsewhere (by its hedge): later
-    /// attempts take it as they take a host they tried themselves.
-    pub fn mark_tried(&mut self, index: usize) {
-        if let Some(t) = self.tried.get_mut(index) {
-            *t = true;
+    /// An attempt on `index` (the request's own, or its hedge's) ended
+    /// with `outcome`: the host counts as tried, and as failed for the
+    /// pause before going back to it when the outcome blames the host.
+    pub fn learn(&mut self, index: usize, outcome: Outcome) {
+        if let Some(s) = self.seen.get_mut(index) {
+            s.tried = true;
+            s.failed = retry::decide(outcome).host_failure;
         }
+    }
+
+    /// The request's last answer from `index` was a host failure: going
+    /// back to it waits a backoff (a new key after a 429 needs none).
+    pub fn failed_before(&self, index: usize) -> bool {
+        self.seen.get(index).is_some_and(|s| s.failed)
     }
 
     /// `index` gave an answer that asking it again cannot change (a 404:
     /// the path or model is the same with any key, after any pause), so this
     /// request never goes round to it again.
     pub fn settle(&mut self, index: usize) {
-        if let Some(d) = self.done.get_mut(index) {
-            *d = true;
+        if let Some(s) = self.seen.get_mut(index) {
+            s.settled = true;
         }
     }
 
@@ -632,8 +650,8 @@ impl Candidates<'_> {
             h.probe_in_flight = true;
         }
         drop(h);
-        if let Some(t) = self.tried.get_mut(host.index) {
-            *t = true;
+        if let Some(s) = self.seen.get_mut(host.index) {
+            s.tried = true;
         }
         Some(Candidate {
             host,
@@ -659,7 +677,7 @@ impl Iterator for Candidates<'_> {
             .as_deref()
             .map(|m| (m, discovery::declared_anywhere(&hosts.hosts, m, now)));
         for host in &hosts.hosts {
-            usable[host.index] = !self.done[host.index]
+            usable[host.index] = !self.seen[host.index].settled
                 && by_model.is_none_or(|(m, d)| discovery::admits(host, m, d, now))
                 && self.usable(host, now, panic).is_some();
         }
@@ -670,7 +688,9 @@ impl Iterator for Candidates<'_> {
                     .hosts
                     .iter()
                     .map(|h| {
-                        usable[h.index] && h.spec.backup == backup && self.tried[h.index] == repeat
+                        usable[h.index]
+                            && h.spec.backup == backup
+                            && self.seen[h.index].tried == repeat
                     })
                     .collect();
                 let Some(host) = hosts.pick(&eligible, now) else {

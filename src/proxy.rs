@@ -208,9 +208,6 @@ fn attempts(
     let mut refused = false;
     // Pauses before going back to a failed host: the backoff doubles with each.
     let mut pauses = 0u32;
-    // Hosts whose last answer in this request was a host failure (a 429 or
-    // a 401 is none: the next key there needs no pause).
-    let mut host_failed = vec![false; b.hosts.all().len()];
     let mut candidates = b.hosts.candidates().for_model(req.model.clone());
     if let (true, Some(after)) = (req.stream, settings.stream_keep_alive_after) {
         // A slow first token: commit the head early and keep the line warm,
@@ -257,7 +254,7 @@ fn attempts(
         }
         // Waiting only helps a host that failed itself (whatever another
         // host said since); a new key needs no pause.
-        if c.repeat && host_failed.get(c.host.index) == Some(&true) {
+        if c.repeat && candidates.failed_before(c.host.index) {
             pauses += 1;
             let turnaround = settings.timeouts.connect.min(Duration::from_secs(1));
             let resume = Instant::now() + retry::backoff(pauses, turnaround);
@@ -317,10 +314,7 @@ fn attempts(
         // attempts pause before it, or leave it out after a 404, as if the
         // request had tried it itself.
         if let Some((host, _, outcome)) = slot.as_ref().and_then(|s| s.failure()) {
-            candidates.mark_tried(host.index);
-            if let Some(failed) = host_failed.get_mut(host.index) {
-                *failed = retry::decide(outcome).host_failure;
-            }
+            candidates.learn(host.index, outcome);
             if outcome == Outcome::Status(404) {
                 candidates.settle(host.index);
             }
@@ -368,9 +362,7 @@ fn attempts(
                 // Already in the trail and learned from (a hedge was waited
                 // on, or won the race and then failed): one more attempt.
                 served.attempts += 1;
-                if let Some(failed) = host_failed.get_mut(c.host.index) {
-                    *failed = retry::decide(f.outcome).host_failure;
-                }
+                candidates.learn(c.host.index, f.outcome);
                 last = Some(f);
                 continue;
             }
@@ -378,9 +370,7 @@ fn attempts(
         };
         trail.push(&c.host, c.key.as_deref(), &outcome_label(failure.outcome));
         learn(b, &c, &failure, req.model.as_ref());
-        if let Some(failed) = host_failed.get_mut(c.host.index) {
-            *failed = retry::decide(failure.outcome).host_failure;
-        }
+        candidates.learn(c.host.index, failure.outcome);
         match failure.outcome {
             Outcome::Status(404) => {
                 // Another key or a pause would get the same 404 from this host.
