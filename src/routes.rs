@@ -75,16 +75,16 @@ fn is_dot_segment(seg: &str) -> bool {
     dots == 1 || dots == 2
 }
 
-/// The segments of a `/v1/*` path as an upstream may see them: besides `/`,
-/// a backslash (WHATWG URL parsers, Node among them, read it as `/`) and an
-/// encoded `/` or `\` (`%2f`, `%5c`, which nginx decodes before resolving
-/// dot segments) separate segments, and a `;` path parameter (`..;`, which
-/// Tomcat and Jetty read as `..`) is not part of the segment's name.
-fn upstream_segments(path: &str) -> Vec<&str> {
+/// Whether a `/v1/*` path has a `.` or `..` segment as an upstream may see
+/// it: besides `/`, a backslash (WHATWG URL parsers, Node among them, read
+/// it as `/`) and an encoded `/` or `\` (`%2f`, `%5c`, which nginx decodes
+/// before resolving dot segments) separate segments, and a `;` path
+/// parameter (`..;`, which Tomcat and Jetty read as `..`) is not part of the
+/// segment's name. One pass, no allocation: this runs on every request.
+fn has_dot_segment(path: &str) -> bool {
+    let dot = |seg: &str| is_dot_segment(seg.split(';').next().unwrap_or(seg));
     let bytes = path.as_bytes();
-    let mut start = 0;
-    let mut i = 0;
-    let mut out = Vec::new();
+    let (mut start, mut i) = (0, 0);
     while i < bytes.len() {
         let encoded = bytes.len() - i >= 3
             && bytes[i] == b'%'
@@ -98,15 +98,13 @@ fn upstream_segments(path: &str) -> Vec<&str> {
             i += 1;
             continue;
         };
-        out.push(&path[start..i]);
+        if dot(&path[start..i]) {
+            return true;
+        }
         i += width;
         start = i;
     }
-    out.push(&path[start..]);
-    for seg in &mut out {
-        *seg = seg.split(';').next().unwrap_or(seg);
-    }
-    out
+    dot(&path[start..])
 }
 
 /// The path part of a request target.
@@ -173,7 +171,7 @@ pub fn route(b: &Balancer, head: &Head, peer: IpAddr) -> Result<Route, Rejection
         "/status" => get_only(Route::Status)?,
         "/metrics" => get_only(Route::Metrics)?,
         p if p == "/v1" || p.starts_with("/v1/") => {
-            if upstream_segments(p).into_iter().any(is_dot_segment) || p.contains("//") {
+            if has_dot_segment(p) || p.contains("//") {
                 return Err(reject(
                     400,
                     "invalid_path",
