@@ -883,26 +883,23 @@ fn state_word<'k>(word: &str, known: &[&'k str]) -> Option<&'k str> {
         "isdisabled",
         "isinactive",
     ];
-    let word: String = word
-        .chars()
-        .filter(|c| *c != '_' && *c != '-')
-        .flat_map(char::to_lowercase)
-        .collect();
-    if !STATE_WORDS.contains(&word.as_str()) {
+    if !STATE_WORDS.iter().any(|w| folded(word).eq(w.chars())) {
         return None;
     }
     known.iter().copied().find(|k| *k == "isActive")
 }
 
+/// `s` lower-cased without `_` and `-`: how field names are compared.
+fn folded(s: &str) -> impl Iterator<Item = char> + '_ {
+    s.chars()
+        .filter(|c| *c != '_' && *c != '-')
+        .flat_map(char::to_lowercase)
+}
+
 /// The known name `word` was probably meant to be: the same apart from case,
 /// `_` and `-`, or within two typos (one for short names). Shared with the CLI.
 pub(crate) fn suggest<'k>(word: &str, known: &[&'k str]) -> Option<&'k str> {
-    let norm = |s: &str| -> Vec<char> {
-        s.chars()
-            .filter(|c| *c != '_' && *c != '-')
-            .flat_map(char::to_lowercase)
-            .collect()
-    };
+    let norm = |s: &str| -> Vec<char> { folded(s).collect() };
     let want = norm(word);
     // Long words are not typos of field names; bounding them bounds the work.
     if want.is_empty() || want.len() > 64 {
