@@ -65,7 +65,7 @@ const DEFAULT_ESTIMATE_NS: f64 = 1e8;
 const FAILURE_MIN_NS: f64 = 1e9;
 const FAILURE_MAX_NS: f64 = 300e9;
 /// Hosts looked at for the cost of hosts without an estimate.
-const MEDIAN_SAMPLE: usize = 64;
+const SEED_SAMPLE: usize = 64;
 
 /// What selection knows about one host beyond its configuration.
 #[derive(Debug)]
@@ -409,7 +409,7 @@ fn latency(hosts: &[Arc<Host>], eligible: &[bool], now: Instant) -> Option<usize
     Some(if cost(b, eb) < cost(a, ea) { b } else { a })
 }
 
-/// The lowest estimate per unit of weight over (up to [`MEDIAN_SAMPLE`])
+/// The lowest estimate per unit of weight over (up to [`SEED_SAMPLE`])
 /// hosts that have one, `None` when none has; only computed while a drawn
 /// host has no sample yet.
 fn best_per_weight(hosts: &[Arc<Host>], now: Instant) -> Option<f64> {
@@ -419,7 +419,7 @@ fn best_per_weight(hosts: &[Arc<Host>], now: Instant) -> Option<f64> {
             let e = h.signals.ttfb.estimate_ns(now)?;
             Some(e.max(COST_FLOOR_NS) / h.effective_weight(now) as f64)
         })
-        .take(MEDIAN_SAMPLE)
+        .take(SEED_SAMPLE)
         .min_by(f64::total_cmp)
 }
 
