@@ -17,6 +17,16 @@ fn bin() -> Command {
     c
 }
 
+/// `gaia-balancer check --config <dir>`, run to its end.
+fn check(dir: impl AsRef<std::ffi::OsStr>) -> std::process::Output {
+    bin()
+        .arg("check")
+        .arg("--config")
+        .arg(dir)
+        .output()
+        .unwrap()
+}
+
 fn temp_dir(name: &str) -> PathBuf {
     crate::process::temp_dir("it", name)
 }
@@ -34,12 +44,7 @@ fn check_accepts_the_shipped_config_and_masks_keys() {
         r#"{"apiKeys": [{"key": "gaia-secret-key-value-1234", "isActive": true}]}"#,
     )
     .unwrap();
-    let out = bin()
-        .arg("check")
-        .arg("--config")
-        .arg(&dir)
-        .output()
-        .unwrap();
+    let out = check(&dir);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -71,12 +76,7 @@ fn check_reports_file_field_line_and_column() {
         "{\n  \"hosts\": [\n    {\"url\": \"asia\", \"weight\": 0}\n  ]\n}\n",
     )
     .unwrap();
-    let out = bin()
-        .arg("check")
-        .arg("--config")
-        .arg(&dir)
-        .output()
-        .unwrap();
+    let out = check(&dir);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("hosts.json:3:"), "{err}");
@@ -87,12 +87,7 @@ fn check_reports_file_field_line_and_column() {
     );
 
     std::fs::write(dir.join("hosts.json"), "{\"hosts\": [\"asia\",]}").unwrap();
-    let out = bin()
-        .arg("check")
-        .arg("--config")
-        .arg(&dir)
-        .output()
-        .unwrap();
+    let out = check(&dir);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("hosts.json:1:"), "{err}");
@@ -240,12 +235,7 @@ fn the_backup_example_config_is_valid() {
         dir.join("hosts.json"),
     )
     .unwrap();
-    let out = bin()
-        .arg("check")
-        .arg("--config")
-        .arg(&dir)
-        .output()
-        .unwrap();
+    let out = check(&dir);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -271,12 +261,7 @@ fn check_refuses_a_base_url_path_the_http_layer_cannot_send() {
     let dir = temp_dir("check-url-path");
     let check = |hosts: &str| {
         std::fs::write(dir.join("hosts.json"), hosts).unwrap();
-        bin()
-            .arg("check")
-            .arg("--config")
-            .arg(&dir)
-            .output()
-            .unwrap()
+        check(&dir)
     };
     for (bad, encoded) in [("a<b", "%3C"), ("a>b", "%3E"), ("a`b", "%60")] {
         let out = check(&format!(
@@ -405,12 +390,7 @@ fn undoing_a_refused_change_logs_that_the_configuration_is_valid_again() {
 fn check_says_when_config_names_a_file_instead_of_a_directory() {
     let dir = temp_dir("check-config-file");
     std::fs::write(dir.join("hosts.json"), r#"{"hosts": ["asia"]}"#).unwrap();
-    let out = bin()
-        .arg("check")
-        .arg("--config")
-        .arg(dir.join("hosts.json"))
-        .output()
-        .unwrap();
+    let out = check(dir.join("hosts.json"));
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -433,12 +413,7 @@ fn check_names_an_empty_file_and_a_comment() {
         let _ = std::fs::remove_file(dir.join("balancer.json"));
         let _ = std::fs::remove_file(dir.join("api-keys.json"));
         std::fs::write(dir.join(file), text).unwrap();
-        let out = bin()
-            .arg("check")
-            .arg("--config")
-            .arg(&dir)
-            .output()
-            .unwrap();
+        let out = check(&dir);
         assert_eq!(out.status.code(), Some(1));
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
