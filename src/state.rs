@@ -55,6 +55,8 @@ impl Balancer {
         keys: Arc<KeyPool>,
         agent: ureq::Agent,
     ) -> Self {
+        // Names are looked up now, so no first request waits for DNS.
+        crate::resolve::warm(config.hosts.iter().map(|h| h.base_url.as_str()));
         Balancer {
             config,
             hosts,

@@ -20,7 +20,7 @@ use crate::config::Settings;
 use crate::hosts::Host;
 use crate::keys::Key;
 use crate::request::Headers;
-use crate::resolve::LiteralFirst;
+use crate::resolve::CachedResolver;
 use crate::retry::Outcome;
 use crate::tls::TlsConnector;
 use crate::transport::{self, LinkConnector};
@@ -99,7 +99,7 @@ pub fn agent(settings: &Settings) -> Agent {
             settings.ca_file.as_ref().map_or(&[][..], |c| &c.roots[..]),
         ))
         .chain(watch::WatchConnector);
-    Agent::with_parts(config, connector, LiteralFirst::default())
+    Agent::with_parts(config, connector, CachedResolver::default())
 }
 
 /// What is sent upstream, the same for every attempt of one request (but

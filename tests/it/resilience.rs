@@ -93,6 +93,22 @@ fn a_host_name_that_does_not_resolve_is_a_connect_failure() {
     );
 }
 
+/// A host given by name is served through the resolver's cache (README:
+/// "Name resolution"): `localhost` comes from `/etc/hosts`, may also name
+/// `::1`, where nothing listens, and every request still gets its answer
+/// from the one upstream, on pooled connections.
+#[test]
+fn a_host_given_by_name_is_served() {
+    let up = Upstream::always(Reply::json(200, OK));
+    let url = up.url().replace("127.0.0.1", "localhost");
+    let bal = start(&[url], &[], |c| c.settings.max_attempts = 1);
+    for _ in 0..20 {
+        let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(up.hits(), 20);
+}
+
 #[test]
 fn five_consecutive_failures_eject_a_host() {
     let bad = Upstream::always(Reply::json(500, "{}"));
