@@ -18,7 +18,7 @@
 //! only when every host has been tried does it go round again.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use crate::config::{HostSpec, Strategy};
@@ -68,6 +68,22 @@ pub struct Health {
     pub pairs: Vec<(usize, Cooldown)>,
     /// The last failure, for `/status`.
     pub last_failure: Option<String>,
+    /// The key pool `limited_keys` and `pairs` index into: the host's pool
+    /// in the newest table, which a reload may have renewed (see
+    /// [`Hosts::reloaded`]).
+    pool: Weak<KeyPool>,
+    /// The ejection count of the newest table holding the host, which its
+    /// transitions in and out of `Up` update, whichever generation's request
+    /// makes them.
+    out: Arc<Out>,
+}
+
+/// How many hosts of one table are ejected or probing, and how many may be.
+#[derive(Debug)]
+struct Out {
+    now: AtomicUsize,
+    /// Never more than half the hosts out.
+    cap: usize,
 }
 
 impl Health {
@@ -109,15 +125,17 @@ pub struct Host {
     /// Requests currently being sent to or read from this host (shared with
     /// the same host in older generations, see [`Hosts::reloaded`]).
     pub in_flight: Arc<AtomicUsize>,
-    /// Attempts that ended in a host failure.
-    pub failures: AtomicU64,
-    /// Attempts that produced output.
-    pub successes: AtomicU64,
+    /// Attempts that ended in a host failure (shared like `in_flight`).
+    pub failures: Arc<AtomicU64>,
+    /// Attempts that produced output (shared like `in_flight`).
+    pub successes: Arc<AtomicU64>,
     /// Models it serves, as model discovery learned them.
     pub catalog: Catalog,
     /// Latency estimate and slow start, read by the strategies.
     pub signals: Arc<HostSignals>,
-    health: Mutex<Health>,
+    /// Shared with the same host in older generations, so that what their
+    /// requests still in flight learn reaches this one.
+    health: Arc<Mutex<Health>>,
 }
 
 impl Host {
@@ -146,12 +164,30 @@ impl Host {
         self.keys
             .keys()
             .iter()
-            .any(|k| k.usable(now) && !Host::pair_cooling(h, k.index, now))
+            .any(|k| k.usable(now) && !self.pair_cooling(h, k.index, now))
     }
 
     /// True when the (host, key) pair is cooling.
-    fn pair_cooling(h: &Health, key: usize, now: Instant) -> bool {
-        h.pairs.iter().any(|(k, c)| *k == key && c.active(now))
+    fn pair_cooling(&self, h: &Health, key: usize, now: Instant) -> bool {
+        self.pairs(h)
+            .iter()
+            .any(|(k, c)| *k == key && c.active(now))
+    }
+
+    /// True when the key evidence in `h` (`limited_keys`, `pairs`) is about
+    /// this host object's keys. False for the host of an older generation
+    /// whose pool a reload renewed: its key indexes name other keys now.
+    fn owns_key_evidence(&self, h: &Health) -> bool {
+        std::ptr::eq(h.pool.as_ptr(), Arc::as_ptr(&self.keys))
+    }
+
+    /// The pair cooldowns in `h` that are about this host object's keys.
+    fn pairs<'a>(&self, h: &'a Health) -> &'a [(usize, Cooldown)] {
+        if self.owns_key_evidence(h) {
+            &h.pairs
+        } else {
+            &[]
+        }
     }
 }
 
@@ -178,8 +214,8 @@ pub struct Hosts {
     hosts: Vec<Arc<Host>>,
     /// The strategy and its state.
     selector: Selector,
-    /// Hosts ejected or probing now.
-    ejected: AtomicUsize,
+    /// Hosts ejected or probing now, shared with their health.
+    ejected: Arc<Out>,
 }
 
 /// How long a (host, key) pair stays out after the host alone rejected the key.
@@ -199,6 +235,10 @@ pub enum Scope {
 impl Hosts {
     /// Build the table; hosts without their own keys share `global`.
     pub fn new(specs: &[HostSpec], global: &Arc<KeyPool>, strategy: Strategy) -> Self {
+        let ejected = Arc::new(Out {
+            now: AtomicUsize::new(0),
+            cap: specs.len() / 2,
+        });
         let hosts: Vec<Arc<Host>> = specs
             .iter()
             .enumerate()
@@ -207,16 +247,17 @@ impl Hosts {
                     Some(own) => Arc::new(KeyPool::new(own)),
                     None => global.clone(),
                 };
+                let pool = Arc::downgrade(&keys);
                 Arc::new(Host {
                     index,
                     spec: spec.clone(),
                     keys,
                     in_flight: Arc::new(AtomicUsize::new(0)),
-                    failures: AtomicU64::new(0),
-                    successes: AtomicU64::new(0),
+                    failures: Arc::new(AtomicU64::new(0)),
+                    successes: Arc::new(AtomicU64::new(0)),
                     catalog: Catalog::default(),
                     signals: Arc::new(HostSignals::new()),
-                    health: Mutex::new(Health {
+                    health: Arc::new(Mutex::new(Health {
                         state: HostState::Up,
                         consecutive: 0,
                         in_a_row: 0,
@@ -226,7 +267,9 @@ impl Hosts {
                         limited_keys: Vec::new(),
                         pairs: Vec::new(),
                         last_failure: None,
-                    }),
+                        pool,
+                        out: ejected.clone(),
+                    })),
                 })
             })
             .collect();
@@ -234,7 +277,7 @@ impl Hosts {
         Hosts {
             hosts,
             selector,
-            ejected: AtomicUsize::new(0),
+            ejected,
         }
     }
 
@@ -245,7 +288,7 @@ impl Hosts {
 
     /// Hosts ejected (or probing) now.
     pub fn ejected(&self) -> usize {
-        self.ejected.load(Ordering::Relaxed)
+        self.ejected.now.load(Ordering::Relaxed)
     }
 
     /// True when at least one host could take a request now.
@@ -291,7 +334,7 @@ impl Hosts {
                 if h.state != HostState::Up {
                     h.state = HostState::Up;
                     h.in_a_row = 0;
-                    self.ejected.fetch_sub(1, Ordering::Relaxed);
+                    h.out.now.fetch_sub(1, Ordering::Relaxed);
                     host.signals.slow_start.begin(now);
                     log::info!("host {} readmitted", host.spec.name);
                 }
@@ -312,12 +355,14 @@ impl Hosts {
         }
     }
 
-    /// Eject `host`; `new` when it was up (and so counts against the cap).
+    /// Eject `host`; `new` when it was up (and so counts against the cap of
+    /// the newest table holding it, which may not be `self`).
     fn eject(&self, host: &Host, h: &mut Health, now: Instant, new: bool) {
         if new {
-            let cap = self.hosts.len() / 2;
-            let admitted = self
-                .ejected
+            let cap = h.out.cap;
+            let admitted = h
+                .out
+                .now
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |e| {
                     (e < cap).then_some(e + 1)
                 })
@@ -352,6 +397,12 @@ impl Hosts {
             return Scope::Key;
         }
         let mut h = host.health();
+        if !host.owns_key_evidence(&h) {
+            // A request of an older generation, with a key of a pool the
+            // reload replaced: that key is out of this host's rotation
+            // already, and its index names another key now.
+            return Scope::Pair;
+        }
         h.limited_keys
             .retain(|(k, at)| *k != key.index && now.duration_since(*at) < EVIDENCE_WINDOW);
         h.limited_keys.push((key.index, now));
@@ -379,7 +430,10 @@ impl Hosts {
         }
         let now = Instant::now();
         let mut h = host.health();
-        h.pair(key.index).extend(now, REJECTED_PAIR_COOLDOWN);
+        // Not for a key of a pool a reload replaced (see rate_limited).
+        if host.owns_key_evidence(&h) {
+            h.pair(key.index).extend(now, REJECTED_PAIR_COOLDOWN);
+        }
         Scope::Pair
     }
 
@@ -388,12 +442,11 @@ impl Hosts {
     /// their cooldowns grow.
     pub fn succeeded(&self, host: &Host, key: &Key) {
         key.succeeded();
-        if let Some((_, c)) = host
-            .health()
-            .pairs
-            .iter_mut()
-            .find(|(k, _)| *k == key.index)
-        {
+        let mut h = host.health();
+        if !host.owns_key_evidence(&h) {
+            return; // a key of a pool a reload replaced (see rate_limited)
+        }
+        if let Some((_, c)) = h.pairs.iter_mut().find(|(k, _)| *k == key.index) {
             c.reset();
         }
     }
@@ -431,17 +484,21 @@ impl Hosts {
 // Hot reload hook (see crate::reload); kept apart from the selection logic above.
 impl Hosts {
     /// The table for a reloaded `specs`, where each host whose name and URL
-    /// are unchanged from `old` keeps what was learned about it: health
-    /// (ejection, cooldowns, failure counts), counters, and its in-flight
-    /// count, which stays one counter shared with the old generation so that
-    /// requests still running there are counted and released. Its own key
-    /// pool is kept while its `apiKeys` are unchanged and `fresh_own_keys`
-    /// (hosts.json, their key file, was rewritten) is false; evidence about
-    /// keys (pair cooldowns, 429s per key) is dropped when its pool is new.
+    /// are unchanged from `old` keeps what was learned about it: its health
+    /// (ejection, probe, cooldowns, failure counts), counters, in-flight
+    /// count and latency signals are the old host's own, shared, so that
+    /// requests still running on the old generation are counted, released,
+    /// and heard: a failure they meet after the swap counts toward ejection
+    /// here. Its own key pool is kept while its `apiKeys` are unchanged and
+    /// `fresh_own_keys` (hosts.json, their key file, was rewritten) is false;
+    /// evidence about keys (pair cooldowns, 429s per key) is dropped when its
+    /// pool is new, and what the old generation's requests report about the
+    /// old pool's keys is ignored from then on.
     ///
     /// The host objects are new even for unchanged hosts, because a host's
-    /// index is its position in the table; health is copied at the swap, so a
-    /// verdict from a request still running on the old generation stays there.
+    /// index is its position in the table. The shared health moves to this
+    /// table's ejection count: the table built last is the one that counts
+    /// it, as the one put in force.
     pub fn reloaded(
         specs: &[HostSpec],
         global: &Arc<KeyPool>,
@@ -450,7 +507,7 @@ impl Hosts {
         fresh_own_keys: bool,
     ) -> Hosts {
         let mut table = Hosts::new(specs, global, strategy);
-        let mut out = 0;
+        let out = table.ejected.clone();
         let mut added = Vec::new();
         for slot in &mut table.hosts {
             let Some(prev) = old
@@ -471,26 +528,26 @@ impl Hosts {
             {
                 host.keys = prev.keys.clone();
             }
-            let same_keys = Arc::ptr_eq(&host.keys, &prev.keys);
             host.in_flight = prev.in_flight.clone();
             // Latency estimate and slow start belong to the host, not the generation.
             host.signals = prev.signals.clone();
-            host.failures = AtomicU64::new(prev.failures.load(Ordering::Relaxed));
-            host.successes = AtomicU64::new(prev.successes.load(Ordering::Relaxed));
-            let mut health = prev.health().clone();
-            // A probe still running reports to the old host object: let a
-            // request of this generation probe instead of waiting for it.
-            health.probe_in_flight = false;
-            if !same_keys {
-                health.limited_keys.clear();
-                health.pairs.clear();
+            host.failures = prev.failures.clone();
+            host.successes = prev.successes.clone();
+            host.health = prev.health.clone();
+            let mut h = host.health();
+            if !host.owns_key_evidence(&h) {
+                h.limited_keys.clear();
+                h.pairs.clear();
+                h.pool = Arc::downgrade(&host.keys);
             }
-            if health.state != HostState::Up {
-                out += 1;
+            // Counted here and moved here under the host's lock: a transition
+            // made afterwards, by a request of either generation, updates
+            // this count, never one that missed it.
+            if h.state != HostState::Up {
+                out.now.fetch_add(1, Ordering::Relaxed);
             }
-            *host.health.get_mut().unwrap_or_else(|e| e.into_inner()) = health;
+            h.out = out.clone();
         }
-        table.ejected = AtomicUsize::new(out);
         // A host new to the table ramps up instead of taking its full share at once.
         for index in added {
             table.mark_new(index);
@@ -592,8 +649,8 @@ impl Candidates<'_> {
                 .iter()
                 .filter_map(|k| {
                     let own = k.usable_from(now)?;
-                    let pair = h
-                        .pairs
+                    let pair = host
+                        .pairs(&h)
                         .iter()
                         .filter(|(i, _)| *i == k.index)
                         .filter_map(|(_, c)| c.until(now))
@@ -630,7 +687,7 @@ impl Candidates<'_> {
             let h = host.health();
             let k = host
                 .keys
-                .next(now, |k| !Host::pair_cooling(&h, k.index, now));
+                .next(now, |k| !host.pair_cooling(&h, k.index, now));
             drop(h);
             Some(k?)
         };
@@ -1030,6 +1087,93 @@ mod tests {
         let left = c.retry_at().unwrap().duration_since(Instant::now());
         // k1 on a, in 2 s: not k0's pair on a (300 s), nor b (100 s).
         assert!(left <= Duration::from_secs(2), "{left:?}");
+    }
+
+    /// `old` reloaded as `specs`, with `old`'s global pool or a new one.
+    fn reload(old: &Hosts, specs: &[HostSpec], new_pool: bool) -> Hosts {
+        let pool = if new_pool {
+            Arc::new(KeyPool::new(&[
+                "k0-xxxxxxxxxx".into(),
+                "k1-xxxxxxxxxx".into(),
+            ]))
+        } else {
+            old.all()[0].keys.clone()
+        };
+        Hosts::reloaded(specs, &pool, old, Strategy::RoundRobin, false)
+    }
+
+    #[test]
+    fn failures_on_the_old_generation_eject_in_the_new_one_counted_once() {
+        let old = table(
+            &[
+                spec("a", 1, false),
+                spec("b", 1, false),
+                spec("c", 1, false),
+            ],
+            &[],
+        );
+        fail(&old, 0, EJECT_AFTER - 1);
+        // a moves from index 0 to 1; b leaves.
+        let new = reload(&old, &[spec("c", 1, false), spec("a", 1, false)], false);
+        let (old_a, new_a) = (old.all()[0].clone(), new.all()[1].clone());
+        // The last failure comes from a request still on the old generation.
+        fail(&old, 0, 1);
+        assert!(matches!(new_a.health().state, HostState::Ejected(_)));
+        assert_eq!(new_a.health().consecutive, EJECT_AFTER);
+        assert_eq!(new_a.failures.load(Ordering::Relaxed), EJECT_AFTER as u64);
+        assert_eq!(new.ejected(), 1);
+        // More failures from either generation: still one host out.
+        fail(&old, 0, 3);
+        fail(&new, 1, 3);
+        assert_eq!(new.ejected(), 1);
+        // Its ejection ends; one probe, shared by both generations.
+        new_a.health().state = HostState::Ejected(Instant::now());
+        let probe = old.candidates().find(|c| c.host.index == 0).unwrap();
+        assert!(probe.probe);
+        for _ in 0..10 {
+            assert_eq!(new.candidates().next().unwrap().host.spec.name, "c");
+        }
+        // The old generation's probe readmits it here: the count drops once.
+        old.record(&old_a, Verdict::Success, true, None);
+        assert_eq!(new_a.health().state, HostState::Up);
+        assert_eq!(new.ejected(), 0);
+        // The cap is the new table's: of two hosts, one may be out.
+        fail(&new, 0, EJECT_AFTER);
+        fail(&old, 0, EJECT_AFTER);
+        assert_eq!(new.ejected(), 1);
+        assert_eq!(new_a.health().state, HostState::Up);
+    }
+
+    #[test]
+    fn key_evidence_from_the_old_generation_counts_only_for_the_same_pool() {
+        let old = table(
+            &[spec("a", 1, false), spec("b", 1, false)],
+            &["k0-xxxxxxxxxx", "k1-xxxxxxxxxx"],
+        );
+        let old_a = old.all()[0].clone();
+        let k0 = old_a.keys.keys()[0].clone();
+        // Same pool: an old request's 429 cools the pair in the new table.
+        let same = reload(&old, &[spec("a", 1, false), spec("b", 1, false)], false);
+        assert_eq!(same.rate_limited(&old_a, Some(&k0), None), Scope::Pair);
+        for _ in 0..4 {
+            let c = same.candidates().find(|c| c.host.index == 0).unwrap();
+            assert_eq!(c.key.unwrap().index, 1);
+        }
+        // A new pool: the pair evidence is dropped, and the old pool's keys
+        // (their indexes name other keys now) add none.
+        let renewed = reload(&same, &[spec("a", 1, false), spec("b", 1, false)], true);
+        assert!(renewed.all()[0].health().pairs.is_empty());
+        let old_k1 = old_a.keys.keys()[1].clone();
+        assert_eq!(old.rejected(&old_a, &old_k1), Scope::Pair);
+        old.rate_limited(&old_a, Some(&old_k1), None);
+        let h = renewed.all()[0].health();
+        assert!(h.pairs.is_empty() && h.limited_keys.is_empty(), "{h:?}");
+        drop(h);
+        let keys: Vec<usize> = (0..4)
+            .filter_map(|_| renewed.candidates().find(|c| c.host.index == 0))
+            .filter_map(|c| c.key.map(|k| k.index))
+            .collect();
+        assert!(keys.contains(&0) && keys.contains(&1), "{keys:?}");
     }
 
     #[test]

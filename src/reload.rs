@@ -20,9 +20,11 @@
 //! change (not once per poll). A good one is swapped in atomically
 //! ([`Shared::replace`]); requests in flight finish on the generation they
 //! took. Hosts whose name and URL are unchanged keep their health, counters
-//! and in-flight counts ([`Hosts::reloaded`]); the global key pool is kept
-//! (keys rejected with 401/403 stay out, cooldowns stay) unless
-//! `api-keys.json` changed, in which case a new pool brings every key back.
+//! and in-flight counts, shared with the old generation so that what its
+//! requests still meet counts in the new one ([`Hosts::reloaded`]); the
+//! global key pool is kept (keys rejected with 401/403 stay out, cooldowns
+//! stay) unless `api-keys.json` changed, in which case a new pool brings
+//! every key back.
 //! The upstream agent (its connection pool) is kept unless what it was
 //! built from changed: the timeouts or the `caFile` certificates. Listener
 //! settings (`bind`, `port`, `workers`, `queueSize`,

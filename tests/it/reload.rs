@@ -482,3 +482,71 @@ fn a_reload_that_moves_a_host_does_not_make_it_count_as_a_second_rejecting_host(
         200
     );
 }
+
+#[test]
+fn failures_of_requests_in_flight_across_a_reload_count_toward_ejection() {
+    use gaia_balancer::hosts::EJECT_AFTER;
+    // bad holds every attempt until the reload is in force, then fails it:
+    // the failures land after the swap, from requests of the old generation.
+    let released = Arc::new(AtomicBool::new(false));
+    let gate = released.clone();
+    let bad = Upstream::start(move |_, _| {
+        // Bounded below firstByteMs: a gate never opened still ends in a 500.
+        wait_for(Duration::from_secs(4), || gate.load(Ordering::SeqCst));
+        Reply::json(500, "{}")
+    });
+    let good = Upstream::always(Reply::json(200, OK));
+    let front = Upstream::always(Reply::json(200, OK));
+    let dir = Dir::new("straddle");
+    dir.hosts(&[&bad.url(), &good.url()]);
+    let bal = start_reloading(&dir.0);
+    let g0 = generation(&bal);
+    let addr = bal.addr;
+
+    // One request at a time until EJECT_AFTER of them wait on bad (round
+    // robin sends every other one to good, which answers at once).
+    let held = EJECT_AFTER as usize;
+    let mut clients = Vec::new();
+    for _ in 0..4 * held {
+        if bad.hits() >= held {
+            break;
+        }
+        let (on_bad, on_good) = (bad.hits(), good.hits());
+        clients.push(std::thread::spawn(move || {
+            post(addr, "/v1/chat/completions", &chat(false))
+        }));
+        assert!(wait_for(RELOAD, || bad.hits() > on_bad || good.hits() > on_good));
+    }
+    assert_eq!(bad.hits(), held);
+    assert_eq!(status(&bal)["hosts"][0]["consecutiveFailures"], 0);
+
+    // A new host in front: bad stays (same URL) at another position.
+    dir.hosts(&[&front.url(), &bad.url(), &good.url()]);
+    reloaded_to(&bal, g0 + 1);
+    released.store(true, Ordering::SeqCst);
+    for c in clients {
+        let r = c.join().expect("a client thread panicked");
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+
+    let st = status(&bal);
+    let host = &st["hosts"][1];
+    assert_eq!(host["url"], bad.url().as_str(), "{st}");
+    assert_eq!(host["failures"], held, "{st}");
+    assert_eq!(host["consecutiveFailures"], held, "{st}");
+    assert_eq!(host["state"], "ejected", "{st}");
+    assert_eq!(host["ejections"], 1, "{st}");
+    assert_eq!(st["totals"]["ejected"], 1, "{st}");
+    let metrics = request(addr, "GET", "/metrics", &[], b"").text();
+    let name = host["name"].as_str().expect("a host name");
+    let line = format!("gaia_balancer_host_ejections_total{{host=\"{name}\"}} 1");
+    assert!(
+        metrics.lines().any(|l| l == line),
+        "{line} not in:\n{metrics}"
+    );
+    // The new generation keeps traffic off it.
+    for _ in 0..6 {
+        assert_eq!(post(addr, "/v1/chat/completions", &chat(false)).status, 200);
+    }
+    assert_eq!(bad.hits(), held, "an ejected host got traffic");
+}
