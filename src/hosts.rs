@@ -122,6 +122,8 @@ pub struct Host {
     pub spec: HostSpec,
     /// Keys this host may be sent (its own, or the global pool).
     pub keys: Arc<KeyPool>,
+    /// The `Host` header of its requests (see [`crate::upstream::host_header`]).
+    pub host_header: Option<ureq::http::HeaderValue>,
     /// Requests currently being sent to or read from this host (shared with
     /// the same host in older generations, see [`Hosts::reloaded`]).
     pub in_flight: Arc<AtomicUsize>,
@@ -252,6 +254,7 @@ impl Hosts {
                     index,
                     spec: spec.clone(),
                     keys,
+                    host_header: crate::upstream::host_header(&spec.base_url),
                     in_flight: Arc::new(AtomicUsize::new(0)),
                     failures: Arc::new(AtomicU64::new(0)),
                     successes: Arc::new(AtomicU64::new(0)),

@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use ureq::http::HeaderValue;
+
 use crate::cooldowns::Cooldown;
 
 /// How long a 429 on one host is remembered as evidence against a key.
@@ -25,6 +27,9 @@ pub struct Key {
     pub index: usize,
     secret: String,
     masked: String,
+    /// `Bearer <secret>` as a header value, made once (`None`: the secret
+    /// cannot be one, and the request fails as unsendable).
+    bearer: Option<HeaderValue>,
     state: Mutex<KeyState>,
 }
 
@@ -47,10 +52,17 @@ pub struct KeyState {
 impl Key {
     fn new(index: usize, secret: String) -> Self {
         let masked = mask(&secret);
+        let bearer = HeaderValue::try_from(format!("Bearer {secret}"))
+            .ok()
+            .map(|mut v| {
+                v.set_sensitive(true);
+                v
+            });
         Key {
             index,
             secret,
             masked,
+            bearer,
             state: Mutex::new(KeyState::default()),
         }
     }
@@ -58,6 +70,11 @@ impl Key {
     /// The secret, for the upstream `Authorization` header only.
     pub fn secret(&self) -> &str {
         &self.secret
+    }
+
+    /// The upstream `Authorization` header's value, when the secret makes one.
+    pub fn bearer(&self) -> Option<&HeaderValue> {
+        self.bearer.as_ref()
     }
 
     /// The masked form, safe for logs, headers, metrics and `/status`.
@@ -250,6 +267,15 @@ impl KeyPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_authorization_value_is_made_once_and_marked_sensitive() {
+        let pool = KeyPool::new(&["gaia-abcdef123456".to_string()]);
+        let key = &pool.keys()[0];
+        let value = key.bearer().expect("a valid header value");
+        assert_eq!(value.to_str().unwrap(), "Bearer gaia-abcdef123456");
+        assert!(value.is_sensitive());
+    }
 
     #[test]
     fn mask_shows_only_the_last_four() {

@@ -12,7 +12,8 @@
 use std::time::Duration;
 
 use ureq::config::AutoHeaderValue;
-use ureq::http::{self, Response};
+use ureq::http::header::{self, HeaderName, HeaderValue};
+use ureq::http::{self, Response, Uri};
 use ureq::unversioned::transport::Connector;
 use ureq::{Agent, Body};
 
@@ -40,6 +41,25 @@ pub const INPUT_BUFFER: usize = 32 * 1024;
 /// we drop, plus ours (`Authorization`, `X-Request-Id`, `Host`,
 /// `Content-Length`, `User-Agent`, `Accept-Encoding`). Lent only while a request is sent.
 pub const OUTPUT_BUFFER: usize = crate::server::MAX_HEAD + 8 * 1024;
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The `Host` header of requests to `base_url`, as ureq would make it (the
+/// port only when not the scheme's default), made once per host rather than
+/// by ureq per request; `None` leaves it to ureq.
+pub fn host_header(base_url: &str) -> Option<HeaderValue> {
+    let uri: Uri = base_url.parse().ok()?;
+    let host = uri.host()?;
+    let default = match uri.scheme_str()? {
+        "http" => 80,
+        "https" => 443,
+        _ => return None,
+    };
+    match uri.port_u16() {
+        Some(port) if port != default => HeaderValue::try_from(format!("{host}:{port}")).ok(),
+        _ => HeaderValue::try_from(host).ok(),
+    }
+}
 
 /// Request headers never forwarded: hop-by-hop, framing, and the client's credentials.
 const DROPPED: &[&str] = &[
@@ -179,9 +199,16 @@ pub fn send(
             builder = builder.header(name, value);
         }
     }
-    builder = builder.header("x-request-id", out.request_id);
+    builder = builder.header(X_REQUEST_ID, out.request_id);
+    if let Some(value) = &host.host_header {
+        builder = builder.header(header::HOST, value.clone());
+    }
     if let Some(key) = key {
-        builder = builder.header("authorization", format!("Bearer {}", key.secret()));
+        builder = match key.bearer() {
+            Some(value) => builder.header(header::AUTHORIZATION, value.clone()),
+            // Not a valid header value: the builder reports it as unsendable.
+            None => builder.header(header::AUTHORIZATION, format!("Bearer {}", key.secret())),
+        };
     }
     if out.body.is_empty() && matches!(out.method, "GET" | "HEAD" | "DELETE") {
         builder
@@ -303,4 +330,38 @@ pub fn classify_read(e: std::io::Error, host: &Host) -> AttemptError {
         };
     }
     failed(Outcome::Broken, &format!("response broke off: {e}"), host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_header_names_the_port_only_when_it_is_not_the_default() {
+        let header = |url: &str| host_header(url).map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(
+            header("http://127.0.0.1:8080").as_deref(),
+            Some("127.0.0.1:8080")
+        );
+        assert_eq!(
+            header("https://asia.gaia.domains").as_deref(),
+            Some("asia.gaia.domains")
+        );
+        assert_eq!(
+            header("https://node.example:443/api").as_deref(),
+            Some("node.example")
+        );
+        assert_eq!(
+            header("http://node.example:80").as_deref(),
+            Some("node.example")
+        );
+        assert_eq!(
+            header("https://node.example:80").as_deref(),
+            Some("node.example:80")
+        );
+        assert_eq!(
+            header("http://[::1]:9000/api").as_deref(),
+            Some("[::1]:9000")
+        );
+    }
 }
