@@ -669,6 +669,39 @@ impl Candidates<'_> {
         Some(probe)
     }
 
+    /// Which hosts (by index) this request may take now; notes in
+    /// `retry_at` when a cooling one frees up.
+    fn scan(&mut self, now: Instant, panic: bool) -> Vec<bool> {
+        self.retry_at = None;
+        let hosts = self.hosts;
+        let mut usable = vec![false; hosts.hosts.len()];
+        let model = self.model.clone();
+        let by_model = model
+            .as_deref()
+            .map(|m| (m, discovery::declared_anywhere(&hosts.hosts, m, now)));
+        for host in &hosts.hosts {
+            usable[host.index] = !self.seen[host.index].settled
+                && by_model.is_none_or(|(m, d)| discovery::admits(host, m, d, now))
+                && self.usable(host, now, panic).is_some();
+        }
+        usable
+    }
+
+    /// When this request could be served next, without taking a host (no
+    /// probe is claimed, no key cursor moves): now if a host it may use is
+    /// free, else when the first cooling host or key frees up; `None` when
+    /// nothing is known to free up. For the `Retry-After` of a request
+    /// that ran out of attempts.
+    pub fn free_at(&mut self) -> Option<Instant> {
+        let now = Instant::now();
+        let panic = self.hosts.panic_mode(now);
+        if self.scan(now, panic).contains(&true) {
+            Some(now)
+        } else {
+            self.retry_at
+        }
+    }
+
     fn note(&mut self, at: Instant) {
         self.retry_at = Some(self.retry_at.map_or(at, |r| r.min(at)));
     }
@@ -727,20 +760,9 @@ impl Iterator for Candidates<'_> {
 
     fn next(&mut self) -> Option<Candidate> {
         let now = Instant::now();
-        self.retry_at = None;
         let panic = self.hosts.panic_mode(now);
         let hosts = self.hosts;
-        let n = hosts.hosts.len();
-        let mut usable = vec![false; n];
-        let model = self.model.clone();
-        let by_model = model
-            .as_deref()
-            .map(|m| (m, discovery::declared_anywhere(&hosts.hosts, m, now)));
-        for host in &hosts.hosts {
-            usable[host.index] = !self.seen[host.index].settled
-                && by_model.is_none_or(|(m, d)| discovery::admits(host, m, d, now))
-                && self.usable(host, now, panic).is_some();
-        }
+        let mut usable = self.scan(now, panic);
         // Untried primaries, untried backups, then round again in the same order.
         for (backup, repeat) in [(false, false), (true, false), (false, true), (true, true)] {
             loop {
@@ -1177,6 +1199,37 @@ mod tests {
             .filter_map(|c| c.key.map(|k| k.index))
             .collect();
         assert!(keys.contains(&0) && keys.contains(&1), "{keys:?}");
+    }
+
+    /// `free_at` answers without taking: a free host means now and stays
+    /// free for the next `next()`, on the same key; all cooling means the
+    /// first expiry.
+    #[test]
+    fn free_at_takes_nothing() {
+        let hosts = table(
+            &[spec("a", 1, false), spec("b", 1, false)],
+            &["k0-xxxxxxxxxx", "k1-xxxxxxxxxx"],
+        );
+        let (a, b) = (hosts.all()[0].clone(), hosts.all()[1].clone());
+        hosts.cool_host(&a, Duration::from_secs(30));
+        let mut c = hosts.candidates();
+        let before = Instant::now();
+        let at = c.free_at().unwrap();
+        assert!(at >= before && at <= Instant::now(), "b is free now");
+        let key = b.keys.keys()[0].clone();
+        let got = c.next().unwrap();
+        assert_eq!(got.host.spec.name, "b");
+        assert_eq!(
+            got.key.unwrap().index,
+            key.index,
+            "the key cursor did not move"
+        );
+        hosts.cool_host(&b, Duration::from_secs(20));
+        let left = c.free_at().unwrap().duration_since(Instant::now());
+        assert!(
+            left > Duration::from_secs(19) && left <= Duration::from_secs(20),
+            "{left:?}"
+        );
     }
 
     #[test]

@@ -206,6 +206,9 @@ fn attempts(
     let mut not_found: Option<String> = None;
     // Some host refused the request as such (401/403 with no key to change).
     let mut refused = false;
+    // Every failed attempt so far was a rate limit (429, or 503 with
+    // `Retry-After`): if attempts run out, the client learns when to come back.
+    let mut limited = true;
     // Pauses before going back to a failed host: the backoff doubles with each.
     let mut pauses = 0u32;
     let mut candidates = b.hosts.candidates().for_model(req.model.clone());
@@ -241,7 +244,7 @@ fn attempts(
                 None if refused => {
                     return finish_failed(out, trail, served.attempts, last, GaveUp::Refused);
                 }
-                at => return finish_unavailable(out, trail, at, last.as_ref()),
+                at => return finish_unavailable(out, trail, at, last.as_ref(), None),
             }
         };
         if served.attempts > 0 && !shared.budget.allows() {
@@ -261,6 +264,11 @@ fn attempts(
             if resume >= deadline {
                 // No attempt fits after the pause: say so now, not at the deadline.
                 b.hosts.record(&c.host, Verdict::Unknown, c.probe, None);
+                if limited && last.is_some() {
+                    let at = candidates.free_at();
+                    let why = Some((served.attempts, GaveUp::NoTime));
+                    return finish_unavailable(out, trail, at, last.as_ref(), why);
+                }
                 return finish_failed(out, trail, served.attempts, last, GaveUp::NoTime);
             }
             let pause = pause_until(resume, deadline);
@@ -314,6 +322,8 @@ fn attempts(
         // attempts pause before it, or leave it out after a 404, as if the
         // request had tried it itself.
         if let Some((host, _, outcome)) = slot.as_ref().and_then(|s| s.failure()) {
+            // Its `Retry-After` is not kept: only its 429 counts as a rate limit.
+            limited &= is_rate_limit(outcome, None);
             candidates.learn(host.index, outcome);
             if outcome == Outcome::Status(404) {
                 candidates.settle(host.index);
@@ -363,6 +373,7 @@ fn attempts(
                 // on, or won the race and then failed): one more attempt.
                 served.attempts += 1;
                 candidates.learn(c.host.index, f.outcome);
+                limited &= is_rate_limit(f.outcome, f.retry_after);
                 last = Some(f);
                 continue;
             }
@@ -385,6 +396,7 @@ fn attempts(
             _ => {}
         }
         log::debug!("attempt {} failed: {}", served.attempts, failure.detail);
+        limited &= is_rate_limit(failure.outcome, failure.retry_after);
         last = Some(failure);
         if Instant::now() >= deadline {
             return finish_timeout(out, trail, last.as_ref());
@@ -395,7 +407,22 @@ fn attempts(
         Some(word) if last.as_ref().map(|f| f.outcome) == Some(Outcome::Status(404)) => {
             finish_not_found(out, trail, word)
         }
+        // Only rate limits stood in the way: a 503 saying when one frees up.
+        _ if limited && last.is_some() => {
+            let why = Some((served.attempts, GaveUp::MaxAttempts));
+            finish_unavailable(out, trail, candidates.free_at(), last.as_ref(), why)
+        }
         _ => finish_failed(out, trail, served.attempts, last, GaveUp::MaxAttempts),
+    }
+}
+
+/// A failure that says "not now" rather than "broken": a 429, or a 503
+/// with `Retry-After` (which cools the host as a 429 does, see [`learn`]).
+fn is_rate_limit(outcome: Outcome, retry_after: Option<Duration>) -> bool {
+    match outcome {
+        Outcome::Status(429) => true,
+        Outcome::Status(503) => retry_after.is_some(),
+        _ => false,
     }
 }
 
@@ -471,14 +498,22 @@ fn finish_failed(
     let detail = last
         .as_ref()
         .map_or_else(|| "no upstream host".to_string(), last_word);
-    let why = match why {
-        GaveUp::MaxAttempts => "maxAttempts reached",
-        GaveUp::Budget => "retry budget spent",
-        GaveUp::NoTime => "no time left in timeouts.totalMs for another attempt after backoff",
-        GaveUp::Refused => "every host left refused it, and there is no pool key to change",
-    };
-    let msg = format!("all {attempts} attempts failed ({why}); last: {detail}");
+    let msg = format!(
+        "all {attempts} attempts failed ({}); last: {detail}",
+        why.text()
+    );
     send_proxy_error(out, trail, 502, "upstream_failed", &msg)
+}
+
+impl GaveUp {
+    fn text(self) -> &'static str {
+        match self {
+            GaveUp::MaxAttempts => "maxAttempts reached",
+            GaveUp::Budget => "retry budget spent",
+            GaveUp::NoTime => "no time left in timeouts.totalMs for another attempt after backoff",
+            GaveUp::Refused => "every host left refused it, and there is no pool key to change",
+        }
+    }
 }
 
 /// A failed attempt's detail, with the upstream's own words (they help the
@@ -503,21 +538,35 @@ fn finish_not_found(
     send_proxy_error(out, trail, 404, "not_found", &msg)
 }
 
+/// 503 with `Retry-After`: the seconds until `at` (at least 1), when a
+/// cooling host or key frees up. `limited` is set when attempts ran out
+/// (how many, and what stopped them) with every one of them rate-limited.
 fn finish_unavailable(
     out: &mut Responder<'_, TcpStream>,
     trail: &Trail,
     at: Option<Instant>,
     last: Option<&Failed>,
+    limited: Option<(u32, GaveUp)>,
 ) -> Result<(), Stop> {
     let wait = at.map(|t| t.saturating_duration_since(Instant::now()));
     let secs = wait.map_or(1, |w| w.as_secs_f64().ceil().max(1.0) as u64);
     out.add_header("Retry-After", &secs.to_string());
     let detail = last.map_or("", |f| f.detail.as_str());
-    let msg = match wait {
-        Some(_) => {
+    let msg = match (limited, wait) {
+        (Some((attempts, why)), _) => {
+            // Quoted as the 502 quotes it: the upstream's own words say
+            // which limit was hit.
+            let detail = last.map(last_word).unwrap_or_default();
+            format!(
+                "every upstream host or key tried is rate-limited: all {attempts} attempts \
+                 got a 429 or a 503 with Retry-After ({}); retry in {secs}s; last: {detail}",
+                why.text()
+            )
+        }
+        (None, Some(_)) => {
             format!("every upstream host or key is cooling down; retry in {secs}s; last: {detail}")
         }
-        None => format!("no upstream host or key is usable; last: {detail}"),
+        (None, None) => format!("no upstream host or key is usable; last: {detail}"),
     };
     send_proxy_error(out, trail, 503, "no_upstream_available", &msg)
 }

@@ -275,6 +275,112 @@ fn when_everything_cools_past_the_deadline_the_answer_is_503() {
     assert_eq!(up.hits(), 1);
 }
 
+/// README "Keys": attempts that run out with every one rate-limited (429,
+/// or 503 with `Retry-After`) end in a 503 saying when the first cooldown
+/// ends, as the cooldown wait's 503 does, not in a 502 without a hint.
+#[test]
+fn when_attempts_run_out_on_429s_the_answer_is_503_with_retry_after() {
+    let slow = Upstream::always(
+        Reply::json(429, r#"{"error":{"message":"slow down (h0)"}}"#)
+            .with_header("Retry-After", "30"),
+    );
+    let soon = Upstream::always(
+        Reply::json(429, r#"{"error":{"message":"slow down (h1)"}}"#)
+            .with_header("Retry-After", "20"),
+    );
+    let bal = start(&[slow.url(), soon.url()], &[], |c| {
+        c.settings.max_attempts = 2;
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!((slow.hits(), soon.hits()), (1, 1), "{}", r.text());
+    // The earliest cooldown of the two.
+    let after: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((19..=20).contains(&after), "{after}");
+    assert_eq!(r.header("x-should-retry"), Some("false"));
+    let error = &r.json()["error"];
+    assert_eq!(error["code"], "no_upstream_available");
+    let msg = error["message"].as_str().unwrap();
+    assert!(msg.contains("rate-limited"), "{msg}");
+    assert!(msg.contains("maxAttempts"), "{msg}");
+    let last = if r.header("x-gaia-attempts").unwrap().ends_with("h0:429") {
+        "slow down (h0)"
+    } else {
+        "slow down (h1)"
+    };
+    assert!(msg.contains(last), "quotes the last upstream error: {msg}");
+}
+
+/// The README's old known limit: a 429 without `Retry-After`, waited out
+/// once (1 s), then a second 429 (2 s now) as the last attempt.
+#[test]
+fn a_429_without_retry_after_as_the_last_attempt_gives_503_with_retry_after() {
+    let up = Upstream::always(Reply::json(429, r#"{"error":{"message":"busy"}}"#));
+    let bal = start(&[up.url()], &[], |c| {
+        c.settings.max_attempts = 2;
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(up.hits(), 2);
+    assert_eq!(r.header("x-gaia-attempts"), Some("h0:429,h0:429"));
+    let after: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=2).contains(&after), "{after}");
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("busy"), "{msg}");
+}
+
+/// A 503 with `Retry-After` cools its host as a 429 does: with a 429
+/// elsewhere it is still only rate limits, so 503 with `Retry-After`.
+#[test]
+fn a_429_and_a_503_with_retry_after_give_503_with_retry_after() {
+    let limited = Upstream::always(Reply::json(429, "{}").with_header("Retry-After", "30"));
+    let busy = Upstream::always(Reply::json(503, "{}").with_header("Retry-After", "30"));
+    let bal = start(&[limited.url(), busy.url()], &[], |c| {
+        c.settings.max_attempts = 2;
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!((limited.hits(), busy.hits()), (1, 1));
+    let after: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((29..=30).contains(&after), "{after}");
+}
+
+/// The same when what ends the attempts is the backoff before going back
+/// to a host whose 503 with `Retry-After` has been waited out: no time is
+/// left for it, and only a rate limit stood in the way.
+#[test]
+fn no_time_for_a_backoff_after_a_503_with_retry_after_gives_503_with_retry_after() {
+    let busy = Upstream::always(Reply::json(503, "{}").with_header("Retry-After", "1"));
+    // Waiting out the 1 s cooldown fits in 1.45 s; the backoff after it
+    // (0.5-1 s, with a turn-around of 1 s) does not.
+    let bal = start(&[busy.url()], &[], |c| {
+        c.settings.timeouts.connect = Duration::from_secs(1);
+        c.settings.timeouts.total = Duration::from_millis(1450);
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(busy.hits(), 1);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("no time left"), "{msg}");
+}
+
+/// A host that is broken, not just busy, keeps the 502: nothing says when
+/// to come back.
+#[test]
+fn a_429_and_a_500_still_give_502() {
+    let limited = Upstream::always(Reply::json(429, "{}").with_header("Retry-After", "30"));
+    let broken = Upstream::always(Reply::json(500, r#"{"error":{"message":"boom"}}"#));
+    let bal = start(&[limited.url(), broken.url()], &[], |c| {
+        c.settings.max_attempts = 2;
+    });
+    let r = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!((limited.hits(), broken.hits()), (1, 1));
+    assert_eq!(r.header("retry-after"), None);
+    assert_eq!(r.json()["error"]["code"], "upstream_failed");
+}
+
 #[test]
 fn an_outage_stays_within_the_retry_budget() {
     let a = Upstream::always(Reply::json(500, r#"{"error":{"message":"node down"}}"#));
