@@ -3,8 +3,9 @@
 //! Decided from the request head alone, before any body is read, so a
 //! rejected request never costs a body read: unknown path 404, wrong method
 //! 405, protected mode 403, missing or wrong client key 401, admin endpoints
-//! without the admin key (or loopback) 403. Client keys are compared in
-//! constant time. `/status` and `/metrics` follow the admin rule: with
+//! without the admin key 401 (each 401 with a Bearer `WWW-Authenticate`),
+//! or, with no admin key set, from a peer other than loopback 403. Keys are
+//! compared in constant time. `/status` and `/metrics` follow the admin rule: with
 //! `adminKey` set they need `Authorization: Bearer <adminKey>` from any peer,
 //! loopback included; without it they answer loopback peers only.
 
@@ -42,6 +43,8 @@ pub struct Rejection {
     pub message: String,
     /// `Allow` header for 405.
     pub allow: Option<&'static str>,
+    /// `WWW-Authenticate` header for 401 (RFC 9110 requires one).
+    pub challenge: Option<&'static str>,
 }
 
 fn reject(status: u16, code: &'static str, message: impl Into<String>) -> Rejection {
@@ -50,8 +53,14 @@ fn reject(status: u16, code: &'static str, message: impl Into<String>) -> Reject
         code,
         message: message.into(),
         allow: None,
+        challenge: None,
     }
 }
+
+/// The challenges of the two 401s: both keys go in `Authorization: Bearer`,
+/// and the realms tell a client which of them was asked for.
+const CLIENT_CHALLENGE: &str = "Bearer realm=\"gaia-balancer\"";
+const ADMIN_CHALLENGE: &str = "Bearer realm=\"gaia-balancer admin\"";
 
 /// Methods forwarded on `/v1/*` paths.
 pub const PROXIED_METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
@@ -223,7 +232,10 @@ pub fn route(b: &Balancer, head: &Head, peer: IpAddr) -> Result<Route, Rejection
     if matches!(route, Route::Status | Route::Metrics) {
         return match (&settings.admin_key, bearer(head)) {
             (Some(key), Some(token)) if same_secret(key, token) => Ok(route),
-            (Some(_), _) => Err(reject(401, "invalid_admin_key", "this endpoint needs Authorization: Bearer <adminKey>")),
+            (Some(_), _) => Err(Rejection {
+                challenge: Some(ADMIN_CHALLENGE),
+                ..reject(401, "invalid_admin_key", "this endpoint needs Authorization: Bearer <adminKey>")
+            }),
             (None, _) if is_loopback(peer) => Ok(route),
             (None, _) => Err(reject(403, "admin_loopback_only", "admin endpoints answer loopback clients only; set adminKey in balancer.json to allow remote access")),
         };
@@ -234,11 +246,14 @@ pub fn route(b: &Balancer, head: &Head, peer: IpAddr) -> Result<Route, Rejection
         return if ok {
             Ok(route)
         } else {
-            Err(reject(
-                401,
-                "invalid_api_key",
-                "missing or unknown client key: send Authorization: Bearer <one of clientKeys>",
-            ))
+            Err(Rejection {
+                challenge: Some(CLIENT_CHALLENGE),
+                ..reject(
+                    401,
+                    "invalid_api_key",
+                    "missing or unknown client key: send Authorization: Bearer <one of clientKeys>",
+                )
+            })
         };
     }
     if !settings.open && !is_loopback(peer) {

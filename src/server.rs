@@ -1015,6 +1015,9 @@ fn handle(
             if let Some(allow) = rej.allow {
                 out.add_header("Allow", allow);
             }
+            if let Some(challenge) = rej.challenge {
+                out.add_header("WWW-Authenticate", challenge);
+            }
             let _ = out.send_error(rej.status, rej.code, &rej.message);
             return proxy::Served::default();
         }

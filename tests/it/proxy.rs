@@ -204,6 +204,48 @@ fn a_rejected_key_is_not_reused_within_the_request() {
     assert!(!trail.contains("key-"), "{trail}");
 }
 
+/// RFC 9110 §15.5.2: a 401 carries `WWW-Authenticate` with the scheme to
+/// use, Bearer for client keys and the admin key alike.
+#[test]
+fn a_401_says_how_to_authenticate() {
+    let up = Upstream::always(Reply::json(200, OK));
+    let bal = start(&[up.url()], &[], |c| {
+        c.settings.client_keys = vec!["client-key-1".into()];
+        c.settings.admin_key = Some("admin-Secret-1234".into());
+    });
+    let wrong = [("Authorization", "Bearer nope")];
+    for (method, path, headers) in [
+        ("POST", "/v1/chat/completions", &[][..]),
+        ("POST", "/v1/chat/completions", &wrong[..]),
+        ("GET", "/status", &[][..]),
+        ("GET", "/status", &wrong[..]),
+        ("GET", "/metrics", &[][..]),
+    ] {
+        let body = if method == "POST" {
+            chat(false)
+        } else {
+            String::new()
+        };
+        let r = request(bal.addr, method, path, headers, body.as_bytes());
+        assert_eq!(r.status, 401, "{path}: {}", r.text());
+        let challenge = r.header("www-authenticate").unwrap_or_default();
+        assert!(
+            challenge.starts_with("Bearer realm=\"gaia-balancer"),
+            "{path} {headers:?}: {:?}",
+            r.headers
+        );
+    }
+    // The admin key answers to its own realm, so a client can tell which
+    // key was asked for.
+    let admin = request(bal.addr, "GET", "/status", &[], b"");
+    let client = post(bal.addr, "/v1/chat/completions", &chat(false));
+    assert_ne!(
+        admin.header("www-authenticate"),
+        client.header("www-authenticate")
+    );
+    assert_eq!(up.hits(), 0);
+}
+
 #[test]
 fn client_keys_are_required_when_configured() {
     let up = Upstream::always(Reply::json(200, OK));
