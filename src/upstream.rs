@@ -338,30 +338,16 @@ mod tests {
 
     #[test]
     fn the_host_header_names_the_port_only_when_it_is_not_the_default() {
-        let header = |url: &str| host_header(url).map(|v| v.to_str().unwrap().to_string());
-        assert_eq!(
-            header("http://127.0.0.1:8080").as_deref(),
-            Some("127.0.0.1:8080")
-        );
-        assert_eq!(
-            header("https://asia.gaia.domains").as_deref(),
-            Some("asia.gaia.domains")
-        );
-        assert_eq!(
-            header("https://node.example:443/api").as_deref(),
-            Some("node.example")
-        );
-        assert_eq!(
-            header("http://node.example:80").as_deref(),
-            Some("node.example")
-        );
-        assert_eq!(
-            header("https://node.example:80").as_deref(),
-            Some("node.example:80")
-        );
-        assert_eq!(
-            header("http://[::1]:9000/api").as_deref(),
-            Some("[::1]:9000")
-        );
+        for (url, want) in [
+            ("http://127.0.0.1:8080", "127.0.0.1:8080"),
+            ("https://asia.gaia.domains", "asia.gaia.domains"),
+            ("https://node.example:443/api", "node.example"),
+            ("http://node.example:80", "node.example"),
+            ("https://node.example:80", "node.example:80"),
+            ("http://[::1]:9000/api", "[::1]:9000"),
+        ] {
+            let got = host_header(url).map(|v| v.to_str().unwrap().to_string());
+            assert_eq!(got.as_deref(), Some(want), "{url}");
+        }
     }
 }
