@@ -335,6 +335,13 @@ fn no_log_line_at_trace_contains_a_whole_key() {
             .any(|l| l.contains("TRACE") || l.contains("DEBUG")),
         "not at trace: {lines:?}"
     );
+    // The libraries' debug lines, which only trace lets through, were checked too.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("DEBUG [ureq::run] Request {")),
+        "no ureq request lines: {lines:?}"
+    );
     assert!(
         lines
             .iter()
@@ -345,6 +352,34 @@ fn no_log_line_at_trace_contains_a_whole_key() {
         let bad: Vec<&String> = lines.iter().filter(|l| leaks(l, key)).collect();
         assert!(bad.is_empty(), "key material in the log: {bad:#?}");
     }
+}
+
+/// README "Logs": at debug (the default level) the upstream libraries log
+/// at info at most: their eleven lines per request had halved throughput.
+#[test]
+fn at_debug_the_upstream_libraries_stay_quiet() {
+    let up = Upstream::always(Reply::json(200, r#"{"ok":true}"#));
+    let dir = config("debug-quiet", &[quoted(&up.url())], NO_DISCOVERY);
+    let mut bin = start(&dir, "debug");
+    for _ in 0..3 {
+        assert_eq!(
+            post(bin.addr, "/v1/chat/completions", &chat(false)).status,
+            200
+        );
+    }
+    bin.terminate_cleanly();
+    let lines = bin.lines();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(" POST /v1/chat/completions 200 host=")),
+        "no per-request line: {lines:?}"
+    );
+    let noisy: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("[ureq") || l.contains("[rustls"))
+        .collect();
+    assert!(noisy.is_empty(), "library lines at debug: {noisy:#?}");
 }
 
 #[test]
