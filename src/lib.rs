@@ -15,6 +15,7 @@ pub mod keys;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod pool;
 pub mod proxy;
 pub mod reload;
 pub mod request;

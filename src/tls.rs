@@ -23,7 +23,7 @@
 //! - a body the peer ends without `close_notify` is an error (a cut-off
 //!   answer), never a clean end;
 //! - a pooled connection is probed just before its next request is written,
-//!   outside ureq's pool lock (as a plain one, see `transport.rs`); if
+//!   outside the pool's lock (as a plain one, see `transport.rs`); if
 //!   anything but TLS housekeeping (such as TLS 1.3 session tickets or a key
 //!   update) arrived while it was idle, or the upstream closed it, it is
 //!   replaced by a new connection to the same address with a new handshake
@@ -284,7 +284,7 @@ impl TlsLink {
     /// afresh to the same address and shake hands again, by the connect
     /// deadline. Nothing of the request has left yet, so this is always
     /// safe. Here rather than in [`Transport::is_open`] for the reason
-    /// [`Link`]'s own probe is: ureq asks that under its pool lock.
+    /// [`Link`]'s own probe is: that is asked under the pool's lock.
     fn ensure_fresh(&mut self) -> Result<(), Error> {
         if !std::mem::replace(&mut self.recheck, false) {
             return Ok(());

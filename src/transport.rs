@@ -14,7 +14,8 @@
 //! - no single write waits longer than [`WRITE_STALL`] or past ureq's
 //!   deadline, and while one waits the thread's watch runs ([`WriteClock`]);
 //! - a pooled connection is probed with one non-blocking `MSG_PEEK` just
-//!   before its next request is written, outside ureq's pool lock; one the
+//!   before its next request is written, outside the pool's lock
+//!   ([`crate::pool`]); one the
 //!   upstream closed (or sent stray bytes on) meanwhile is replaced by a
 //!   fresh connection to the same address before any byte of the request
 //!   leaves, so a stale keep-alive costs no failed attempt; one with unsent
@@ -475,10 +476,10 @@ impl Link {
     /// (or sent stray bytes) while it sat idle, connect afresh to the same
     /// address. Nothing of the request has left yet, so this is always safe,
     /// and ureq never learns the difference. The probe runs here rather than
-    /// in [`Transport::is_open`] because ureq asks that under its pool lock:
+    /// in [`Transport::is_open`] because that is asked under the pool's lock:
     /// a syscall there, with a thread preempted on its way out of it, had
     /// every other worker queue on the lock (0.5 futex calls per request at
-    /// 16 connections).
+    /// 16 connections, when it was ureq's pool).
     fn ensure_fresh(&mut self) -> Result<(), Error> {
         if !std::mem::replace(&mut self.recheck, false) {
             return Ok(());
@@ -778,10 +779,11 @@ impl Transport for Link {
         }
     }
 
-    /// ureq asks twice per exchange: when the connection goes back to the
-    /// pool (right after I/O) and when it is taken out for the next request,
-    /// both without a syscall. The second arms the probe that runs before
-    /// the next write ([`Link::ensure_fresh`]): outside ureq's pool lock, it
+    /// Asked twice per exchange: by ureq when the connection goes back to
+    /// the pool (right after I/O), and by the pool ([`crate::pool`]) when it
+    /// is taken out for the next request, both without a syscall. The second
+    /// arms the probe that runs before the next write
+    /// ([`Link::ensure_fresh`]): outside the pool's lock, it
     /// sees a close that came while the connection sat idle, and a dead
     /// connection parked in the pool meanwhile costs nothing.
     fn is_open(&mut self) -> bool {

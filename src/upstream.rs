@@ -20,6 +20,7 @@ use ureq::{Agent, Body};
 use crate::config::Settings;
 use crate::hosts::Host;
 use crate::keys::Key;
+use crate::pool::PoolingConnector;
 use crate::request::Headers;
 use crate::resolve::CachedResolver;
 use crate::retry::Outcome;
@@ -60,6 +61,9 @@ pub fn host_header(base_url: &str) -> Option<HeaderValue> {
         _ => HeaderValue::try_from(host).ok(),
     }
 }
+
+/// How long an upstream connection is kept idle for the next request.
+pub const IDLE_FOR: Duration = Duration::from_secs(15);
 
 /// Request headers never forwarded: hop-by-hop, framing, and the client's credentials.
 const DROPPED: &[&str] = &[
@@ -102,9 +106,8 @@ pub fn agent(settings: &Settings) -> Agent {
         .input_buffer_size(INPUT_BUFFER)
         .output_buffer_size(OUTPUT_BUFFER)
         .max_response_header_size(RESPONSE_HEAD_LIMIT)
-        .max_idle_connections(per_host * 16)
-        .max_idle_connections_per_host(per_host)
-        .max_idle_age(Duration::from_secs(15))
+        // Idle connections are kept by `pool`, not by ureq (see there why).
+        .max_idle_connections(0)
         .timeout_connect(Some(settings.timeouts.connect))
         .timeout_resolve(Some(settings.timeouts.connect))
         // Sending is bounded by these; waiting for output by the watch deadline.
@@ -119,7 +122,8 @@ pub fn agent(settings: &Settings) -> Agent {
             settings.ca_file.as_ref().map_or(&[][..], |c| &c.roots[..]),
         ))
         .chain(watch::WatchConnector);
-    Agent::with_parts(config, connector, CachedResolver::default())
+    let pooled = PoolingConnector::new(connector, per_host, per_host * 16, IDLE_FOR);
+    Agent::with_parts(config, pooled, CachedResolver::default())
 }
 
 /// What is sent upstream, the same for every attempt of one request (but

@@ -1156,3 +1156,44 @@ fn a_401_without_a_pool_key_goes_to_each_host_once() {
         );
     }
 }
+
+/// README "Performance", connection reuse: each host keeps its own idle
+/// connections (`pool.rs`), so requests that go round several hosts reuse
+/// one connection per host; parallel clients get one each, no more.
+#[test]
+fn each_host_reuses_its_own_connections() {
+    let ups: Vec<Upstream> = (0..3)
+        .map(|_| Upstream::always(Reply::json(200, OK)))
+        .collect();
+    let urls: Vec<String> = ups.iter().map(Upstream::url).collect();
+    let bal = start(&urls, &[], |_| {});
+    for _ in 0..30 {
+        assert_eq!(
+            post(bal.addr, "/v1/chat/completions", &chat(false)).status,
+            200
+        );
+    }
+    for up in &ups {
+        assert_eq!(up.hits(), 10, "round-robin over three hosts");
+        assert_eq!(up.accepted(), 1, "one connection per host, reused");
+    }
+    // Four clients at once, twice: at most four connections per host in all.
+    for _ in 0..2 {
+        let clients: Vec<_> = (0..4)
+            .map(|_| {
+                let addr = bal.addr;
+                std::thread::spawn(move || {
+                    for _ in 0..6 {
+                        assert_eq!(post(addr, "/v1/chat/completions", &chat(false)).status, 200);
+                    }
+                })
+            })
+            .collect();
+        for c in clients {
+            c.join().unwrap();
+        }
+    }
+    for up in &ups {
+        assert!(up.accepted() <= 4, "{} connections", up.accepted());
+    }
+}
