@@ -8,9 +8,13 @@
 //! numbers only mean something side by side: the machine, its noise and
 //! the load generator are the same for every column.
 //!
-//! Usage: `bench [--reps N] [--secs S] [--quick] [--no-nginx] [--no-wrk]
+//! Usage: `bench [--reps N] [--secs S] [--quick] [--hosts N] [--no-nginx] [--no-wrk]
 //! [--no-memory] [--no-floor] [--ureq-floor] [--memory-only] [--balancer PATH] [--fake PATH] [--nginx PATH]
 //! [--wrk PATH] [--keep]`
+//!
+//! `--hosts N` puts N upstream hosts (one fake upstream listening on N
+//! ports) behind the balancer and nginx, as a deployment over several
+//! nodes has; "direct" and the floors still use the first one.
 
 mod floor;
 mod load;
@@ -40,6 +44,8 @@ struct Args {
     ureq_floor: bool,
     table: bool,
     memory: bool,
+    /// Upstream hosts behind the proxies (ports of one fake upstream).
+    hosts: usize,
 }
 
 fn main() -> ExitCode {
@@ -114,6 +120,7 @@ fn parse_args() -> Result<Args, String> {
         ureq_floor: false,
         table: true,
         memory: true,
+        hosts: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -135,12 +142,16 @@ fn parse_args() -> Result<Args, String> {
             "--no-floor" => a.floor = false,
             "--ureq-floor" => a.ureq_floor = true,
             "--memory-only" => a.table = false,
+            "--hosts" => a.hosts = value()?.parse().map_err(|_| "--hosts: a number")?,
             "--keep" => a.keep = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
     if !(1..=50).contains(&a.reps) || !(0.2..=60.0).contains(&a.secs) {
         return Err("--reps must be 1-50 and --secs 0.2-60".into());
+    }
+    if !(1..=100).contains(&a.hosts) {
+        return Err("--hosts must be 1-100".into());
     }
     for p in [&a.balancer, &a.fake] {
         if !p.is_file() {
@@ -255,16 +266,20 @@ fn loopback(port: u16) -> SocketAddr {
 /// The test-only certificates (tests/tls/README.md) the HTTPS runs use.
 const TLS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tls/");
 
+/// One fake upstream listening on `ports` ports.
 fn start_fake(
     args: &Args,
     dir: &Path,
     name: &str,
     chunks: usize,
     tls: bool,
-) -> Result<(Proc, u16), String> {
-    let port = free_port()?;
+    ports: usize,
+) -> Result<(Proc, Vec<u16>), String> {
+    let ports = (0..ports)
+        .map(|_| free_port())
+        .collect::<Result<Vec<_>, _>>()?;
     let mut cmd = Command::new(&args.fake);
-    cmd.arg(port.to_string()).args([
+    cmd.args(ports.iter().map(u16::to_string)).args([
         "--chunks",
         &chunks.to_string(),
         "--delay-ms",
@@ -277,16 +292,22 @@ fn start_fake(
             .arg(format!("{TLS_DIR}server.key"));
     }
     let mut p = Proc::spawn(name, &mut cmd, dir.join(format!("{name}.log")))?;
-    p.wait_listening(loopback(port))?;
-    Ok((p, port))
+    for port in &ports {
+        p.wait_listening(loopback(*port))?;
+    }
+    Ok((p, ports))
 }
 
-/// A config directory for the balancer in front of one upstream port
-/// (over HTTPS trusting the test CA when `tls`).
-fn balancer_config(dir: &Path, upstream: u16, tls: bool) -> Result<PathBuf, String> {
+/// A config directory for the balancer in front of `upstreams` (ports,
+/// over HTTPS trusting the test CA when `tls`).
+fn balancer_config(dir: &Path, upstreams: &[u16], tls: bool) -> Result<PathBuf, String> {
     fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let scheme = if tls { "https" } else { "http" };
-    let hosts = format!("{{ \"hosts\": [\"{scheme}://127.0.0.1:{upstream}\"] }}\n");
+    let urls: Vec<String> = upstreams
+        .iter()
+        .map(|p| format!("\"{scheme}://127.0.0.1:{p}\""))
+        .collect();
+    let hosts = format!("{{ \"hosts\": [{}] }}\n", urls.join(", "));
     fs::write(dir.join("hosts.json"), hosts).map_err(|e| e.to_string())?;
     if tls {
         let settings = format!("{{ \"caFile\": \"{TLS_DIR}ca.pem\" }}\n");
@@ -299,11 +320,11 @@ fn start_balancer(
     args: &Args,
     dir: &Path,
     name: &str,
-    upstream: u16,
+    upstreams: &[u16],
     workers: usize,
     tls: bool,
 ) -> Result<(Proc, u16), String> {
-    let config = balancer_config(&dir.join(format!("{name}-config")), upstream, tls)?;
+    let config = balancer_config(&dir.join(format!("{name}-config")), upstreams, tls)?;
     let port = free_port()?;
     let mut cmd = Command::new(&args.balancer);
     cmd.arg("--config")
@@ -337,12 +358,16 @@ fn start_floor(dir: &Path, upstream: u16, how: Option<&str>) -> Result<(Proc, u1
     Ok((p, port))
 }
 
-/// nginx as a plain reverse proxy: unbuffered, keep-alive both ways.
-fn start_nginx(nginx: &Path, dir: &Path, upstream: u16) -> Result<(Proc, u16), String> {
+/// nginx as a plain reverse proxy over `upstreams`: unbuffered, keep-alive both ways.
+fn start_nginx(nginx: &Path, dir: &Path, upstreams: &[u16]) -> Result<(Proc, u16), String> {
     let port = free_port()?;
     let ngx = dir.join("nginx");
     fs::create_dir_all(&ngx).map_err(|e| e.to_string())?;
     let d = ngx.display();
+    let servers: String = upstreams
+        .iter()
+        .map(|p| format!("        server 127.0.0.1:{p};\n"))
+        .collect();
     let conf = format!(
         r#"daemon off;
 master_process on;
@@ -361,8 +386,7 @@ http {{
     keepalive_requests 1000000;
     keepalive_timeout 65s;
     upstream fake {{
-        server 127.0.0.1:{upstream};
-        keepalive 256;
+{servers}        keepalive 256;
         keepalive_requests 1000000;
     }}
     server {{
@@ -411,10 +435,11 @@ fn run(args: &Args, dir: &Path) -> Result<(), String> {
 /// The side-by-side table: direct, balancer, nginx.
 fn table(args: &Args, dir: &Path) -> Result<String, String> {
     let chunks = 20;
-    let (fake, up) = start_fake(args, dir, "fake", chunks, false)?;
-    let (bal, bal_port) = start_balancer(args, dir, "balancer", up, 256, false)?;
+    let (fake, ups) = start_fake(args, dir, "fake", chunks, false, args.hosts)?;
+    let up = ups[0];
+    let (bal, bal_port) = start_balancer(args, dir, "balancer", &ups, 256, false)?;
     let nginx = match &args.nginx {
-        Some(n) => match start_nginx(n, dir, up) {
+        Some(n) => match start_nginx(n, dir, &ups) {
             Ok(p) => Some(p),
             Err(e) => {
                 eprintln!("bench: nginx left out: {e}");
@@ -477,7 +502,15 @@ fn table(args: &Args, dir: &Path) -> Result<String, String> {
     drop(nginx);
     drop(bal);
     drop(fake);
-    Ok(suite::render(&results))
+    let mut report = suite::render(&results);
+    if args.hosts > 1 {
+        report.push_str(&format!(
+            "\nUpstream hosts behind gaia-balancer and nginx: {} (ports of one fake upstream); \
+             direct and the floors use the first.\n",
+            args.hosts
+        ));
+    }
+    Ok(report)
 }
 
 fn writeln_time(s: &mut String, d: Duration) -> std::fmt::Result {
@@ -489,12 +522,12 @@ fn writeln_time(s: &mut String, d: Duration) -> std::fmt::Result {
 fn memory_per_stream(args: &Args, dir: &Path, tls: bool) -> Result<String, String> {
     // Streams long enough (20 s) to all be open at once; closed early by us.
     let scheme = if tls { "https" } else { "http" };
-    let (_fake, up) = start_fake(args, dir, &format!("fake-memory-{scheme}"), 400, tls)?;
+    let (_fake, ups) = start_fake(args, dir, &format!("fake-memory-{scheme}"), 400, tls, 1)?;
     let (bal, port) = start_balancer(
         args,
         dir,
         &format!("balancer-memory-{scheme}"),
-        up,
+        &ups,
         MEMORY_STREAMS + 100,
         tls,
     )?;
