@@ -17,7 +17,8 @@
 //! unread); it is reused only for the same scheme and authority; taking and
 //! returning cost a hash lookup and a push or pop under one short lock;
 //! the most recently used connection goes out first, so the ones left over
-//! after a burst sit idle and are closed after `max_idle`; at most
+//! after a burst sit idle and are closed after `max_idle` (within a
+//! [`SWEEP`] more, by a thread of the pool's own when no request comes); at most
 //! `per_host` idle connections per destination and `total` in all; none is
 //! reused once [`MAX_LIFE`] old (a host that moved to a new address, found
 //! by the name cache, is reached there within that time). A connection
@@ -27,6 +28,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use ureq::unversioned::transport::{
@@ -53,19 +55,32 @@ impl<C> PoolingConnector<C> {
     /// Keep up to `per_host` idle connections per destination and `total` in
     /// all, each for at most `max_idle`.
     pub fn new(inner: C, per_host: usize, total: usize, max_idle: Duration) -> Self {
-        PoolingConnector {
-            inner,
-            idle: Arc::new(Idle {
-                per_host,
-                total,
-                max_idle,
-                table: Mutex::new(Table {
-                    by_dest: HashMap::new(),
-                    count: 0,
-                    swept: Instant::now(),
-                }),
-            }),
-        }
+        let idle = Idle::new(per_host, total, max_idle);
+        start_sweeper(Arc::downgrade(&idle));
+        PoolingConnector { inner, idle }
+    }
+}
+
+/// Sweep `idle` every [`SWEEP`] on a thread of its own until it is gone:
+/// requests sweep only as they pass, so after the last one of a burst its
+/// idle connections (up to `total`) would stay open until the next request,
+/// however far off. Without the thread (none could be started) they still
+/// go then.
+fn start_sweeper(idle: Weak<Idle>) {
+    let started = thread::Builder::new()
+        .name("pool-sweep".into())
+        .spawn(move || loop {
+            thread::sleep(SWEEP);
+            let Some(idle) = idle.upgrade() else {
+                return;
+            };
+            let stale = idle.sweep_now(Instant::now());
+            // Not kept across the sleep: the agent's end ends the pool.
+            drop(idle);
+            drop(stale);
+        });
+    if let Err(e) = started {
+        log::warn!("idle upstream connections are closed only when requests pass: {e}");
     }
 }
 
@@ -249,6 +264,19 @@ struct Table {
 }
 
 impl Idle {
+    fn new(per_host: usize, total: usize, max_idle: Duration) -> Arc<Idle> {
+        Arc::new(Idle {
+            per_host,
+            total,
+            max_idle,
+            table: Mutex::new(Table {
+                by_dest: HashMap::new(),
+                count: 0,
+                swept: Instant::now(),
+            }),
+        })
+    }
+
     fn lock(&self) -> MutexGuard<'_, Table> {
         // Every state is valid, so a panic elsewhere leaves nothing to repair.
         self.table.lock().unwrap_or_else(|e| e.into_inner())
@@ -326,6 +354,16 @@ impl Idle {
         }
     }
 
+    /// Expire idle connections as [`Idle::sweep`] does; returns them for
+    /// the caller to close unlocked.
+    fn sweep_now(&self, now: Instant) -> Vec<Parked> {
+        let mut stale = Vec::new();
+        let mut table = self.lock();
+        self.sweep(&mut table, now, &mut stale);
+        drop(table);
+        stale
+    }
+
     /// At most once per [`SWEEP`], expire the idle connections of every destination.
     fn sweep(&self, table: &mut Table, now: Instant, stale: &mut Vec<Parked>) {
         if now.saturating_duration_since(table.swept) < SWEEP {
@@ -378,8 +416,9 @@ mod tests {
         }
     }
 
+    /// A pool without its sweeper thread: tests drive its clock themselves.
     fn idle(per_host: usize, total: usize, max_idle: Duration) -> Arc<Idle> {
-        PoolingConnector::new((), per_host, total, max_idle).idle
+        Idle::new(per_host, total, max_idle)
     }
 
     /// A connection to `dest` (plain HTTP) on loan from `idle`, as ureq holds it.
@@ -523,5 +562,23 @@ mod tests {
         let p = lent(&idle, "a:1", 1, &asked);
         drop(idle);
         give_back(p);
+    }
+    #[test]
+    fn idle_connections_are_closed_after_max_idle_with_no_request_to_come() {
+        let pool = PoolingConnector::new((), 4, 64, Duration::from_millis(1));
+        let asked = Arc::new(AtomicUsize::new(0));
+        give_back(lent(&pool.idle, "a:1", 1, &asked));
+        give_back(lent(&pool.idle, "b:1", 2, &asked));
+        // The last request of a burst has come and gone: nothing takes or
+        // returns a connection from now on, yet both are closed.
+        let end = Instant::now() + Duration::from_secs(10);
+        while pool.idle.lock().count > 0 {
+            assert!(
+                Instant::now() < end,
+                "idle connections still open after 10 s"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        assert!(pool.idle.lock().by_dest.is_empty());
     }
 }
