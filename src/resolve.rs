@@ -41,7 +41,8 @@ pub const REFRESH: Duration = Duration::from_secs(30);
 pub const RETRY: Duration = Duration::from_secs(1);
 /// Names no request has asked for this long are forgotten (hosts a reload removed).
 const FORGET: Duration = Duration::from_secs(3600);
-/// Most addresses kept per name (ureq takes no more).
+/// Most addresses kept per name and family (ureq takes no more of the
+/// family it wants).
 const MOST: usize = 16;
 
 /// A blocking name lookup: the OS's, or a test's stand-in.
@@ -305,7 +306,14 @@ impl Names {
             entry.looking = false;
             match result {
                 Ok(mut ips) if !ips.is_empty() => {
-                    ips.truncate(MOST);
+                    // Per family, before the agent's family is picked: the
+                    // first sixteen of a longer list may all be of the other.
+                    let (mut v4, mut v6) = (0, 0);
+                    ips.retain(|ip| {
+                        let n = if ip.is_ipv4() { &mut v4 } else { &mut v6 };
+                        *n += 1;
+                        *n <= MOST
+                    });
                     if ips != entry.ips {
                         log::debug!("{name} resolves to {ips:?}");
                     }
@@ -543,5 +551,28 @@ mod tests {
         let table = names.lock();
         assert!(!table.contains_key("old.example"));
         assert!(table.contains_key("new.example"));
+    }
+    #[test]
+    fn the_wanted_family_is_kept_when_a_name_has_more_than_sixteen_addresses() {
+        // Twenty IPv6 addresses first (as RFC 6724 orders them), then one IPv4.
+        let mut many: Vec<IpAddr> = (1..=20u16)
+            .map(|i| IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i)))
+            .collect();
+        many.push(V4);
+        let (_, lookup) = counting(move |_| Ok(many.clone()));
+        let r = resolver(&Names::new(lookup, REFRESH));
+        let uri: Uri = "http://many.example:7/".parse().unwrap();
+        let v4_only = Config::builder()
+            .ip_family(ureq::config::IpFamily::Ipv4Only)
+            .build();
+        let got = r.resolve(&uri, &v4_only, within(5_000)).unwrap();
+        assert_eq!(
+            got.iter().copied().collect::<Vec<_>>(),
+            vec![(V4, 7).into()]
+        );
+        // Any family: the first sixteen, in order, as ureq's own resolver gives.
+        let got = r.resolve(&uri, &Config::default(), within(5_000)).unwrap();
+        assert_eq!(got.len(), MOST);
+        assert!(got.iter().all(|a| a.is_ipv6()));
     }
 }
