@@ -209,7 +209,8 @@ impl Drop for Pooled {
             born: self.born,
             since: Instant::now(),
         };
-        // Closed outside the lock (a close is a syscall).
+        // Closed outside our lock (a close is a syscall); ureq's is held
+        // here, so `put` closes no more than this one or its destination's oldest.
         let closed = idle.put(self.tls, parked);
         drop(closed);
     }
@@ -312,8 +313,11 @@ impl Idle {
             stale.push(parked);
             return stale;
         }
+        // No sweep here: ureq drops a connection it keeps while holding its
+        // own pool's lock, which every request takes to connect, so what a
+        // sweep closes would stall them all. `take` and the sweeper thread
+        // sweep instead.
         let mut table = self.lock();
-        self.sweep(&mut table, parked.since, &mut stale);
         if table.count >= self.total {
             stale.push(parked);
             return stale;
@@ -580,5 +584,31 @@ mod tests {
             thread::sleep(Duration::from_millis(10));
         }
         assert!(pool.idle.lock().by_dest.is_empty());
+    }
+    #[test]
+    fn a_connection_coming_back_closes_no_other_idle_one() {
+        // ureq drops the connections it keeps while holding its own pool's
+        // lock, which every request takes to connect: a return must not
+        // close a sweep's worth of connections there.
+        let idle = idle(4, 64, Duration::from_millis(1));
+        let asked = Arc::new(AtomicUsize::new(0));
+        give_back(lent(&idle, "a:1", 1, &asked));
+        let later = Instant::now() + SWEEP + Duration::from_millis(5);
+        let back = Parked {
+            transport: Box::new(Fake {
+                id: 2,
+                open: true,
+                asked: asked.clone(),
+                buffers: LazyBuffers::new(1, 1),
+            }),
+            dest: Arc::from("b:1"),
+            born: later,
+            since: later,
+        };
+        assert!(idle.put(false, back).is_empty());
+        // The next take (outside ureq's lock) closes it instead.
+        let (found, stale) = idle.take(false, "b:1", later);
+        assert_eq!(found.map(id_of), Some(2));
+        assert_eq!(stale.into_iter().map(id_of).collect::<Vec<_>>(), vec![1]);
     }
 }
