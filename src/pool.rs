@@ -611,4 +611,55 @@ mod tests {
         assert_eq!(found.map(id_of), Some(2));
         assert_eq!(stale.into_iter().map(id_of).collect::<Vec<_>>(), vec![1]);
     }
+    /// The count of idle connections is what `total` is checked against: one
+    /// that drifted up would have the pool refuse every connection for good,
+    /// one that drifted down would let it grow past `total`. Random takes and
+    /// returns (fit and stale, young and old, two schemes, three
+    /// destinations, time moving on) keep it equal to what the lists hold.
+    #[test]
+    fn the_idle_count_is_what_the_lists_hold_through_any_sequence() {
+        let asked = Arc::new(AtomicUsize::new(0));
+        let start = Instant::now();
+        for seed in 1..=50 {
+            crate::rng::seed(seed);
+            let idle = idle(3, 7, Duration::from_millis(50));
+            let mut now = start;
+            for _ in 0..300 {
+                now += Duration::from_millis(crate::rng::below(30));
+                let dest = ["a:1", "b:1", "c:1"][crate::rng::below(3) as usize];
+                let tls = crate::rng::below(2) == 1;
+                if crate::rng::below(3) == 0 {
+                    drop(idle.take(tls, dest, now));
+                } else {
+                    let age = Duration::from_millis(crate::rng::below(2) * 400_000);
+                    let back = Parked {
+                        transport: Box::new(Fake {
+                            id: 0,
+                            open: crate::rng::below(5) != 0,
+                            asked: asked.clone(),
+                            buffers: LazyBuffers::new(1, 1),
+                        }),
+                        dest: Arc::from(dest),
+                        born: now.checked_sub(age).unwrap_or(now),
+                        since: now,
+                    };
+                    drop(idle.put(tls, back));
+                }
+                let table = idle.lock();
+                let held: usize = table.by_dest.values().flatten().map(VecDeque::len).sum();
+                assert_eq!(table.count, held, "seed {seed}");
+                assert!(held <= 7, "seed {seed}");
+            }
+            // Emptied, it takes connections again.
+            let later = now + Duration::from_secs(1) + SWEEP;
+            for dest in ["a:1", "b:1", "c:1"] {
+                for tls in [false, true] {
+                    while idle.take(tls, dest, later).0.is_some() {}
+                }
+            }
+            assert_eq!(idle.lock().count, 0, "seed {seed}");
+            give_back(lent(&idle, "a:1", 1, &asked));
+            assert_eq!(idle.lock().count, 1, "seed {seed}");
+        }
+    }
 }
