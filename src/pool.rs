@@ -567,6 +567,7 @@ mod tests {
         drop(idle);
         give_back(p);
     }
+
     #[test]
     fn idle_connections_are_closed_after_max_idle_with_no_request_to_come() {
         let pool = PoolingConnector::new((), 4, 64, Duration::from_millis(1));
@@ -585,6 +586,7 @@ mod tests {
         }
         assert!(pool.idle.lock().by_dest.is_empty());
     }
+
     #[test]
     fn a_connection_coming_back_closes_no_other_idle_one() {
         // ureq drops the connections it keeps while holding its own pool's
@@ -611,6 +613,7 @@ mod tests {
         assert_eq!(found.map(id_of), Some(2));
         assert_eq!(stale.into_iter().map(id_of).collect::<Vec<_>>(), vec![1]);
     }
+
     /// The count of idle connections is what `total` is checked against: one
     /// that drifted up would have the pool refuse every connection for good,
     /// one that drifted down would let it grow past `total`. Random takes and
