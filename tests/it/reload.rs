@@ -167,7 +167,15 @@ fn hosts_added_and_removed_under_load_without_a_failed_request() {
     assert!(wait_for(RELOAD, || finished_in
         .iter()
         .all(|e| e.load(Ordering::SeqCst) == 1)));
-    let a_after = a.hits();
+    // Proxied requests only: a model-discovery round of an earlier
+    // generation may still be polling a's /v1/models.
+    let chats = |up: &Upstream| {
+        up.requests()
+            .iter()
+            .filter(|s| s.path == "/v1/chat/completions")
+            .count()
+    };
+    let a_after = chats(&a);
     let (b_after, c_after) = (b.hits(), c.hits());
     let so_far = done.load(Ordering::SeqCst);
     assert!(wait_for(RELOAD, || done.load(Ordering::SeqCst) >= so_far + 60));
@@ -178,12 +186,17 @@ fn hosts_added_and_removed_under_load_without_a_failed_request() {
 
     let failures = failures.lock().unwrap();
     assert!(failures.is_empty(), "failed requests: {failures:?}");
-    assert_eq!(a.hits(), a_after, "the removed host still gets traffic");
+    assert_eq!(chats(&a), a_after, "the removed host still gets traffic");
     assert!(b.hits() > b_after && c.hits() > c_after);
     let st = status(&bal);
     assert_eq!(st["hosts"].as_array().unwrap().len(), 2);
     assert_eq!(st["config"]["reloads"], 2);
-    assert_eq!(st["totals"]["requestsInFlight"], 0);
+    // A worker counts its request done just after the answer went out.
+    assert!(
+        wait_for(RELOAD, || status(&bal)["totals"]["requestsInFlight"] == 0),
+        "requests still counted in flight: {}",
+        status(&bal)
+    );
 }
 
 #[test]
