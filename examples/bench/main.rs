@@ -8,13 +8,16 @@
 //! numbers only mean something side by side: the machine, its noise and
 //! the load generator are the same for every column.
 //!
-//! Usage: `bench [--reps N] [--secs S] [--quick] [--hosts N] [--no-nginx] [--no-wrk]
+//! Usage: `bench [--reps N] [--secs S] [--quick] [--hosts N] [--host-name NAME] [--no-nginx] [--no-wrk]
 //! [--no-memory] [--no-floor] [--ureq-floor] [--memory-only] [--balancer PATH] [--fake PATH] [--nginx PATH]
 //! [--wrk PATH] [--keep]`
 //!
 //! `--hosts N` puts N upstream hosts (one fake upstream listening on N
 //! ports) behind the balancer and nginx, as a deployment over several
 //! nodes has; "direct" and the floors still use the first one.
+//! `--host-name NAME` gives the balancer its hosts by a name that resolves
+//! to 127.0.0.1 (such as `localhost`) instead of the address, as Gaia nodes
+//! are given; nginx resolves it once at start-up either way.
 
 mod floor;
 mod load;
@@ -46,6 +49,8 @@ struct Args {
     memory: bool,
     /// Upstream hosts behind the proxies (ports of one fake upstream).
     hosts: usize,
+    /// How the balancer's hosts.json names the upstream's address.
+    host_name: String,
 }
 
 fn main() -> ExitCode {
@@ -121,6 +126,7 @@ fn parse_args() -> Result<Args, String> {
         table: true,
         memory: true,
         hosts: 1,
+        host_name: "127.0.0.1".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -143,6 +149,7 @@ fn parse_args() -> Result<Args, String> {
             "--ureq-floor" => a.ureq_floor = true,
             "--memory-only" => a.table = false,
             "--hosts" => a.hosts = value()?.parse().map_err(|_| "--hosts: a number")?,
+            "--host-name" => a.host_name = value()?,
             "--keep" => a.keep = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -300,12 +307,17 @@ fn start_fake(
 
 /// A config directory for the balancer in front of `upstreams` (ports,
 /// over HTTPS trusting the test CA when `tls`).
-fn balancer_config(dir: &Path, upstreams: &[u16], tls: bool) -> Result<PathBuf, String> {
+fn balancer_config(
+    dir: &Path,
+    name: &str,
+    upstreams: &[u16],
+    tls: bool,
+) -> Result<PathBuf, String> {
     fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let scheme = if tls { "https" } else { "http" };
     let urls: Vec<String> = upstreams
         .iter()
-        .map(|p| format!("\"{scheme}://127.0.0.1:{p}\""))
+        .map(|p| format!("\"{scheme}://{name}:{p}\""))
         .collect();
     let hosts = format!("{{ \"hosts\": [{}] }}\n", urls.join(", "));
     fs::write(dir.join("hosts.json"), hosts).map_err(|e| e.to_string())?;
@@ -324,7 +336,12 @@ fn start_balancer(
     workers: usize,
     tls: bool,
 ) -> Result<(Proc, u16), String> {
-    let config = balancer_config(&dir.join(format!("{name}-config")), upstreams, tls)?;
+    let config = balancer_config(
+        &dir.join(format!("{name}-config")),
+        &args.host_name,
+        upstreams,
+        tls,
+    )?;
     let port = free_port()?;
     let mut cmd = Command::new(&args.balancer);
     cmd.arg("--config")
@@ -503,6 +520,12 @@ fn table(args: &Args, dir: &Path) -> Result<String, String> {
     drop(bal);
     drop(fake);
     let mut report = suite::render(&results);
+    if args.host_name != "127.0.0.1" {
+        report.push_str(&format!(
+            "\nThe balancer's hosts are given by name: {}.\n",
+            args.host_name
+        ));
+    }
     if args.hosts > 1 {
         report.push_str(&format!(
             "\nUpstream hosts behind gaia-balancer and nginx: {} (ports of one fake upstream); \
