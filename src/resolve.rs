@@ -18,6 +18,7 @@
 //! used until a lookup gives others, so a DNS outage does not take down
 //! hosts whose addresses are known.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -45,6 +46,18 @@ const FORGET: Duration = Duration::from_secs(3600);
 /// Most addresses kept per name and family (ureq takes no more of the
 /// family it wants).
 const MOST: usize = 16;
+
+thread_local! {
+    /// When this thread's request began waiting for a name's first lookup.
+    static WAITED: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// When the current thread's last resolution began waiting for a lookup
+/// (`None`: it was answered at once); taken, so asked once, by the connect
+/// that follows, which counts the wait against the same `connectMs`.
+pub fn take_waited() -> Option<Instant> {
+    WAITED.with(Cell::take)
+}
 
 /// A blocking name lookup: the OS's, or a test's stand-in.
 type Lookup = Box<dyn Fn(&str) -> io::Result<Vec<IpAddr>> + Send + Sync>;
@@ -108,6 +121,7 @@ impl Resolver for CachedResolver {
         config: &Config,
         timeout: NextTimeout,
     ) -> Result<ResolvedSocketAddrs, Error> {
+        WAITED.with(|w| w.set(None));
         let Some((host, port)) = target(uri) else {
             return Err(Error::HostNotFound);
         };
@@ -278,6 +292,9 @@ impl Names {
                 let failure = entry.failure.clone().unwrap_or(Failure::NoAddress);
                 return Err(failure.error());
             }
+            if WAITED.with(Cell::get).is_none() {
+                WAITED.with(|w| w.set(Some(now)));
+            }
             let mut slice = crate::watch::next_wake();
             if let Some(by) = by {
                 let left = by.saturating_duration_since(now);
@@ -446,6 +463,29 @@ mod tests {
             assert_eq!(w.join().unwrap().unwrap(), vec![(V4, 1).into()]);
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_wait_for_a_lookup_is_told_to_the_connect_once() {
+        let (release, calls, lookup) = gated();
+        let r = resolver(&Names::new(lookup, REFRESH));
+        let asker = thread::spawn(move || {
+            let before = Instant::now();
+            let got = ask(&r, "http://first.example/", 10_000);
+            let waited = take_waited();
+            // Answered from the cache now: no wait to tell.
+            let again = ask(&r, "http://first.example/", 10_000);
+            (before, got, waited, take_waited(), again)
+        });
+        // The asker started the lookup under the table's lock and holds it
+        // until it waits, so its wait is under way before the answer can land.
+        until(|| calls.load(Ordering::SeqCst) == 1);
+        release.send(()).unwrap();
+        let (before, got, waited, after_cached, again) = asker.join().unwrap();
+        assert!(got.is_ok() && again.is_ok());
+        let waited = waited.expect("the wait was recorded");
+        assert!(waited >= before);
+        assert_eq!(after_cached, None);
     }
 
     #[test]

@@ -108,11 +108,21 @@ impl Connector<()> for LinkConnector {
     ) -> Result<Option<Link>, Error> {
         // One budget for TCP and TLS together (`timeouts.connectMs`): the
         // handshake that may follow ends by this too (see `Link::connect_by`).
-        let by = match details.timeout.after {
-            UreqDuration::Exact(d) => Instant::now().checked_add(d),
-            UreqDuration::NotHappening => None,
+        // A wait for the name's first lookup came out of it already.
+        let now = Instant::now();
+        let by = connect_deadline(
+            now,
+            details.timeout.after,
+            crate::resolve::take_waited(),
+            details.config.timeouts().connect,
+        );
+        let timeout = NextTimeout {
+            after: by.map_or(UreqDuration::NotHappening, |by| {
+                UreqDuration::Exact(by.saturating_duration_since(now))
+            }),
+            ..details.timeout
         };
-        let (stream, peer) = connect(&details.addrs, details.timeout)?;
+        let (stream, peer) = connect(&details.addrs, timeout)?;
         let config = details.config;
         Ok(Some(Link::new(
             stream,
@@ -121,6 +131,29 @@ impl Connector<()> for LinkConnector {
             by,
             LinkBuffers::new(config.input_buffer_size(), config.output_buffer_size()),
         )))
+    }
+}
+
+/// When a connect begun `now` must be done: ureq's connect timeout
+/// (`after`) counts from the end of name resolution, so when the request
+/// waited for a name's first lookup (since `waited`), lookup and connect
+/// share `budget` (`timeouts.connectMs`) instead of taking it twice.
+fn connect_deadline(
+    now: Instant,
+    after: UreqDuration,
+    waited: Option<Instant>,
+    budget: Option<Duration>,
+) -> Option<Instant> {
+    let ureqs = match after {
+        UreqDuration::Exact(d) => now.checked_add(d),
+        UreqDuration::NotHappening => None,
+    };
+    let shared = waited
+        .zip(budget)
+        .and_then(|(since, b)| since.checked_add(b));
+    match (ureqs, shared) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -836,6 +869,31 @@ pub(crate) mod tests {
         let mut got = vec![0; n];
         far.read_exact(&mut got).unwrap();
         got
+    }
+
+    #[test]
+    fn a_wait_for_the_first_lookup_comes_out_of_the_connect_budget() {
+        let now = Instant::now();
+        let budget = Some(Duration::from_secs(5));
+        let ureqs = UreqDuration::Exact(Duration::from_secs(5));
+        // No wait: ureq's deadline as it is.
+        assert_eq!(
+            connect_deadline(now, ureqs, None, budget),
+            now.checked_add(Duration::from_secs(5))
+        );
+        // Waited 3 s for the lookup: 2 s left for the connect, not 5.
+        let since = now.checked_sub(Duration::from_secs(3));
+        if let Some(since) = since {
+            assert_eq!(
+                connect_deadline(now, ureqs, Some(since), budget),
+                now.checked_add(Duration::from_secs(2))
+            );
+        }
+        // No connect timeout at all: none.
+        assert_eq!(
+            connect_deadline(now, UreqDuration::NotHappening, since, None),
+            None
+        );
     }
 
     #[test]
