@@ -593,6 +593,7 @@ mod tests {
         assert!(!table.contains_key("old.example"));
         assert!(table.contains_key("new.example"));
     }
+
     #[test]
     fn the_wanted_family_is_kept_when_a_name_has_more_than_sixteen_addresses() {
         // Twenty IPv6 addresses first (as RFC 6724 orders them), then one IPv4.
