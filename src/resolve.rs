@@ -98,6 +98,18 @@ pub fn warm<'a>(base_urls: impl Iterator<Item = &'a str>) {
     }
 }
 
+/// The host name `uri` names, when it is a name and not an IP literal.
+pub fn name_of(uri: &Uri) -> Option<Arc<str>> {
+    let (host, _) = target(uri)?;
+    host.parse::<IpAddr>().is_err().then(|| Arc::from(host))
+}
+
+/// The addresses the cache holds for `name` now, with `port`: no lookup and
+/// no wait (empty when none is known).
+pub fn known(name: &str, port: u16) -> Vec<SocketAddr> {
+    names().known(name, port)
+}
+
 /// The host (brackets of an IPv6 literal removed) and port `uri` names.
 fn target(uri: &Uri) -> Option<(&str, u16)> {
     let authority = uri.authority()?;
@@ -216,6 +228,28 @@ impl Names {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
         // Every state is valid, so a panic elsewhere leaves nothing to repair.
         self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn known(&self, name: &str, port: u16) -> Vec<SocketAddr> {
+        self.lock().get(name).map_or_else(Vec::new, |e| {
+            e.ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect()
+        })
+    }
+
+    /// For tests: `name` resolves to `ips`, and is not looked up for a day.
+    #[cfg(test)]
+    pub(crate) fn remember(name: &str, ips: Vec<IpAddr>) {
+        let now = Instant::now();
+        names().lock().insert(
+            name.to_owned(),
+            Entry {
+                ips,
+                looking: false,
+                next_lookup: now.checked_add(Duration::from_secs(86_400)),
+                failure: None,
+                used_at: now,
+            },
+        );
     }
 
     /// Start a lookup of `name` if one is due, without waiting for it.

@@ -17,7 +17,8 @@
 //!   before its next request is written, outside the pool's lock
 //!   ([`crate::pool`]); one the
 //!   upstream closed (or sent stray bytes on) meanwhile is replaced by a
-//!   fresh connection to the same address before any byte of the request
+//!   fresh connection to the same address (or, for a host given by name,
+//!   where the name cache says it points now) before any byte of the request
 //!   leaves, so a stale keep-alive costs no failed attempt; one with unsent
 //!   output is never reused;
 //! - a connection holds little memory while it waits for and reads a
@@ -31,7 +32,7 @@ use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
 use std::mem::MaybeUninit;
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
@@ -127,6 +128,7 @@ impl Connector<()> for LinkConnector {
         Ok(Some(Link::new(
             stream,
             peer,
+            crate::resolve::name_of(details.uri),
             config.timeouts().connect,
             by,
             LinkBuffers::new(config.input_buffer_size(), config.output_buffer_size()),
@@ -431,8 +433,12 @@ impl Buffers for LinkBuffers {
 pub struct Link {
     stream: TcpStream,
     /// The address `stream` is connected to (a stale pooled connection is
-    /// replaced by a new one to the same address).
+    /// replaced by a new one to the same address, while its name still
+    /// points there).
     peer: SocketAddr,
+    /// The host name it was reached by (`None`: an IP literal): a
+    /// replacement goes where the name cache says the name points now.
+    name: Option<Arc<str>>,
     /// ureq's connect timeout, for that replacement.
     connect_timeout: Option<Duration>,
     /// When the connect that made this link must be done, a TLS handshake
@@ -465,6 +471,7 @@ impl Link {
     fn new(
         stream: TcpStream,
         peer: SocketAddr,
+        name: Option<Arc<str>>,
         connect_timeout: Option<Duration>,
         connect_by: Option<Instant>,
         buffers: LinkBuffers,
@@ -472,6 +479,7 @@ impl Link {
         Link {
             stream,
             peer,
+            name,
             connect_timeout,
             connect_by,
             recheck: false,
@@ -494,6 +502,7 @@ impl Link {
         Link::new(
             stream,
             peer,
+            None,
             Some(connect_timeout),
             by,
             LinkBuffers::new(1024, 64 * 1024),
@@ -531,7 +540,9 @@ impl Link {
     }
 
     /// Replace the socket of a pooled connection found stale by a new
-    /// connection to the same address, made by `deadline`.
+    /// connection, made by `deadline`: to the same address, unless the host
+    /// name it was reached by points elsewhere now (the host moved, and its
+    /// old address may refuse).
     pub(crate) fn reconnect(&mut self, deadline: Option<Instant>) -> Result<(), Error> {
         log::debug!(
             "pooled connection to {} went stale; reconnecting",
@@ -544,8 +555,17 @@ impl Link {
             reason: ureq::Timeout::Connect,
             ..NextTimeout::default()
         };
-        let (stream, _) = connect(&[self.peer], timeout)?;
+        let now_at = self.name.as_deref().map_or_else(Vec::new, |name| {
+            crate::resolve::known(name, self.peer.port())
+        });
+        let addrs = if now_at.is_empty() || now_at.contains(&self.peer) {
+            vec![self.peer]
+        } else {
+            now_at
+        };
+        let (stream, peer) = connect(&addrs, timeout)?;
         self.stream = stream;
+        self.peer = peer;
         self.read_timeout = None;
         self.write_timeout = None;
         Ok(())
@@ -1121,6 +1141,42 @@ pub(crate) mod tests {
         send_now(&mut link, b"two");
         let mut fresh = accept_within(&listener);
         assert_eq!(read_exactly(&mut fresh, 3), b"two");
+    }
+
+    /// Two listeners on one port, 127.0.0.1 and ::1: a host's old address
+    /// and the one its name points to now.
+    fn old_and_new_address() -> Option<(TcpListener, TcpListener)> {
+        (0..20).find_map(|_| {
+            let old = TcpListener::bind("127.0.0.1:0").ok()?;
+            let port = old.local_addr().ok()?.port();
+            let new = TcpListener::bind(("::1", port)).ok()?;
+            Some((old, new))
+        })
+    }
+
+    #[test]
+    fn a_stale_pooled_connection_goes_where_its_name_points_now() {
+        let Some((old, new)) = old_and_new_address() else {
+            return; // no IPv6 loopback here: nothing to test
+        };
+        let mut link = Link::dial(old.local_addr().unwrap(), Duration::from_secs(5));
+        link.name = Some(Arc::from("moved.transport.test"));
+        crate::resolve::Names::remember(
+            "moved.transport.test",
+            vec![std::net::Ipv6Addr::LOCALHOST.into()],
+        );
+        let mut far = accept_within(&old);
+        send_now(&mut link, b"one");
+        assert_eq!(read_exactly(&mut far, 3), b"one");
+        assert!(link.is_open(), "return to the pool");
+        // The host moved: its old address closed the connection and refuses.
+        drop(far);
+        drop(old);
+        wait_peek(&link, Peek::Closed);
+        assert!(link.is_open(), "taken out of the pool");
+        send_now(&mut link, b"two");
+        let mut moved = accept_within(&new);
+        assert_eq!(read_exactly(&mut moved, 3), b"two");
     }
 
     #[test]
