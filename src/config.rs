@@ -1279,6 +1279,15 @@ fn parse_subdomain(s: &str) -> Result<(String, String), String> {
     Err(message)
 }
 
+/// The port a URL of `scheme` means when it names none.
+pub fn default_port(scheme: &str) -> Option<u16> {
+    match scheme {
+        "http" => Some(80),
+        "https" => Some(443),
+        _ => None,
+    }
+}
+
 fn parse_url(scheme: &str, rest: &str) -> Result<(String, String), String> {
     let scheme = scheme.to_ascii_lowercase();
     if scheme != "http" && scheme != "https" {
@@ -1310,8 +1319,7 @@ fn parse_url(scheme: &str, rest: &str) -> Result<(String, String), String> {
     let (host, port) = split_host_port(authority)?;
     let host = host.to_ascii_lowercase();
     // The scheme's own port is the same host without it (duplicates, names).
-    let default_port = if scheme == "https" { 443 } else { 80 };
-    let port = port.filter(|p| *p != default_port);
+    let port = port.filter(|p| Some(*p) != default_port(&scheme));
     let host_port = match port {
         Some(port) => format!("{host}:{port}"),
         None => host,

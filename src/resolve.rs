@@ -33,6 +33,7 @@ use ureq::unversioned::transport::time::Duration as UreqDuration;
 use ureq::unversioned::transport::NextTimeout;
 use ureq::Error;
 
+use crate::config::default_port;
 use crate::transport;
 
 /// How long a name's addresses serve before the next request that uses
@@ -118,11 +119,9 @@ fn target(uri: &Uri) -> Option<(&str, u16)> {
         .strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
-    let port = authority.port_u16().or(match uri.scheme_str()? {
-        "http" => Some(80),
-        "https" => Some(443),
-        _ => None,
-    })?;
+    let port = authority
+        .port_u16()
+        .or_else(|| uri.scheme_str().and_then(default_port))?;
     Some((host, port))
 }
 

@@ -51,11 +51,7 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub fn host_header(base_url: &str) -> Option<HeaderValue> {
     let uri: Uri = base_url.parse().ok()?;
     let host = uri.host()?;
-    let default = match uri.scheme_str()? {
-        "http" => 80,
-        "https" => 443,
-        _ => return None,
-    };
+    let default = crate::config::default_port(uri.scheme_str()?)?;
     match uri.port_u16() {
         Some(port) if port != default => HeaderValue::try_from(format!("{host}:{port}")).ok(),
         _ => HeaderValue::try_from(host).ok(),
