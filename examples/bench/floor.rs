@@ -10,8 +10,12 @@
 //! much is the work the balancer does per request (the difference between
 //! this column and the balancer's). With `Upstream::Ureq` the upstream side
 //! is a plain ureq agent instead, with nothing else changed: what the HTTP
-//! client alone adds. It is a yardstick for the benchmark, never something to
-//! deploy: it trusts both sides completely.
+//! client alone adds. With `Upstream::Agent` it is the balancer's own agent
+//! (`upstream::agent`: ureq over our transport, pool and name cache), so the
+//! column is the least any balancer built on the fixed design (blocking ureq
+//! to the upstream) can cost; what the balancer costs beyond it is its own
+//! routing, retries, metrics and checks. It is a yardstick for the benchmark,
+//! never something to deploy: it trusts both sides completely.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -30,6 +34,8 @@ pub enum Upstream {
     /// One shared ureq agent with its own TCP transport and pool, the answer
     /// written back with its length, or chunked when it is a stream.
     Ureq,
+    /// As `Ureq`, with the agent the balancer itself builds (default settings).
+    Agent,
 }
 
 /// Serve on `listen`, forwarding to `upstream`, until killed.
@@ -45,13 +51,19 @@ pub fn serve_listener(
     how: Upstream,
 ) -> Result<(), String> {
     let (tx, rx) = crossbeam_channel::bounded::<TcpStream>(1024);
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .no_delay(true)
-        .max_idle_connections(WORKERS * 2)
-        .max_idle_connections_per_host(WORKERS)
-        .build()
-        .into();
+    let agent: ureq::Agent = match how {
+        Upstream::Agent => gaia_balancer::upstream::agent(&gaia_balancer::config::Settings {
+            workers: WORKERS,
+            ..Default::default()
+        }),
+        _ => ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .no_delay(true)
+            .max_idle_connections(WORKERS * 2)
+            .max_idle_connections_per_host(WORKERS)
+            .build()
+            .into(),
+    };
     for i in 0..WORKERS {
         let rx = rx.clone();
         let agent = agent.clone();
@@ -63,7 +75,9 @@ pub fn serve_listener(
                 while let Ok(client) = rx.recv() {
                     let served = match how {
                         Upstream::Raw => serve_client(client, upstream, &mut up),
-                        Upstream::Ureq => serve_with_ureq(client, upstream, &agent),
+                        Upstream::Ureq | Upstream::Agent => {
+                            serve_with_ureq(client, upstream, &agent)
+                        }
                     };
                     // A broken upstream connection is made afresh for the next client.
                     if served.is_err() {

@@ -9,7 +9,7 @@
 //! the load generator are the same for every column.
 //!
 //! Usage: `bench [--reps N] [--secs S] [--quick] [--hosts N] [--host-name NAME] [--no-nginx] [--no-wrk]
-//! [--no-memory] [--no-floor] [--ureq-floor] [--memory-only] [--balancer PATH] [--fake PATH] [--nginx PATH]
+//! [--no-memory] [--no-floor] [--ureq-floor] [--agent-floor] [--memory-only] [--balancer PATH] [--fake PATH] [--nginx PATH]
 //! [--wrk PATH] [--keep]`
 //!
 //! `--hosts N` puts N upstream hosts (one fake upstream listening on N
@@ -45,6 +45,7 @@ struct Args {
     keep: bool,
     floor: bool,
     ureq_floor: bool,
+    agent_floor: bool,
     table: bool,
     memory: bool,
     /// Upstream hosts behind the proxies (ports of one fake upstream).
@@ -63,6 +64,7 @@ fn main() -> ExitCode {
                 let how = match how {
                     [] => Ok(floor::Upstream::Raw),
                     [u] if u == "ureq" => Ok(floor::Upstream::Ureq),
+                    [u] if u == "agent" => Ok(floor::Upstream::Agent),
                     _ => Err("the last argument may only be \"ureq\"".to_string()),
                 };
                 let addrs = listen
@@ -71,7 +73,7 @@ fn main() -> ExitCode {
                     .map_err(|e| e.to_string());
                 how.and_then(|h| addrs.and_then(|(l, u)| floor::serve(l, u, h)))
             }
-            _ => Err("usage: bench --serve-floor LISTEN UPSTREAM [ureq]".into()),
+            _ => Err("usage: bench --serve-floor LISTEN UPSTREAM [ureq|agent]".into()),
         };
         return match served {
             Ok(()) => ExitCode::SUCCESS,
@@ -86,7 +88,7 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("bench: {e}");
             eprintln!(
-                "usage: bench [--reps N] [--secs S] [--quick] [--no-nginx] [--no-wrk] [--no-memory] [--no-floor] [--ureq-floor] [--memory-only] \
+                "usage: bench [--reps N] [--secs S] [--quick] [--no-nginx] [--no-wrk] [--no-memory] [--no-floor] [--ureq-floor] [--agent-floor] [--memory-only] \
                  [--balancer PATH] [--fake PATH] [--nginx PATH] [--wrk PATH] [--keep]"
             );
             return ExitCode::from(2);
@@ -123,6 +125,7 @@ fn parse_args() -> Result<Args, String> {
         keep: false,
         floor: true,
         ureq_floor: false,
+        agent_floor: false,
         table: true,
         memory: true,
         hosts: 1,
@@ -147,6 +150,7 @@ fn parse_args() -> Result<Args, String> {
             "--no-memory" => a.memory = false,
             "--no-floor" => a.floor = false,
             "--ureq-floor" => a.ureq_floor = true,
+            "--agent-floor" => a.agent_floor = true,
             "--memory-only" => a.table = false,
             "--hosts" => a.hosts = value()?.parse().map_err(|_| "--hosts: a number")?,
             "--host-name" => a.host_name = value()?,
@@ -495,6 +499,9 @@ fn table(args: &Args, dir: &Path) -> Result<String, String> {
     }
     if args.ureq_floor {
         floors.push(("floor + ureq", start_floor(dir, up, Some("ureq"))?));
+    }
+    if args.agent_floor {
+        floors.push(("floor + our agent", start_floor(dir, up, Some("agent"))?));
     }
     for (name, (p, port)) in &floors {
         targets.push(Target {

@@ -45,6 +45,7 @@ fn bench_measures_and_prints_its_table() {
     };
     let floor_addr = floor(floor::Upstream::Raw);
     let ureq_floor_addr = floor(floor::Upstream::Ureq);
+    let agent_floor_addr = floor(floor::Upstream::Agent);
     let me = Some(std::process::id());
     let targets = [
         suite::Target {
@@ -67,6 +68,11 @@ fn bench_measures_and_prints_its_table() {
             addr: ureq_floor_addr,
             pid: me,
         },
+        suite::Target {
+            name: "floor + our agent".into(),
+            addr: agent_floor_addr,
+            pid: me,
+        },
     ];
     let work = std::env::temp_dir().join(format!("gaia-bench-test-{}", std::process::id()));
     let plan = suite::Plan {
@@ -84,7 +90,7 @@ fn bench_measures_and_prints_its_table() {
     let results = suite::measure(&targets, &plan, &mut |_| lines += 1);
     let table = suite::render(&results);
     println!("{table}");
-    assert_eq!(lines, 2 * (4 * 2 + 4), "one progress line per run");
+    assert_eq!(lines, 2 * (5 * 2 + 5), "one progress line per run");
     for t in &results.targets {
         assert_eq!(
             t.errors(),
@@ -105,7 +111,7 @@ fn bench_measures_and_prints_its_table() {
         }
     }
     for row in [
-        "| metric (median of reps) | direct | gaia-balancer | blocking floor | floor + ureq | gaia-balancer / blocking floor | gaia-balancer / floor + ureq | gaia-balancer / direct |",
+        "| metric (median of reps) | direct | gaia-balancer | blocking floor | floor + ureq | floor + our agent | gaia-balancer / blocking floor | gaia-balancer / floor + ureq | gaia-balancer / floor + our agent | gaia-balancer / direct |",
         "| req/s, 1 conn |",
         "| req/s, 4 conns |",
         "| latency p50 / p99 ms, 4 conns |",
@@ -115,7 +121,7 @@ fn bench_measures_and_prints_its_table() {
         "| CPU s per 10,000 requests |",
         "| of which user space |",
         "| context switches per request |",
-        "| failed requests + streams | 0 | 0 | 0 | 0 |",
+        "| failed requests + streams | 0 | 0 | 0 | 0 | 0 |",
     ] {
         assert!(table.contains(row), "missing {row:?} in\n{table}");
     }
