@@ -58,6 +58,12 @@ impl Cooldown {
     pub fn until(&self, now: Instant) -> Option<Instant> {
         self.until.filter(|u| *u > now)
     }
+
+    /// When the cooldown ends or ended, if it was ever started: the
+    /// instant from which it is inactive, whatever the time now.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.until
+    }
 }
 
 /// Read `retry-after-ms`, then `Retry-After` (seconds or an HTTP date).

@@ -32,8 +32,11 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::fmt;
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher, RandomState};
 use std::io;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -66,24 +69,117 @@ const TICK: Duration = Duration::from_millis(250);
 const MAX_EXCLUDED: usize = 256;
 /// Bytes of an error body searched for "model not found" wordings.
 const ERROR_SCAN: usize = 4096;
+/// Models whose routes a table remembers (see [`Routes`]).
+const ROUTES_KEPT: usize = 8;
+
+/// Moves whenever a catalog changes (see [`Catalog::change`]): a route
+/// worked out while it had one value holds as long as it keeps it.
+static EPOCH: AtomicU64 = AtomicU64::new(0);
 
 /// What one host is known to serve; kept in [`Host::catalog`].
 #[derive(Default)]
 pub struct Catalog(Mutex<Known>);
 
+/// A model id with its hash, computed once: a request looks its model up in
+/// every host's list, and hashing the name once per host cost more than the
+/// rest of choosing a host. The hash is keyed with a per-process random key,
+/// as std's default is, so upstreams cannot line their ids up on one bucket.
+#[derive(Debug, Clone)]
+pub struct ModelId {
+    hash: u64,
+    name: Arc<str>,
+}
+
+impl ModelId {
+    /// `name`, hashed.
+    pub fn new(name: Arc<str>) -> Self {
+        static KEY: OnceLock<RandomState> = OnceLock::new();
+        let hash = KEY.get_or_init(RandomState::new).hash_one(&*name);
+        ModelId { hash, name }
+    }
+}
+
+impl PartialEq for ModelId {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.name == other.name
+    }
+}
+
+impl Eq for ModelId {}
+
+impl Hash for ModelId {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+/// The hasher of a set of [`ModelId`]s: passes their own hash through.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn write(&mut self, bytes: &[u8]) {
+        // Not reached: a ModelId writes one u64. Still a hash, should it be.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A host's model list.
+type Models = HashSet<ModelId, BuildHasherDefault<PassThrough>>;
+
 #[derive(Default)]
 struct Known {
     /// The ids of the last valid list; `None` until the host answered once.
-    models: Option<HashSet<Box<str>>>,
+    models: Option<Models>,
     /// Models this host said it does not know: (model, since, until).
     excluded: Vec<(Arc<str>, Instant, Instant)>,
 }
 
 impl Known {
     fn excludes(&self, model: &str, now: Instant) -> bool {
+        self.exclusion_end(model, now).is_some()
+    }
+
+    /// When the host stops excluding `model`, if it does at `now`.
+    fn exclusion_end(&self, model: &str, now: Instant) -> Option<Instant> {
         self.excluded
             .iter()
-            .any(|(m, _, until)| **m == *model && *until > now)
+            .filter(|(m, _, until)| **m == *model && *until > now)
+            .map(|(_, _, until)| *until)
+            .max()
+    }
+}
+
+/// A catalog locked to be changed: dropped (still under the lock), it
+/// moves [`EPOCH`], so no remembered route outlives what it was made of.
+struct Change<'a>(MutexGuard<'a, Known>);
+
+impl Deref for Change<'_> {
+    type Target = Known;
+    fn deref(&self) -> &Known {
+        &self.0
+    }
+}
+
+impl DerefMut for Change<'_> {
+    fn deref_mut(&mut self) -> &mut Known {
+        &mut self.0
+    }
+}
+
+impl Drop for Change<'_> {
+    fn drop(&mut self) {
+        EPOCH.fetch_add(1, Ordering::Release);
     }
 }
 
@@ -98,15 +194,26 @@ impl fmt::Debug for Catalog {
 }
 
 impl Catalog {
+    /// The catalog, locked to be read.
     fn lock(&self) -> MutexGuard<'_, Known> {
         // Every state is valid, so a panic elsewhere leaves nothing to repair.
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The catalog, locked to be changed (see [`Change`]).
+    fn change(&self) -> Change<'_> {
+        Change(self.lock())
+    }
+
     /// The models the host listed last, sorted; `None` before its first answer.
     pub fn models(&self) -> Option<Vec<String>> {
         let k = self.lock();
-        let mut ids: Vec<String> = k.models.as_ref()?.iter().map(|m| m.to_string()).collect();
+        let mut ids: Vec<String> = k
+            .models
+            .as_ref()?
+            .iter()
+            .map(|m| m.name.to_string())
+            .collect();
         ids.sort();
         Some(ids)
     }
@@ -114,7 +221,7 @@ impl Catalog {
     /// Keep `model` off this host until `until` or its next discovery round.
     pub fn exclude(&self, model: &Arc<str>, until: Instant) {
         let now = Instant::now();
-        let mut k = self.lock();
+        let mut k = self.change();
         k.excluded.retain(|(m, _, u)| *u > now && **m != **model);
         if k.excluded.len() >= MAX_EXCLUDED {
             // The oldest goes: at worst that host is asked about it once more.
@@ -126,7 +233,9 @@ impl Catalog {
     /// A discovery round that started at `started` ended; `listed` is the
     /// valid list it got, if any. Returns true when the list changed.
     fn round(&self, started: Instant, listed: Option<HashSet<Box<str>>>) -> bool {
-        let mut k = self.lock();
+        let listed: Option<Models> =
+            listed.map(|ids| ids.into_iter().map(|id| ModelId::new(id.into())).collect());
+        let mut k = self.change();
         // Exclusions learned while the poll was under way are newer news.
         k.excluded.retain(|(_, since, _)| *since > started);
         match listed {
@@ -139,31 +248,177 @@ impl Catalog {
     }
 }
 
-/// True when `host` declares `model`: it listed it, or its `models` map
-/// names it, and it has not since said it does not know it.
-fn declares(host: &Host, model: &str, now: Instant) -> bool {
-    let k = host.catalog.lock();
-    !k.excludes(model, now)
-        && (host.spec.models.contains_key(model)
-            || k.models.as_ref().is_some_and(|m| m.contains(model)))
+/// What one host's catalog says of one model, for routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// It declares the model: it listed it, or its `models` map names it,
+    /// and it has not since said it does not know it.
+    Declares,
+    /// It has not answered a list yet: it may serve anything.
+    Unlisted,
+    /// Its list lacks the model: it may serve it only when no host declares it.
+    Undeclared,
+    /// It said it does not know the model: never.
+    Excluded,
 }
 
-/// True when any host declares `model` (health does not matter: an ejected
-/// host that serves it is still the right place once it is back).
+impl Admission {
+    /// May the host take a request for the model? `declared`: some host
+    /// declares it (health does not matter: an ejected host that serves it
+    /// is still the right place once it is back).
+    pub fn admits(self, declared: bool) -> bool {
+        match self {
+            Admission::Declares | Admission::Unlisted => true,
+            Admission::Undeclared => !declared,
+            Admission::Excluded => false,
+        }
+    }
+}
+
+/// What `host` says of `model`: one look at its catalog, from which a
+/// request learns both whether some host declares the model and which
+/// hosts may take it.
+pub fn admission(host: &Host, model: &ModelId, now: Instant) -> Admission {
+    admission_until(host, model, now).0
+}
+
+/// [`admission`], and when an exclusion it reports ends.
+fn admission_until(host: &Host, model: &ModelId, now: Instant) -> (Admission, Option<Instant>) {
+    let k = host.catalog.lock();
+    if let Some(end) = k.exclusion_end(&model.name, now) {
+        (Admission::Excluded, Some(end))
+    } else if host.spec.models.contains_key(&*model.name)
+        || k.models.as_ref().is_some_and(|m| m.contains(model))
+    {
+        (Admission::Declares, None)
+    } else if k.models.is_none() {
+        (Admission::Unlisted, None)
+    } else {
+        (Admission::Undeclared, None)
+    }
+}
+
+/// The routes of the last models a host table was asked for. Working a
+/// route out locks every host's catalog and looks the model up in it;
+/// requests mostly ask for the same few models, and catalogs change about
+/// once a discovery interval, so a request reuses the route of an earlier
+/// one while no catalog changed and no exclusion it counted has ended.
+#[derive(Default)]
+pub struct Routes(Mutex<Kept>);
+
+#[derive(Default)]
+struct Kept {
+    routes: Vec<Route>,
+    /// The route replaced next once [`ROUTES_KEPT`] are kept.
+    next: usize,
+}
+
+/// What the hosts of a table said of one model.
+struct Route {
+    model: ModelId,
+    /// [`EPOCH`] before it was worked out.
+    epoch: u64,
+    /// The `now` it was worked out for: it holds from then (an exclusion
+    /// that had ended by then had ended for any later `now` too)...
+    since: Instant,
+    /// ...until the first end of an exclusion it counted.
+    until: Option<Instant>,
+    /// Per host, by index: may it take the model.
+    admitted: Arc<[bool]>,
+}
+
+impl fmt::Debug for Routes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Routes")
+    }
+}
+
+impl Routes {
+    /// The memo, unless another request is using it: never worth a wait.
+    fn try_lock(&self) -> Option<MutexGuard<'_, Kept>> {
+        match self.0.try_lock() {
+            Ok(kept) => Some(kept),
+            // Every state is valid, so a panic elsewhere leaves nothing to repair.
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Per host of `hosts` (by position: the table these routes belong
+    /// to), whether it may take a request for `model` at `now` (see
+    /// [`Admission::admits`]): remembered, or worked out and remembered.
+    pub fn admitted(&self, hosts: &[Arc<Host>], model: &ModelId, now: Instant) -> Arc<[bool]> {
+        // Read before the catalogs: a change made while they are read
+        // moves it past what the new route records, so that is not kept long.
+        let epoch = EPOCH.load(Ordering::Acquire);
+        if let Some(kept) = self.try_lock() {
+            let holds = |r: &&Route| {
+                r.model == *model
+                    && r.epoch == epoch
+                    && r.since <= now
+                    && r.until.is_none_or(|u| now < u)
+                    && r.admitted.len() == hosts.len()
+            };
+            if let Some(r) = kept.routes.iter().find(holds) {
+                return r.admitted.clone();
+            }
+        }
+        let mut until: Option<Instant> = None;
+        let admissions: Vec<Admission> = hosts
+            .iter()
+            .map(|host| {
+                let (a, end) = admission_until(host, model, now);
+                if let Some(end) = end {
+                    until = Some(until.map_or(end, |u| u.min(end)));
+                }
+                a
+            })
+            .collect();
+        let declared = admissions.contains(&Admission::Declares);
+        let admitted: Arc<[bool]> = admissions.iter().map(|a| a.admits(declared)).collect();
+        // A name no list can hold is junk a client sent: not worth keeping
+        // (see `exclude`).
+        if model.name.len() > MAX_ID_LEN {
+            return admitted;
+        }
+        let route = Route {
+            model: model.clone(),
+            epoch,
+            since: now,
+            until,
+            admitted: admitted.clone(),
+        };
+        if let Some(mut kept) = self.try_lock() {
+            let kept = &mut *kept;
+            if let Some(old) = kept.routes.iter_mut().find(|r| r.model == *model) {
+                *old = route;
+            } else if kept.routes.len() < ROUTES_KEPT {
+                kept.routes.push(route);
+            } else {
+                let at = kept.next % ROUTES_KEPT;
+                if let Some(slot) = kept.routes.get_mut(at) {
+                    *slot = route;
+                }
+                kept.next = at + 1;
+            }
+        }
+        admitted
+    }
+}
+
+/// True when any host declares `model` (see [`Admission::admits`]).
 pub fn declared_anywhere(hosts: &[Arc<Host>], model: &str, now: Instant) -> bool {
-    hosts.iter().any(|h| declares(h, model, now))
+    let model = ModelId::new(model.into());
+    hosts
+        .iter()
+        .any(|h| admission(h, &model, now) == Admission::Declares)
 }
 
 /// May `host` take a request for `model`? `declared` is
-/// [`declared_anywhere`] for the same model.
+/// [`declared_anywhere`] for the same model. (The request path looks up
+/// [`admission`] once per host instead, with the model hashed once.)
 pub fn admits(host: &Host, model: &str, declared: bool, now: Instant) -> bool {
-    let k = host.catalog.lock();
-    if k.excludes(model, now) {
-        return false;
-    }
-    !declared
-        || host.spec.models.contains_key(model)
-        || k.models.as_ref().is_none_or(|m| m.contains(model))
+    admission(host, &ModelId::new(model.into()), now).admits(declared)
 }
 
 /// True when every host said it does not know `model` (so no attempt can help).
@@ -232,7 +487,7 @@ pub fn models_json(b: &Balancer) -> Vec<u8> {
             continue;
         }
         let k = host.catalog.lock();
-        let listed = k.models.iter().flatten().map(|m| &**m);
+        let listed = k.models.iter().flatten().map(|m| &*m.name);
         let mapped = host.spec.models.keys().map(String::as_str);
         for id in listed.chain(mapped).filter(|m| !k.excludes(m, now)) {
             if !ids.contains(id) {
@@ -356,7 +611,7 @@ pub fn carry_over(old: &Hosts, new: &Hosts) {
             let k = before.catalog.lock();
             (k.models.clone(), k.excluded.clone())
         };
-        let mut k = host.catalog.lock();
+        let mut k = host.catalog.change();
         if k.models.is_none() {
             k.models = models;
         }
@@ -670,6 +925,52 @@ mod tests {
             .exclude(&Arc::from("m"), Instant::now() + Duration::from_secs(60));
         a.catalog.round(started, ids(&["m"]));
         assert!(!admits(a, "m", true, Instant::now()));
+    }
+
+    /// A remembered route gives what working it out afresh would, after
+    /// every list and exclusion change and once an exclusion ends.
+    #[test]
+    fn remembered_routes_follow_catalog_changes_and_exclusion_ends() {
+        let hosts = table(3);
+        let [a, b, _] = [0, 1, 2].map(|i| hosts.all()[i].clone());
+        let routes = Routes::default();
+        let (m, n): (Arc<str>, Arc<str>) = (Arc::from("m"), Arc::from("n"));
+        let (mid, nid) = (ModelId::new(m.clone()), ModelId::new(n.clone()));
+        // The route of `model` at `at`, checked against the rule host by host.
+        let route = |model: &ModelId, at: Instant| {
+            let got = routes.admitted(hosts.all(), model, at);
+            let declared = declared_anywhere(hosts.all(), &model.name, at);
+            let want: Vec<bool> = hosts
+                .all()
+                .iter()
+                .map(|h| admits(h, &model.name, declared, at))
+                .collect();
+            assert_eq!(*got, *want, "{}", model.name);
+            want
+        };
+        let now = Instant::now();
+        let start = now - Duration::from_secs(1);
+        assert_eq!(route(&mid, now), [true, true, true], "nobody listed");
+        a.catalog.round(start, ids(&["m"]));
+        b.catalog.round(start, ids(&["n"]));
+        assert_eq!(route(&mid, now), [true, false, true]);
+        assert_eq!(route(&nid, now), [false, true, true]);
+        assert_eq!(route(&mid, now), [true, false, true], "both kept");
+        // Excluded on a for a minute: then nobody declares m.
+        let end = Instant::now() + Duration::from_secs(60);
+        a.catalog.exclude(&m, end);
+        let now = Instant::now();
+        assert_eq!(route(&mid, now), [false, true, true]);
+        assert_eq!(route(&mid, now), [false, true, true], "remembered");
+        // The exclusion ends with no catalog change: a is back.
+        assert_eq!(route(&mid, end), [true, false, true]);
+        assert_eq!(
+            route(&mid, end - Duration::from_secs(1)),
+            [false, true, true]
+        );
+        // A new list.
+        b.catalog.round(Instant::now(), ids(&["m", "n"]));
+        assert_eq!(route(&mid, end), [true, true, true]);
     }
 
     #[test]

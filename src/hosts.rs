@@ -17,13 +17,14 @@
 //! request has not tried, primaries before backups, each with a usable key;
 //! only when every host has been tried does it go round again.
 
+use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::config::{HostSpec, Strategy};
 use crate::cooldowns::Cooldown;
-use crate::discovery::{self, Catalog};
+use crate::discovery::{Catalog, ModelId, Routes};
 use crate::keys::{Key, KeyPool, EVIDENCE_WINDOW};
 use crate::retry::{self, Outcome};
 use crate::rng;
@@ -87,6 +88,20 @@ struct Out {
 }
 
 impl Health {
+    /// From when this health lets a request through without a look under
+    /// the lock (see [`HealthCell::quiet_from`]): the end of the last
+    /// cooldown of the host or of one of its (host, key) pairs while it is
+    /// up, [`NEVER`] while it is not.
+    fn quiet_from(&self) -> u64 {
+        if self.state != HostState::Up {
+            return NEVER;
+        }
+        let pairs = self.pairs.iter().filter_map(|(_, c)| c.deadline());
+        let last = pairs.chain(self.cooldown.deadline()).max();
+        // An end too far off to count in nanoseconds is as good as never.
+        last.map_or(0, |t| nanos(t).unwrap_or(NEVER))
+    }
+
     /// The cooldown of this host with key `key`, new when it has none yet.
     fn pair(&mut self, key: usize) -> &mut Cooldown {
         let at = match self.pairs.iter().position(|(k, _)| *k == key) {
@@ -97,6 +112,66 @@ impl Health {
             }
         };
         &mut self.pairs[at].1
+    }
+}
+
+/// `quiet_from` of a host that is not up.
+const NEVER: u64 = u64::MAX;
+
+/// The instant quiet summaries count from. [`Hosts::new`] sets it, before
+/// any host exists, so the `now` of any request is at or after it.
+fn origin() -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+/// Nanoseconds from [`origin`] to `at` (0 for earlier instants); `None`
+/// beyond about 584 years.
+fn nanos(at: Instant) -> Option<u64> {
+    u64::try_from(at.saturating_duration_since(origin()).as_nanos()).ok()
+}
+
+/// A host's health, and a summary of it the request path reads without the
+/// lock: with every host up and nothing cooling, choosing a host need not
+/// lock each one's health (twice: panic mode, then usability) per request.
+#[derive(Debug)]
+struct HealthCell {
+    health: Mutex<Health>,
+    /// [`Health::quiet_from`] as of the last change, in nanoseconds since
+    /// [`origin`]. Only [`HealthGuard`] writes it, under the lock, whenever
+    /// the health was changed through it: no change can miss it.
+    quiet_from: AtomicU64,
+}
+
+/// A host's health, locked. Dropping it after a change refreshes the
+/// summary in its [`HealthCell`] (before the lock is released).
+#[derive(Debug)]
+pub struct HealthGuard<'a> {
+    cell: &'a HealthCell,
+    health: MutexGuard<'a, Health>,
+    changed: bool,
+}
+
+impl Deref for HealthGuard<'_> {
+    type Target = Health;
+    fn deref(&self) -> &Health {
+        &self.health
+    }
+}
+
+impl DerefMut for HealthGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Health {
+        self.changed = true;
+        &mut self.health
+    }
+}
+
+impl Drop for HealthGuard<'_> {
+    fn drop(&mut self) {
+        if self.changed {
+            let quiet_from = self.health.quiet_from();
+            self.cell.quiet_from.store(quiet_from, Ordering::Relaxed);
+        }
     }
 }
 
@@ -137,7 +212,7 @@ pub struct Host {
     pub signals: Arc<HostSignals>,
     /// Shared with the same host in older generations, so that what their
     /// requests still in flight learn reaches this one.
-    health: Arc<Mutex<Health>>,
+    health: Arc<HealthCell>,
 }
 
 impl Host {
@@ -156,9 +231,27 @@ impl Host {
     }
 
     /// The host's health, locked.
-    pub fn health(&self) -> MutexGuard<'_, Health> {
-        // Every state is valid, so a panic elsewhere leaves nothing to repair.
-        self.health.lock().unwrap_or_else(|e| e.into_inner())
+    pub fn health(&self) -> HealthGuard<'_> {
+        let cell = &*self.health;
+        HealthGuard {
+            cell,
+            // Every state is valid, so a panic elsewhere leaves nothing to repair.
+            health: cell.health.lock().unwrap_or_else(|e| e.into_inner()),
+            changed: false,
+        }
+    }
+
+    /// True when the host is up and neither it nor any of its (host, key)
+    /// pairs is cooling at `now_ns` (nanoseconds since [`origin`]), read
+    /// without the lock. False tells nothing: look under the lock.
+    fn quiet(&self, now_ns: u64) -> bool {
+        self.health.quiet_from.load(Ordering::Relaxed) <= now_ns
+    }
+
+    /// True when the host was up at its last change, read without the
+    /// lock. False tells nothing: look under the lock.
+    fn surely_up(&self) -> bool {
+        self.health.quiet_from.load(Ordering::Relaxed) != NEVER
     }
 
     /// True when some key of the host's pool is usable with it now.
@@ -218,6 +311,8 @@ pub struct Hosts {
     selector: Selector,
     /// Hosts ejected or probing now, shared with their health.
     ejected: Arc<Out>,
+    /// Which hosts may serve the models asked for lately.
+    routes: Routes,
 }
 
 /// How long a (host, key) pair stays out after the host alone rejected the key.
@@ -237,6 +332,7 @@ pub enum Scope {
 impl Hosts {
     /// Build the table; hosts without their own keys share `global`.
     pub fn new(specs: &[HostSpec], global: &Arc<KeyPool>, strategy: Strategy) -> Self {
+        origin(); // before any health exists (see `origin`)
         let ejected = Arc::new(Out {
             now: AtomicUsize::new(0),
             cap: specs.len() / 2,
@@ -260,19 +356,23 @@ impl Hosts {
                     successes: Arc::new(AtomicU64::new(0)),
                     catalog: Catalog::default(),
                     signals: Arc::new(HostSignals::new()),
-                    health: Arc::new(Mutex::new(Health {
-                        state: HostState::Up,
-                        consecutive: 0,
-                        in_a_row: 0,
-                        ejections: 0,
-                        probe_in_flight: false,
-                        cooldown: Cooldown::default(),
-                        limited_keys: Vec::new(),
-                        pairs: Vec::new(),
-                        last_failure: None,
-                        pool,
-                        out: ejected.clone(),
-                    })),
+                    health: Arc::new(HealthCell {
+                        health: Mutex::new(Health {
+                            state: HostState::Up,
+                            consecutive: 0,
+                            in_a_row: 0,
+                            ejections: 0,
+                            probe_in_flight: false,
+                            cooldown: Cooldown::default(),
+                            limited_keys: Vec::new(),
+                            pairs: Vec::new(),
+                            last_failure: None,
+                            pool,
+                            out: ejected.clone(),
+                        }),
+                        // Up, nothing cooling: quiet from the start.
+                        quiet_from: AtomicU64::new(0),
+                    }),
                 })
             })
             .collect();
@@ -281,6 +381,7 @@ impl Hosts {
             hosts,
             selector,
             ejected,
+            routes: Routes::default(),
         }
     }
 
@@ -466,7 +567,9 @@ impl Hosts {
     pub fn panic_mode(&self, now: Instant) -> bool {
         let (mut total, mut routable, mut backups) = (0, 0, 0);
         for h in &self.hosts {
-            let free = !matches!(h.health().state, HostState::Ejected(until) if until > now);
+            // Up is free of ejection: no need to lock the health to see that.
+            let free = h.surely_up()
+                || !matches!(h.health().state, HostState::Ejected(until) if until > now);
             if h.spec.backup {
                 backups += usize::from(free);
             } else {
@@ -477,9 +580,10 @@ impl Hosts {
         routable * 2 < total && backups == 0
     }
 
-    /// The configured strategy's pick among the hosts `eligible` accepts.
-    fn pick(&self, eligible: &[bool], now: Instant) -> Option<Arc<Host>> {
-        let best = self.selector.pick(&self.hosts, eligible, now)?;
+    /// The configured strategy's pick among the hosts `eligible` accepts
+    /// (by index and host).
+    fn pick(&self, eligible: &impl Fn(usize, &Host) -> bool, now: Instant) -> Option<Arc<Host>> {
+        let best = self.selector.pick_where(&self.hosts, eligible, now)?;
         self.hosts.get(best).cloned()
     }
 }
@@ -572,7 +676,9 @@ pub struct Candidate {
     pub repeat: bool,
 }
 
-/// What one request has learned of a host so far.
+/// What one request has learned of a host so far, and what its last
+/// [`Candidates::scan`] found there (kept here, so that a scan allocates
+/// nothing).
 #[derive(Debug, Clone, Copy, Default)]
 struct Seen {
     /// An attempt of the request (its hedge's included) went there.
@@ -581,6 +687,33 @@ struct Seen {
     failed: bool,
     /// Its answer there stands (a 404): never again.
     settled: bool,
+    /// The last scan: the host may take the request now.
+    usable: bool,
+}
+
+/// Panic mode (see [`Hosts::panic_mode`]) at one instant, worked out only
+/// when asked: a scan that finds every host up knows it is off, and spares
+/// the pass over every host's health that would tell it so.
+struct Panic<'a> {
+    hosts: &'a Hosts,
+    now: Instant,
+    known: Option<bool>,
+}
+
+impl<'a> Panic<'a> {
+    fn at(hosts: &'a Hosts, now: Instant) -> Self {
+        Panic {
+            hosts,
+            now,
+            known: None,
+        }
+    }
+
+    fn get(&mut self) -> bool {
+        *self
+            .known
+            .get_or_insert_with(|| self.hosts.panic_mode(self.now))
+    }
 }
 
 /// Hosts in the order one request should try them.
@@ -589,13 +722,14 @@ pub struct Candidates<'a> {
     /// Per host, by index.
     seen: Vec<Seen>,
     retry_at: Option<Instant>,
-    model: Option<Arc<str>>,
+    model: Option<ModelId>,
 }
 
 impl Candidates<'_> {
     /// Keep to the hosts that may serve `model` (see [`crate::discovery`]).
     pub fn for_model(mut self, model: Option<Arc<str>>) -> Self {
-        self.model = model;
+        // Hashed once here, not once per host at every scan.
+        self.model = model.map(ModelId::new);
         self
     }
 
@@ -669,22 +803,61 @@ impl Candidates<'_> {
         Some(probe)
     }
 
-    /// Which hosts (by index) this request may take now; notes in
-    /// `retry_at` when a cooling one frees up.
-    fn scan(&mut self, now: Instant, panic: bool) -> Vec<bool> {
+    /// Mark in `seen` which hosts this request may take now, and say
+    /// whether any may; notes in `retry_at` when a cooling one frees up.
+    ///
+    /// Runs for every attempt, over every host, so the common case is kept
+    /// cheap: the model's admissions come from a route remembered by the
+    /// table (see [`Routes`]), and a host that is up with nothing cooling
+    /// needs no health lock (see [`Host::quiet`]).
+    fn scan(&mut self, now: Instant, panic: &mut Panic<'_>) -> bool {
         self.retry_at = None;
         let hosts = self.hosts;
-        let mut usable = vec![false; hosts.hosts.len()];
-        let model = self.model.clone();
-        let by_model = model
-            .as_deref()
-            .map(|m| (m, discovery::declared_anywhere(&hosts.hosts, m, now)));
+        let admitted = self
+            .model
+            .as_ref()
+            .map(|m| hosts.routes.admitted(&hosts.hosts, m, now));
+        // Too far in the future to count: then only never-cooled hosts are quiet.
+        let now_ns = nanos(now).unwrap_or(0);
+        // The last key pool looked at, and whether it has a usable key:
+        // hosts mostly share the global pool, so it is looked at once.
+        let mut pool_free: Option<(&Arc<KeyPool>, bool)> = None;
+        let mut any = false;
+        let mut all_up = true;
         for host in &hosts.hosts {
-            usable[host.index] = !self.seen[host.index].settled
-                && by_model.is_none_or(|(m, d)| discovery::admits(host, m, d, now))
-                && self.usable(host, now, panic).is_some();
+            all_up &= host.surely_up();
+            let Some(seen) = self.seen.get(host.index).copied() else {
+                continue;
+            };
+            let usable = !seen.settled
+                && admitted
+                    .as_ref()
+                    .is_none_or(|a| a.get(host.index).copied().unwrap_or(false))
+                && if host.quiet(now_ns) {
+                    // Up with no cooldown running, not even a pair's: what
+                    // `usable` checks comes down to a usable key in its pool.
+                    host.keys.is_empty()
+                        || match pool_free {
+                            Some((pool, free)) if Arc::ptr_eq(pool, &host.keys) => free,
+                            _ => {
+                                let free = host.keys.keys().iter().any(|k| k.usable(now));
+                                pool_free = Some((&host.keys, free));
+                                free
+                            }
+                        }
+                } else {
+                    self.usable(host, now, panic.get()).is_some()
+                };
+            if let Some(s) = self.seen.get_mut(host.index) {
+                s.usable = usable;
+            }
+            any |= usable;
         }
-        usable
+        if all_up {
+            // No host is ejected: no panic.
+            panic.known.get_or_insert(false);
+        }
+        any
     }
 
     /// When this request could be served next, without taking a host (no
@@ -694,8 +867,7 @@ impl Candidates<'_> {
     /// that ran out of attempts.
     pub fn free_at(&mut self) -> Option<Instant> {
         let now = Instant::now();
-        let panic = self.hosts.panic_mode(now);
-        if self.scan(now, panic).contains(&true) {
+        if self.scan(now, &mut Panic::at(self.hosts, now)) {
             Some(now)
         } else {
             self.retry_at
@@ -760,30 +932,28 @@ impl Iterator for Candidates<'_> {
 
     fn next(&mut self) -> Option<Candidate> {
         let now = Instant::now();
-        let panic = self.hosts.panic_mode(now);
         let hosts = self.hosts;
-        let mut usable = self.scan(now, panic);
+        let mut panic = Panic::at(hosts, now);
+        self.scan(now, &mut panic);
         // Untried primaries, untried backups, then round again in the same order.
         for (backup, repeat) in [(false, false), (true, false), (false, true), (true, true)] {
             loop {
-                let eligible: Vec<bool> = hosts
-                    .hosts
-                    .iter()
-                    .map(|h| {
-                        usable[h.index]
-                            && h.spec.backup == backup
-                            && self.seen[h.index].tried == repeat
-                    })
-                    .collect();
+                let seen = &self.seen;
+                let eligible = |i: usize, h: &Host| {
+                    h.spec.backup == backup
+                        && seen.get(i).is_some_and(|s| s.usable && s.tried == repeat)
+                };
                 let Some(host) = hosts.pick(&eligible, now) else {
                     break;
                 };
                 let index = host.index;
-                if let Some(c) = self.take(host, now, repeat, panic) {
+                if let Some(c) = self.take(host, now, repeat, panic.get()) {
                     return Some(c);
                 }
-                // Lost to another request since `usable` looked: pick again.
-                usable[index] = false;
+                // Lost to another request since the scan looked: pick again.
+                if let Some(s) = self.seen.get_mut(index) {
+                    s.usable = false;
+                }
             }
         }
         None
@@ -793,6 +963,7 @@ impl Iterator for Candidates<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::discovery;
     use std::collections::BTreeMap;
 
     fn spec(name: &str, weight: u32, backup: bool) -> HostSpec {
@@ -1230,6 +1401,127 @@ mod tests {
             left > Duration::from_secs(19) && left <= Duration::from_secs(20),
             "{left:?}"
         );
+    }
+
+    /// The lock-free summary follows every change made through the health
+    /// guard, tests' direct ones included, and the end of each cooldown.
+    #[test]
+    fn the_quiet_summary_follows_health_and_cooldown_ends() {
+        let hosts = table(
+            &[
+                spec("a", 1, false),
+                spec("b", 1, false),
+                spec("c", 1, false),
+            ],
+            &["k0-xxxxxxxxxx", "k1-xxxxxxxxxx"],
+        );
+        let (a, b, c) = (&hosts.all()[0], &hosts.all()[1], &hosts.all()[2]);
+        let ns = |t: Instant| nanos(t).expect("in range");
+        let now = Instant::now();
+        assert!(a.quiet(ns(now)) && a.surely_up(), "fresh: quiet");
+        // A host cooldown: not quiet until it ends, up all along.
+        hosts.cool_host(a, Duration::from_secs(30));
+        let now = Instant::now();
+        assert!(!a.quiet(ns(now)) && a.surely_up());
+        assert!(a.quiet(ns(now + Duration::from_secs(31))));
+        // A pair's cooldown counts too (it may leave the host no key).
+        let k0 = b.keys.keys()[0].clone();
+        assert_eq!(hosts.rate_limited(b, Some(&k0), None), Scope::Pair);
+        assert!(!b.quiet(ns(Instant::now())));
+        assert!(b.quiet(ns(Instant::now() + Duration::from_secs(2))));
+        // Not up: never quiet, whatever the time, until it is up again.
+        fail(&hosts, 2, EJECT_AFTER);
+        assert!(!c.surely_up() && !c.quiet(ns(Instant::now() + EJECT_MAX * 2)));
+        c.health().state = HostState::Ejected(Instant::now());
+        let probe = hosts
+            .candidates()
+            .find(|x| x.host.index == 2)
+            .expect("probe");
+        assert!(probe.probe && !c.surely_up());
+        hosts.record(c, Verdict::Success, true, None);
+        assert!(c.surely_up() && c.quiet(ns(Instant::now())));
+        // A change made straight through the guard is seen as well.
+        a.health().state = HostState::Probing;
+        assert!(!a.surely_up());
+        a.health().state = HostState::Up;
+        assert!(a.surely_up());
+        // Reading through the guard changes nothing.
+        let before = a.health.quiet_from.load(Ordering::Relaxed);
+        drop(a.health());
+        assert_eq!(a.health.quiet_from.load(Ordering::Relaxed), before);
+    }
+
+    /// What a scan finds, fast paths and remembered routes included, is
+    /// what a look under every lock finds, host by host, through ejections,
+    /// probes, cooldowns of hosts, keys and pairs, exclusions and settling.
+    #[test]
+    fn a_scan_agrees_with_a_look_under_every_lock() {
+        let mut specs: Vec<HostSpec> = (0..8).map(|i| spec(&format!("h{i}"), 1, i >= 6)).collect();
+        specs[3].models.insert("m".into(), "m".into());
+        let hosts = table(&specs, &["k0-xxxxxxxxxx", "k1-xxxxxxxxxx"]);
+        let all = hosts.all();
+        let model: Arc<str> = Arc::from("m");
+        // Checks one state: every host, by the scan and by the slow look.
+        let check = |round: usize, model: Option<&Arc<str>>, settled: &[usize]| {
+            let mut c = hosts.candidates().for_model(model.cloned());
+            for &i in settled {
+                c.settle(i);
+            }
+            let now = Instant::now();
+            let mut panic = Panic::at(&hosts, now);
+            // Spelled out: `c.scan` would be `Iterator::scan`.
+            let any = Candidates::scan(&mut c, now, &mut panic);
+            let got: Vec<bool> = c.seen.iter().map(|s| s.usable).collect();
+            let in_panic = hosts.panic_mode(now);
+            assert_eq!(panic.get(), in_panic, "round {round}: panic mode");
+            let id = model.map(|m| ModelId::new(m.clone()));
+            let declared = model.is_some_and(|m| discovery::declared_anywhere(all, m, now));
+            let want: Vec<bool> = all
+                .iter()
+                .map(|h| {
+                    !settled.contains(&h.index)
+                        && id
+                            .as_ref()
+                            .is_none_or(|m| discovery::admission(h, m, now).admits(declared))
+                        && c.usable(h, now, in_panic).is_some()
+                })
+                .collect();
+            assert_eq!(got, want, "round {round}");
+            assert_eq!(any, want.contains(&true), "round {round}");
+        };
+        let k0 = all[0].keys.keys()[0].clone();
+        let k1 = all[0].keys.keys()[1].clone();
+        let steps: Vec<Box<dyn Fn()>> = vec![
+            Box::new(|| {}),
+            Box::new(|| fail(&hosts, 1, EJECT_AFTER)),
+            Box::new(|| hosts.cool_host(&all[2], Duration::from_secs(30))),
+            Box::new(|| {
+                hosts.rate_limited(&all[4], Some(&k0), None);
+            }),
+            Box::new(|| all[5].catalog.exclude(&model, Instant::now() + EJECT_MAX)),
+            Box::new(|| all[1].health().state = HostState::Ejected(Instant::now())),
+            Box::new(|| {
+                // h1's probe goes out: h1 stays out for the others.
+                let probe = hosts.candidates().find(|c| c.host.index == 1);
+                assert!(probe.is_some_and(|c| c.probe));
+            }),
+            Box::new(|| {
+                hosts.rate_limited(&all[4], Some(&k1), None);
+            }),
+            Box::new(|| k1.disable()),
+            Box::new(|| {
+                for i in [0, 3, 6] {
+                    fail(&hosts, i, EJECT_AFTER);
+                }
+            }),
+            Box::new(|| k0.disable()),
+        ];
+        for (round, step) in steps.iter().enumerate() {
+            step();
+            check(round, None, &[]);
+            check(round, Some(&model), &[]);
+            check(round, Some(&model), &[3, 7]);
+        }
     }
 
     #[test]

@@ -280,6 +280,19 @@ impl Selector {
     /// Index of the host that takes the next attempt among those `eligible`
     /// accepts (indexed like `hosts`), as of `now`.
     pub fn pick(&self, hosts: &[Arc<Host>], eligible: &[bool], now: Instant) -> Option<usize> {
+        let eligible = |i: usize, _: &Host| eligible.get(i).copied().unwrap_or(false);
+        self.pick_where(hosts, &eligible, now)
+    }
+
+    /// [`Self::pick`] among the hosts for which `eligible(index, host)` is
+    /// true: the request path asks this way, so that it need not collect
+    /// its answers for every host into a list first.
+    pub fn pick_where(
+        &self,
+        hosts: &[Arc<Host>],
+        eligible: &impl Fn(usize, &Host) -> bool,
+        now: Instant,
+    ) -> Option<usize> {
         match self.strategy {
             Strategy::RoundRobin => self.round_robin(hosts, eligible, now),
             Strategy::LeastLoaded => least_loaded(hosts, eligible, now),
@@ -288,37 +301,48 @@ impl Selector {
         }
     }
 
-    fn round_robin(&self, hosts: &[Arc<Host>], eligible: &[bool], now: Instant) -> Option<usize> {
+    fn round_robin(
+        &self,
+        hosts: &[Arc<Host>],
+        eligible: &impl Fn(usize, &Host) -> bool,
+        now: Instant,
+    ) -> Option<usize> {
         // A panic while holding this lock leaves valid weights behind.
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         if current.len() != hosts.len() {
             current.resize(hosts.len(), 0); // only if built for another table
         }
         let mut total = 0i64;
-        let mut best: Option<usize> = None;
-        for (i, host) in each_eligible(hosts, eligible) {
+        // The best so far and its current weight (a host is visited once,
+        // so that is still its weight when the next one is compared).
+        let mut best: Option<(usize, i64)> = None;
+        for ((i, host), c) in hosts.iter().enumerate().zip(current.iter_mut()) {
+            if !eligible(i, host) {
+                continue;
+            }
             let w = i64::try_from(host.effective_weight(now)).unwrap_or(i64::MAX / 1024);
-            current[i] = current[i].saturating_add(w);
+            *c = c.saturating_add(w);
             total = total.saturating_add(w);
-            if best.is_none_or(|b| current[i] > current[b]) {
-                best = Some(i);
+            if best.is_none_or(|(_, b)| *c > b) {
+                best = Some((i, *c));
             }
         }
-        let best = best?;
-        current[best] = current[best].saturating_sub(total);
+        let (best, _) = best?;
+        let c = current.get_mut(best)?;
+        *c = c.saturating_sub(total);
         Some(best)
     }
 }
 
 /// `(index, host)` for every host `eligible` accepts.
-fn each_eligible<'a>(
+fn each_eligible<'a, F: Fn(usize, &Host) -> bool>(
     hosts: &'a [Arc<Host>],
-    eligible: &'a [bool],
+    eligible: &'a F,
 ) -> impl Iterator<Item = (usize, &'a Arc<Host>)> + 'a {
     hosts
         .iter()
         .enumerate()
-        .filter(|(i, _)| eligible.get(*i).copied().unwrap_or(false))
+        .filter(move |(i, h)| eligible(*i, h))
 }
 
 /// True with probability `w / total`.
@@ -326,7 +350,11 @@ fn chance(w: u64, total: u64) -> bool {
     rng::below(total) < w
 }
 
-fn least_loaded(hosts: &[Arc<Host>], eligible: &[bool], now: Instant) -> Option<usize> {
+fn least_loaded(
+    hosts: &[Arc<Host>],
+    eligible: &impl Fn(usize, &Host) -> bool,
+    now: Instant,
+) -> Option<usize> {
     // (index, in flight, weight) of the best so far, and the weight of all
     // hosts tied with it: weighted reservoir sampling breaks ties in one pass.
     let mut best: Option<(usize, u128, u128)> = None;
@@ -354,7 +382,11 @@ fn least_loaded(hosts: &[Arc<Host>], eligible: &[bool], now: Instant) -> Option<
     best.map(|(i, _, _)| i)
 }
 
-fn random(hosts: &[Arc<Host>], eligible: &[bool], now: Instant) -> Option<usize> {
+fn random(
+    hosts: &[Arc<Host>],
+    eligible: &impl Fn(usize, &Host) -> bool,
+    now: Instant,
+) -> Option<usize> {
     let total = each_eligible(hosts, eligible)
         .map(|(_, h)| h.effective_weight(now))
         .fold(0u64, u64::saturating_add);
@@ -371,7 +403,11 @@ fn random(hosts: &[Arc<Host>], eligible: &[bool], now: Instant) -> Option<usize>
     last // only if weights saturated the total
 }
 
-fn latency(hosts: &[Arc<Host>], eligible: &[bool], now: Instant) -> Option<usize> {
+fn latency(
+    hosts: &[Arc<Host>],
+    eligible: &impl Fn(usize, &Host) -> bool,
+    now: Instant,
+) -> Option<usize> {
     let n = each_eligible(hosts, eligible).count();
     let nth = |k: usize| each_eligible(hosts, eligible).nth(k).map(|(i, _)| i);
     if n < 2 {
