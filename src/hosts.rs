@@ -833,10 +833,10 @@ impl Candidates<'_> {
                 && admitted
                     .as_ref()
                     .is_none_or(|a| a.get(host.index).copied().unwrap_or(false))
-                && if host.quiet(now_ns) {
+                && ((host.quiet(now_ns)
                     // Up with no cooldown running, not even a pair's: what
                     // `usable` checks comes down to a usable key in its pool.
-                    host.keys.is_empty()
+                    && (host.keys.is_empty()
                         || match pool_free {
                             Some((pool, free)) if Arc::ptr_eq(pool, &host.keys) => free,
                             _ => {
@@ -844,10 +844,10 @@ impl Candidates<'_> {
                                 pool_free = Some((&host.keys, free));
                                 free
                             }
-                        }
-                } else {
-                    self.usable(host, now, panic.get()).is_some()
-                };
+                        }))
+                    // Otherwise the look under the lock, which also notes
+                    // when a cooling key frees up (for `retry_at`).
+                    || self.usable(host, now, panic.get()).is_some());
             if let Some(s) = self.seen.get_mut(host.index) {
                 s.usable = usable;
             }
@@ -1283,6 +1283,32 @@ mod tests {
         let left = c.retry_at().unwrap().duration_since(Instant::now());
         // k1 on a, in 2 s: not k0's pair on a (300 s), nor b (100 s).
         assert!(left <= Duration::from_secs(2), "{left:?}");
+    }
+
+    /// Hosts up with nothing of theirs cooling (so quiet), whose only key
+    /// cools everywhere: the wait is the key's, not "nothing will free up".
+    #[test]
+    fn quiet_hosts_whose_keys_all_cool_report_when_to_retry() {
+        let hosts = table(
+            &[spec("a", 1, false), spec("b", 1, false)],
+            &["k0-xxxxxxxxxx"],
+        );
+        let k0 = hosts.all()[0].keys.keys()[0].clone();
+        k0.state()
+            .cooldown
+            .hit(Instant::now(), Some(Duration::from_secs(5)));
+        let mut c = hosts.candidates();
+        assert!(c.next().is_none());
+        let left = c.retry_at().map(|t| t.duration_since(Instant::now()));
+        assert!(
+            left.is_some_and(|l| l > Duration::from_secs(4) && l <= Duration::from_secs(5)),
+            "{left:?}"
+        );
+        let left = c.free_at().map(|t| t.duration_since(Instant::now()));
+        assert!(
+            left.is_some_and(|l| l > Duration::from_secs(4) && l <= Duration::from_secs(5)),
+            "{left:?}"
+        );
     }
 
     /// `old` reloaded as `specs`, with `old`'s global pool or a new one.
