@@ -766,6 +766,16 @@ impl Scan {
     /// Check new bytes; return the head length once the empty line is seen.
     fn advance(&mut self, data: &[u8], limits: &Limits) -> Result<Option<usize>, RequestError> {
         while self.pos < data.len() {
+            // Nearly every byte of a head is a visible one, which needs no
+            // look beyond this test; only control bytes (CR, LF, HTAB and
+            // the refused ones) go through the match below.
+            match data[self.pos..].iter().position(|&b| is_ctl(b)) {
+                Some(plain) => self.pos += plain,
+                None => {
+                    self.pos = data.len();
+                    break;
+                }
+            }
             let in_request_line = self.line_start == 0;
             match data[self.pos] {
                 b'\n' => {
