@@ -71,6 +71,38 @@ pub fn error_body(status: u16, code: &str, message: &str) -> Vec<u8> {
     out
 }
 
+/// Append `n` in decimal, as `write!("{n}")` would (without the formatting
+/// machinery, which cost more than the rest of a response head).
+fn push_decimal(buf: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[at..]);
+}
+
+/// Append `n` in lowercase hex, as `write!("{n:x}")` would.
+fn push_hex(buf: &mut Vec<u8>, mut n: u64) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = HEX[(n & 0xf) as usize];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[at..]);
+}
+
 fn push_header(buf: &mut Vec<u8>, name: &str, value: &str) {
     buf.extend_from_slice(name.as_bytes());
     buf.extend_from_slice(b": ");
@@ -163,7 +195,11 @@ impl<'a, W: Write> Responder<'a, W> {
     fn head(&mut self, status: u16, headers: &[HeaderPair<'_>], length: Option<usize>) {
         self.status = status;
         self.buf.clear();
-        let _ = write!(self.buf, "HTTP/1.1 {} {}\r\n", status, reason(status));
+        self.buf.extend_from_slice(b"HTTP/1.1 ");
+        push_decimal(&mut self.buf, status.into());
+        self.buf.push(b' ');
+        self.buf.extend_from_slice(reason(status).as_bytes());
+        self.buf.extend_from_slice(b"\r\n");
         for &(name, value) in headers {
             if valid_value(value.as_bytes()) && valid_value(name.as_bytes()) {
                 push_header(&mut self.buf, name, value);
@@ -175,7 +211,9 @@ impl<'a, W: Write> Responder<'a, W> {
             // carry one; a 304's would describe a body it does not have).
             _ if bodiless(status) => {}
             Some(n) => {
-                let _ = write!(self.buf, "Content-Length: {n}\r\n");
+                self.buf.extend_from_slice(b"Content-Length: ");
+                push_decimal(&mut self.buf, n as u64);
+                self.buf.extend_from_slice(b"\r\n");
             }
             None if !self.http10 => self
                 .buf
@@ -302,7 +340,8 @@ impl<'a, W: Write> Responder<'a, W> {
         match self.state {
             State::Chunked => {
                 self.buf.clear();
-                let _ = write!(self.buf, "{:x}\r\n", data.len());
+                push_hex(&mut self.buf, data.len() as u64);
+                self.buf.extend_from_slice(b"\r\n");
                 self.buf.extend_from_slice(data);
                 self.buf.extend_from_slice(b"\r\n");
                 self.out.write_all(&self.buf)?;
@@ -337,5 +376,60 @@ impl<'a, W: Write> Responder<'a, W> {
     pub fn abort(&mut self) {
         self.keep_alive = false;
         self.state = State::Done;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_written_as_format_writes_them() {
+        for n in [
+            0,
+            1,
+            9,
+            10,
+            15,
+            16,
+            99,
+            100,
+            200,
+            255,
+            4096,
+            65535,
+            u64::MAX,
+        ] {
+            let (mut dec, mut hex) = (Vec::new(), Vec::new());
+            push_decimal(&mut dec, n);
+            push_hex(&mut hex, n);
+            assert_eq!(dec, format!("{n}").into_bytes());
+            assert_eq!(hex, format!("{n:x}").into_bytes());
+        }
+    }
+
+    #[test]
+    fn head_and_chunks_are_framed_as_before() {
+        let mut wire = Vec::new();
+        let mut out = Responder::new(&mut wire, true, false, false);
+        out.add_header("X-Request-Id", "abc");
+        out.send(200, &[("Content-Type", "application/json")], b"{}")
+            .unwrap();
+        assert_eq!(
+            wire,
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Request-Id: abc\r\n\
+              Content-Length: 2\r\n\r\n{}"
+        );
+        let mut wire = Vec::new();
+        let mut out = Responder::new(&mut wire, false, false, false);
+        out.start_stream(299, &[]).unwrap();
+        out.chunk(&[b'x'; 26]).unwrap();
+        out.finish().unwrap();
+        let mut want =
+            b"HTTP/1.1 299 \r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n1a\r\n"
+                .to_vec();
+        want.extend_from_slice(&[b'x'; 26]);
+        want.extend_from_slice(b"\r\n0\r\n\r\n");
+        assert_eq!(wire, want);
     }
 }
