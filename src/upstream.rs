@@ -12,8 +12,8 @@
 use std::time::Duration;
 
 use ureq::config::AutoHeaderValue;
-use ureq::http::header::{self, HeaderName, HeaderValue};
-use ureq::http::{self, Response, Uri};
+use ureq::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use ureq::http::{self, Method, Response, Uri};
 use ureq::unversioned::transport::Connector;
 use ureq::{Agent, Body};
 
@@ -177,9 +177,12 @@ pub fn send(
     key: Option<&Key>,
     out: &Outgoing<'_>,
 ) -> Result<Response<Body>, AttemptError> {
-    let mut builder = http::Request::builder()
-        .method(out.method)
-        .uri(host.url(out.path));
+    // Assembled in place rather than with `http::request::Builder`, which
+    // moves the whole request through every call; checked in the builder's
+    // order (method, URI, then each header name before its value), so the
+    // first invalid part is the one reported, as before.
+    let method = Method::from_bytes(out.method.as_bytes()).map_err(invalid)?;
+    let uri = Uri::try_from(host.url(out.path)).map_err(invalid)?;
     // Fields the client's `Connection` header names are hop-by-hop too
     // (RFC 9110 section 7.6.1); `close` and `keep-alive` name no field we would send.
     let named: Vec<&[u8]> = out
@@ -190,40 +193,45 @@ pub fn send(
         .map(<[u8]>::trim_ascii)
         .filter(|t| !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive"))
         .collect();
+    let mut headers = HeaderMap::with_capacity(out.headers.len() + 3);
     for (name, value) in out.headers.iter() {
         let hop = DROPPED.iter().any(|d| name.eq_ignore_ascii_case(d))
             || named
                 .iter()
                 .any(|t| t.eq_ignore_ascii_case(name.as_bytes()));
         if !hop {
-            builder = builder.header(name, value);
+            let name = HeaderName::from_bytes(name.as_bytes()).map_err(invalid)?;
+            let value = HeaderValue::from_bytes(value).map_err(invalid)?;
+            headers.append(name, value);
         }
     }
-    builder = builder.header(X_REQUEST_ID, out.request_id);
+    let id = HeaderValue::from_str(out.request_id).map_err(invalid)?;
+    headers.append(X_REQUEST_ID, id);
     if let Some(value) = &host.host_header {
-        builder = builder.header(header::HOST, value.clone());
+        headers.append(header::HOST, value.clone());
     }
     if let Some(key) = key {
-        builder = match key.bearer() {
-            Some(value) => builder.header(header::AUTHORIZATION, value.clone()),
-            // Not a valid header value: the builder reports it as unsendable.
-            None => builder.header(header::AUTHORIZATION, format!("Bearer {}", key.secret())),
+        let bearer = match key.bearer() {
+            Some(value) => value.clone(),
+            // Not a valid header value: reported as unsendable.
+            None => HeaderValue::try_from(format!("Bearer {}", key.secret())).map_err(invalid)?,
         };
+        headers.append(header::AUTHORIZATION, bearer);
     }
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = method;
+    parts.uri = uri;
+    parts.headers = headers;
     if out.body.is_empty() && matches!(out.method, "GET" | "HEAD" | "DELETE") {
-        builder
-            .body(())
-            .map_err(invalid)
-            .and_then(|r| agent.run(r).map_err(|e| classify(e, host)))
+        agent.run(http::Request::from_parts(parts, ()))
     } else {
-        builder
-            .body(out.body)
-            .map_err(invalid)
-            .and_then(|r| agent.run(r).map_err(|e| classify(e, host)))
+        agent.run(http::Request::from_parts(parts, out.body))
     }
+    .map_err(|e| classify(e, host))
 }
 
-fn invalid(e: http::Error) -> AttemptError {
+fn invalid(e: impl Into<http::Error>) -> AttemptError {
+    let e: http::Error = e.into();
     AttemptError::Invalid(format!("request cannot be forwarded: {e}"))
 }
 
