@@ -119,7 +119,11 @@ impl Hedger {
     /// Record a time to first byte of `host`.
     pub fn observe(&self, host: &str, d: Duration) {
         let mut all = lock(&self.samples);
-        let v = all.entry(host.to_string()).or_default();
+        // Looked up by `&str` first: the name is copied only for a new host.
+        let v = match all.get_mut(host) {
+            Some(v) => v,
+            None => all.entry(host.to_string()).or_default(),
+        };
         if v.len() == SAMPLES {
             v.pop_front();
         }
