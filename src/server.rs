@@ -903,6 +903,7 @@ fn serve_connection(shared: &Arc<Shared>, conn: Conn, waiting: &AtomicBool) {
         if !out.keep_alive() || served.client_gone {
             return;
         }
+        reader.recycle(head);
     }
 }
 
