@@ -110,6 +110,18 @@ fn push_header(buf: &mut Vec<u8>, name: &str, value: &str) {
     buf.extend_from_slice(b"\r\n");
 }
 
+/// Largest buffer [`Responder::into_scratch`] gives back: heads and small
+/// bodies fit; a large body's buffer is freed rather than held by an idle
+/// connection.
+const SCRATCH_KEPT: usize = 8 * 1024;
+
+/// A connection's buffers for its next response (see [`Responder::with_scratch`]).
+#[derive(Debug, Default)]
+pub struct Scratch {
+    buf: Vec<u8>,
+    extra: Vec<u8>,
+}
+
 /// Response writer for one request on one connection.
 pub struct Responder<'a, W: Write> {
     out: &'a mut W,
@@ -144,16 +156,48 @@ fn bodiless(status: u16) -> bool {
 impl<'a, W: Write> Responder<'a, W> {
     /// A writer for one response.
     pub fn new(out: &'a mut W, keep_alive: bool, head_only: bool, http10: bool) -> Self {
+        Self::with_scratch(out, keep_alive, head_only, http10, Scratch::default())
+    }
+
+    /// [`Responder::new`], writing with the buffers of the connection's
+    /// last response instead of allocating its own.
+    pub fn with_scratch(
+        out: &'a mut W,
+        keep_alive: bool,
+        head_only: bool,
+        http10: bool,
+        scratch: Scratch,
+    ) -> Self {
+        let Scratch { mut buf, mut extra } = scratch;
+        buf.clear();
+        extra.clear();
+        buf.reserve(512);
         Responder {
             out,
             keep_alive,
             head_only,
             http10,
             state: State::Fresh,
-            buf: Vec::with_capacity(512),
-            extra: Vec::new(),
+            buf,
+            extra,
             status: 0,
             bytes: 0,
+        }
+    }
+
+    /// The buffers, for the connection's next response (unless they grew
+    /// large).
+    pub fn into_scratch(self) -> Scratch {
+        let small = |b: Vec<u8>| {
+            if b.capacity() <= SCRATCH_KEPT {
+                b
+            } else {
+                Vec::new()
+            }
+        };
+        Scratch {
+            buf: small(self.buf),
+            extra: small(self.extra),
         }
     }
 
@@ -406,6 +450,28 @@ mod tests {
             assert_eq!(dec, format!("{n}").into_bytes());
             assert_eq!(hex, format!("{n:x}").into_bytes());
         }
+    }
+
+    #[test]
+    fn a_response_written_with_scratch_carries_nothing_of_the_last() {
+        let mut wire = Vec::new();
+        let mut out = Responder::new(&mut wire, true, false, false);
+        out.add_header("X-Request-Id", "first");
+        out.send(404, &[("Content-Type", "text/plain")], &[b'x'; 100])
+            .unwrap();
+        let scratch = out.into_scratch();
+        let mut wire = Vec::new();
+        let mut out = Responder::with_scratch(&mut wire, true, false, false, scratch);
+        out.add_header("X-Request-Id", "second");
+        out.send(200, &[], b"ok").unwrap();
+        assert_eq!(
+            wire,
+            b"HTTP/1.1 200 OK\r\nX-Request-Id: second\r\nContent-Length: 2\r\n\r\nok"
+        );
+        // A large body's buffer is not kept.
+        let mut out = Responder::new(&mut wire, true, false, false);
+        out.send(200, &[], &vec![b'x'; 2 * SCRATCH_KEPT]).unwrap();
+        assert_eq!(out.into_scratch().buf.capacity(), 0);
     }
 
     #[test]

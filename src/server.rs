@@ -55,7 +55,7 @@ use crate::metrics::{self, Shed};
 use crate::proxy::{self, Proxied};
 use crate::reload::{self, Reloader};
 use crate::request::{Framing, Head, Limits, Reader, RequestError, Source};
-use crate::response::Responder;
+use crate::response::{Responder, Scratch};
 use crate::rng;
 use crate::routes::{self, Route};
 use crate::state::{Balancer, Shared};
@@ -770,6 +770,7 @@ fn serve_connection(shared: &Arc<Shared>, conn: Conn, waiting: &AtomicBool) {
         yielded: false,
     });
     let mut first = true;
+    let mut scratch = Scratch::default();
     loop {
         let b = shared.current();
         let settings = &b.config.settings;
@@ -841,11 +842,12 @@ fn serve_connection(shared: &Arc<Shared>, conn: Conn, waiting: &AtomicBool) {
         };
         let id = request_id(head.header_str("x-request-id"));
         let keep_alive = head.keep_alive && !shared.draining();
-        let mut out = Responder::new(
+        let mut out = Responder::with_scratch(
             &mut writer,
             keep_alive,
             head.method == "HEAD",
             head.minor_version == 0,
+            std::mem::take(&mut scratch),
         );
         out.add_header("X-Request-Id", &id);
         let ctx = Ctx {
@@ -903,6 +905,7 @@ fn serve_connection(shared: &Arc<Shared>, conn: Conn, waiting: &AtomicBool) {
         if !out.keep_alive() || served.client_gone {
             return;
         }
+        scratch = out.into_scratch();
         reader.recycle(head);
     }
 }
