@@ -14,6 +14,8 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ureq::http::header;
+
 use crate::cooldowns;
 use crate::discovery;
 use crate::hedge;
@@ -881,7 +883,7 @@ pub fn run_to_commit(
     }
     let content_type = response
         .headers()
-        .get("content-type")
+        .get(header::CONTENT_TYPE)
         .map(|v| v.as_bytes())
         .filter(|v| valid_value(v))
         .and_then(|v| std::str::from_utf8(v).ok())
@@ -894,8 +896,8 @@ pub fn run_to_commit(
     // (RFC 9112 6.3; ureq frames such a body by its chunks): never declared.
     let length = response
         .headers()
-        .get("content-length")
-        .filter(|_| !response.headers().contains_key("transfer-encoding"))
+        .get(header::CONTENT_LENGTH)
+        .filter(|_| !response.headers().contains_key(header::TRANSFER_ENCODING))
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     if retry::decide(Outcome::Status(status)).retry {
@@ -916,11 +918,7 @@ pub fn run_to_commit(
             error_body: Some(body),
         }));
     }
-    let sse = (200..300).contains(&status)
-        && content_type
-            .trim_start()
-            .to_ascii_lowercase()
-            .starts_with("text/event-stream");
+    let sse = (200..300).contains(&status) && is_sse(&content_type);
     let mut reader = response.into_body().into_reader();
     let mut held = Vec::new();
     let mut chunk = ReadBuf::take();
@@ -995,6 +993,18 @@ pub fn run_to_commit(
         hedged: false,
         busy: _busy,
     })
+}
+
+/// Whether a response's `Content-Type` says SSE: `text/event-stream` in
+/// any case, parameters or not (compared in place: this runs on every
+/// response).
+fn is_sse(content_type: &str) -> bool {
+    const SSE: &[u8] = b"text/event-stream";
+    content_type
+        .trim_start()
+        .as_bytes()
+        .get(..SSE.len())
+        .is_some_and(|t| t.eq_ignore_ascii_case(SSE))
 }
 
 /// Longest part of a redirect's `Location` quoted in the attempt's detail.
@@ -1341,4 +1351,31 @@ fn observe(b: &Balancer, host: &Host, begun: Instant, result: &Result<Delivered,
         Ok(Delivered::Complete | Delivered::Cut(_) | Delivered::Abandoned { hedged: false, .. })
     );
     b.metrics.attempt(b, host, begun, outcome, served);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_is_known_by_its_content_type_in_any_case() {
+        for (ct, sse) in [
+            ("text/event-stream", true),
+            (" Text/Event-Stream; charset=utf-8", true),
+            ("TEXT/EVENT-STREAM", true),
+            ("text/event-streams", true),
+            ("text/event-strea", false),
+            ("application/json", false),
+            ("", false),
+            ("text/event-streä", false),
+            ("téxt/event-stream", false),
+        ] {
+            let before = ct
+                .trim_start()
+                .to_ascii_lowercase()
+                .starts_with("text/event-stream");
+            assert_eq!(is_sse(ct), sse, "{ct:?}");
+            assert_eq!(before, sse, "{ct:?}: as the allocating test said");
+        }
+    }
 }
