@@ -257,6 +257,9 @@ impl Head {
     }
 }
 
+/// Most bytes of buffers a connection keeps from one head for the next.
+const SPARE_KEPT: usize = 8 * 1024;
+
 /// The buffers of a head that was served, kept by its connection's
 /// [`Reader`] for the next head: a keep-alive connection reads a head per
 /// request, and allocating its five buffers anew cost more than parsing it.
@@ -491,12 +494,24 @@ impl<S: Source> Reader<S> {
     }
 
     /// Give back a head that was served, so that the next one read here
-    /// reuses its buffers instead of allocating its own.
+    /// reuses its buffers instead of allocating its own. Those of a large
+    /// head are freed instead: an idle keep-alive connection should not
+    /// hold on to what its largest request once needed (nginx frees its
+    /// large header buffers between requests too).
     pub fn recycle(&mut self, head: Head) {
-        self.spare = Spare {
-            method: head.method,
-            target: head.target,
-            headers: head.headers,
+        let held = head.method.capacity()
+            + head.target.capacity()
+            + head.headers.names.capacity()
+            + head.headers.values.capacity()
+            + head.headers.ends.capacity() * std::mem::size_of::<(usize, usize)>();
+        self.spare = if held <= SPARE_KEPT {
+            Spare {
+                method: head.method,
+                target: head.target,
+                headers: head.headers,
+            }
+        } else {
+            Spare::default()
         };
     }
 
@@ -1289,6 +1304,24 @@ mod tests {
             ("PUT", "/x")
         );
         assert!(third.headers.is_empty() && !third.keep_alive);
+    }
+
+    #[test]
+    fn a_large_head_leaves_no_buffers_behind_a_small_one_does() {
+        // Two fields, each within the line limit, together over SPARE_KEPT.
+        let v = "v".repeat(SPARE_KEPT * 3 / 4);
+        let big = format!("POST /v1/x HTTP/1.1\r\nHost: a\r\nX-A: {v}\r\nX-B: {v}\r\n\r\n");
+        let small = "GET /v1/models HTTP/1.1\r\nHost: a\r\n\r\n";
+        let wire = format!("{big}{small}{small}");
+        let mut r = Reader::new(wire.as_bytes());
+        let first = r.read_head(&limits(), SEC, SEC).unwrap();
+        r.recycle(first);
+        assert_eq!(r.spare.headers.values.capacity(), 0, "large buffers freed");
+        let second = r.read_head(&limits(), SEC, SEC).unwrap();
+        r.recycle(second);
+        assert!(r.spare.headers.values.capacity() > 0, "small buffers kept");
+        let third = r.read_head(&limits(), SEC, SEC).unwrap();
+        assert_eq!(third.target, "/v1/models");
     }
 
     /// Read one whole request (head and body).
