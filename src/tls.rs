@@ -479,6 +479,7 @@ impl Transport for TlsLink {
         if !std::mem::replace(&mut self.used, false) {
             self.recheck = true;
         }
+        self.link.buffers_mut().shed();
         true
     }
 
@@ -636,6 +637,23 @@ mod tests {
         assert_eq!(receive(&mut tls, 2), b"ok");
         server.join().unwrap();
         assert!(tls.is_open(), "all sent and answered: back to the pool");
+    }
+
+    #[test]
+    fn a_tls_link_going_back_to_the_pool_sheds_its_grown_input() {
+        let (mut tls, mut far, _listener) = tls_pair();
+        exchange(&mut tls, || answer(&mut far));
+        let b = tls.link.buffers_mut();
+        *b = crate::transport::LinkBuffers::new(32 * 1024, 1024);
+        for _ in 0..3 {
+            let n = b.input_append_buf().len();
+            b.input_appended(n);
+            let all = b.input().len();
+            b.input_consume(all);
+        }
+        assert!(tls.link.buffers_mut().input_capacity() > crate::transport::INPUT_START);
+        assert!(tls.is_open());
+        assert_eq!(tls.link.buffers_mut().input_capacity(), 0);
     }
 
     /// A link whose server answered a request with "answer" and then ended

@@ -24,7 +24,8 @@
 //! - a connection holds little memory while it waits for and reads a
 //!   response ([`LinkBuffers`]): ureq's own buffers allocate and zero both
 //!   directions in full (2 × 32 KiB) for a connection's whole life, which
-//!   was most of the memory of an open stream.
+//!   was most of the memory of an open stream; one going back to the pool
+//!   keeps at most [`INPUT_START`] of input, however large its last answer.
 //!
 //! TLS runs on top of [`Link`] (`tls.rs`), so https upstreams get the same.
 
@@ -355,9 +356,23 @@ impl LinkBuffers {
         }
     }
 
+    /// The connection is going idle: an input buffer grown past
+    /// [`INPUT_START`] for a large response or a fast stream is freed (the
+    /// next read starts small again), so that a connection parked in the
+    /// pool holds at most that much, however large its last answer was.
+    /// Only when nothing is left unread in it.
+    pub fn shed(&mut self) {
+        if self.consumed == self.filled && self.input.len() > INPUT_START {
+            self.input = Vec::new();
+            self.consumed = 0;
+            self.filled = 0;
+            self.full = false;
+        }
+    }
+
     /// Bytes allocated for input now (for tests).
     #[cfg(test)]
-    fn input_capacity(&self) -> usize {
+    pub(crate) fn input_capacity(&self) -> usize {
         self.input.len()
     }
 }
@@ -847,6 +862,7 @@ impl Transport for Link {
         if !std::mem::replace(&mut self.used, false) {
             self.recheck = true;
         }
+        self.buffers.shed();
         true
     }
 }
@@ -1021,6 +1037,51 @@ pub(crate) mod tests {
             b.input_consume(all);
         }
         assert_eq!(b.input_capacity(), 32 * 1024);
+    }
+
+    #[test]
+    fn a_grown_input_is_freed_when_the_connection_goes_idle_with_nothing_unread() {
+        let mut b = LinkBuffers::new(32 * 1024, 1024);
+        // Grow it with full reads, leaving two bytes unread.
+        for _ in 0..3 {
+            let n = b.input_append_buf().len();
+            b.input_appended(n);
+            let all = b.input().len();
+            b.input_consume(all - 2);
+        }
+        assert!(b.input_capacity() > INPUT_START);
+        b.shed();
+        assert_eq!(b.input(), &[0, 0], "unread bytes are never dropped");
+        assert!(b.input_capacity() > INPUT_START);
+        b.input_consume(2);
+        b.shed();
+        assert_eq!(b.input_capacity(), 0, "freed once all is read");
+        assert_eq!(
+            b.input_append_buf().len(),
+            INPUT_START,
+            "starts small again"
+        );
+        // A buffer that never grew is kept: the next small answer reuses it.
+        b.input_appended(10);
+        b.input_consume(10);
+        b.shed();
+        assert_eq!(b.input_capacity(), INPUT_START);
+    }
+
+    #[test]
+    fn a_link_going_back_to_the_pool_sheds_its_grown_input() {
+        let (mut link, _far) = pair();
+        let b = link.buffers_mut();
+        *b = LinkBuffers::new(32 * 1024, 1024);
+        for _ in 0..3 {
+            let n = b.input_append_buf().len();
+            b.input_appended(n);
+            let all = b.input().len();
+            b.input_consume(all);
+        }
+        assert!(link.buffers_mut().input_capacity() > INPUT_START);
+        assert!(link.is_open());
+        assert_eq!(link.buffers_mut().input_capacity(), 0);
     }
 
     #[test]
