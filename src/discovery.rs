@@ -278,7 +278,8 @@ impl Admission {
 /// What `host` says of `model`: one look at its catalog, from which a
 /// request learns both whether some host declares the model and which
 /// hosts may take it.
-pub fn admission(host: &Host, model: &ModelId, now: Instant) -> Admission {
+#[cfg(test)]
+pub(crate) fn admission(host: &Host, model: &ModelId, now: Instant) -> Admission {
     admission_until(host, model, now).0
 }
 
@@ -406,8 +407,10 @@ impl Routes {
     }
 }
 
-/// True when any host declares `model` (see [`Admission::admits`]).
-pub fn declared_anywhere(hosts: &[Arc<Host>], model: &str, now: Instant) -> bool {
+/// True when any host declares `model` (see [`Admission::admits`]): the
+/// old two-pass question, kept for tests to check [`Routes`] against.
+#[cfg(test)]
+pub(crate) fn declared_anywhere(hosts: &[Arc<Host>], model: &str, now: Instant) -> bool {
     let model = ModelId::new(model.into());
     hosts
         .iter()
@@ -415,9 +418,10 @@ pub fn declared_anywhere(hosts: &[Arc<Host>], model: &str, now: Instant) -> bool
 }
 
 /// May `host` take a request for `model`? `declared` is
-/// [`declared_anywhere`] for the same model. (The request path looks up
-/// [`admission`] once per host instead, with the model hashed once.)
-pub fn admits(host: &Host, model: &str, declared: bool, now: Instant) -> bool {
+/// [`declared_anywhere`] for the same model. (The request path asks
+/// [`Routes::admitted`] instead; this is for tests.)
+#[cfg(test)]
+pub(crate) fn admits(host: &Host, model: &str, declared: bool, now: Instant) -> bool {
     admission(host, &ModelId::new(model.into()), now).admits(declared)
 }
 

@@ -277,16 +277,16 @@ impl Selector {
         self.strategy
     }
 
-    /// Index of the host that takes the next attempt among those `eligible`
-    /// accepts (indexed like `hosts`), as of `now`.
+    /// [`Self::pick_where`] with a list (indexed like `hosts`): for tests.
+    #[cfg(test)]
     pub fn pick(&self, hosts: &[Arc<Host>], eligible: &[bool], now: Instant) -> Option<usize> {
         let eligible = |i: usize, _: &Host| eligible.get(i).copied().unwrap_or(false);
         self.pick_where(hosts, &eligible, now)
     }
 
-    /// [`Self::pick`] among the hosts for which `eligible(index, host)` is
-    /// true: the request path asks this way, so that it need not collect
-    /// its answers for every host into a list first.
+    /// Index of the host that takes the next attempt among those for which
+    /// `eligible(index, host)` is true, as of `now`: asked host by host, so
+    /// that the request path need not collect its answers into a list first.
     pub fn pick_where(
         &self,
         hosts: &[Arc<Host>],
